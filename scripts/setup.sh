@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Installs what visionserve needs on a Debian 12 / Ubuntu 24.04 machine,
+# idempotently: OpenCV 4.6 headers (apt) and ONNX Runtime (npm pack, sha256
+# checked, unpacked into .deps/). Quick when everything is already present.
+#
+#   scripts/setup.sh            apt packages + ONNX Runtime CPU library
+#   scripts/setup.sh ort        ONNX Runtime only
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=versions.env
+. "$root/scripts/versions.env"
+
+ort_dir="$root/.deps/onnxruntime-$ORT_VERSION"
+ort_lib="$ort_dir/libonnxruntime.so.$ORT_VERSION"
+
+need_apt() {
+	local missing=()
+	pkg-config --exists opencv4 2>/dev/null || missing+=(libopencv-dev)
+	command -v pkg-config >/dev/null || missing+=(pkg-config)
+	command -v npm >/dev/null || missing+=(npm)
+	command -v gcc >/dev/null || missing+=(gcc g++)
+	if [ ${#missing[@]} -eq 0 ]; then return 0; fi
+	echo "setup: installing ${missing[*]} from apt" >&2
+	local sudo=""
+	[ "$(id -u)" -eq 0 ] || sudo=sudo
+	$sudo apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+	local have
+	have=$(pkg-config --modversion opencv4)
+	case "$have" in
+	4.6.*) ;;
+	*) echo "setup: warning: OpenCV $have found; gocv $GOCV_VERSION is tested with $OPENCV_VERSION" >&2 ;;
+	esac
+}
+
+need_ort() {
+	if [ -f "$ort_lib" ] && echo "$ORT_LIB_SHA256  $ort_lib" | sha256sum -c --status -; then
+		return 0
+	fi
+	echo "setup: fetching ONNX Runtime $ORT_VERSION ($ORT_NPM_PACKAGE) with npm pack" >&2
+	local work
+	work=$(mktemp -d)
+	trap 'rm -rf "$work"' RETURN
+	# npm pack downloads the tarball only: no install scripts run.
+	(cd "$work" && npm pack --silent "$ORT_NPM_PACKAGE" >/dev/null)
+	local tgz
+	tgz=$(ls "$work"/*.tgz)
+	echo "$ORT_NPM_SHA256  $tgz" | sha256sum -c --status - || {
+		echo "setup: sha256 mismatch for $ORT_NPM_PACKAGE: got $(sha256sum "$tgz" | cut -d' ' -f1)" >&2
+		exit 1
+	}
+	tar -xzf "$tgz" -C "$work" package/bin/napi-v6/linux/x64/libonnxruntime.so.1
+	mkdir -p "$ort_dir"
+	install -m 0644 "$work/package/bin/napi-v6/linux/x64/libonnxruntime.so.1" "$ort_lib"
+	echo "$ORT_LIB_SHA256  $ort_lib" | sha256sum -c --status - || {
+		echo "setup: sha256 mismatch for libonnxruntime.so.1 inside $ORT_NPM_PACKAGE" >&2
+		rm -f "$ort_lib"
+		exit 1
+	}
+	ln -sf "libonnxruntime.so.$ORT_VERSION" "$ort_dir/libonnxruntime.so.1"
+	ln -sf "libonnxruntime.so.$ORT_VERSION" "$ort_dir/libonnxruntime.so"
+	echo "setup: ONNX Runtime $ORT_VERSION in $ort_dir" >&2
+}
+
+case "${1:-all}" in
+all) need_apt; need_ort ;;
+ort) need_ort ;;
+apt) need_apt ;;
+*) echo "usage: $0 [all|apt|ort]" >&2; exit 2 ;;
+esac
