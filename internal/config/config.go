@@ -1,0 +1,305 @@
+// Package config is the one configuration of infer-server: flags,
+// VISIONSERVE_* environment variables and an optional strict YAML file,
+// with the precedence flag > environment > file > default. Every value is
+// parsed once here, validated and bounded, so the rest of the server reads
+// plain fields.
+package config
+
+import (
+	"bytes"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"gopkg.in/yaml.v3"
+)
+
+// Backends a model may be served on; "auto" picks the best one present.
+var Backends = []string{"auto", "ort-cpu", "opencv", "ort-cuda", "ort-tensorrt"}
+
+// Config is everything infer-server is told.
+type Config struct {
+	// ModelRepo is the model repository folder.
+	ModelRepo string `yaml:"model_repo"`
+	// GRPCAddr is where the gRPC APIs listen.
+	GRPCAddr string `yaml:"grpc_addr"`
+	// HTTPAddr is where health, readiness and metrics are served over HTTP;
+	// empty turns the HTTP server off.
+	HTTPAddr string `yaml:"http_addr"`
+	// Backend is auto, ort-cpu, opencv, ort-cuda or ort-tensorrt.
+	Backend string `yaml:"backend"`
+	// ORTLib is the ONNX Runtime shared library; empty finds the one
+	// scripts/setup.sh installs.
+	ORTLib string `yaml:"ort_lib"`
+	// ORTThreads is ONNX Runtime's intra-op thread count; 0 means one per CPU.
+	ORTThreads int `yaml:"ort_threads"`
+	// MaxMessageBytes bounds a received gRPC message; gRPC itself refuses a
+	// bigger one with ResourceExhausted before it is read.
+	MaxMessageBytes int `yaml:"max_message_bytes"`
+	// MaxPixels bounds width×height of one input image.
+	MaxPixels int `yaml:"max_pixels"`
+	// MaxImagesPerRequest bounds the images of one unary request.
+	MaxImagesPerRequest int `yaml:"max_images_per_request"`
+	// MaxStreams bounds the concurrent StreamClassify/StreamDetect calls.
+	MaxStreams int `yaml:"max_streams"`
+	// GracePeriod is how long shutdown waits for calls in flight before it
+	// cancels them.
+	GracePeriod time.Duration `yaml:"grace_period"`
+	// TLSCert and TLSKey turn on TLS; TLSClientCA additionally requires
+	// and verifies client certificates (mTLS).
+	TLSCert     string `yaml:"tls_cert"`
+	TLSKey      string `yaml:"tls_key"`
+	TLSClientCA string `yaml:"tls_client_ca"`
+	// AuthToken, when set, is the bearer token every API call must carry
+	// (health checking and reflection stay open).
+	AuthToken string `yaml:"auth_token"`
+	// LogFormat is text or json; LogLevel is debug, info, warn or error.
+	LogFormat string `yaml:"log_format"`
+	LogLevel  string `yaml:"log_level"`
+}
+
+// Bounds of the numeric settings.
+const (
+	MinMessageBytes        = 1 << 10
+	MaxMessageBytesAny     = 1<<31 - 1
+	MaxPixelsAny           = 1 << 30
+	MaxImagesPerRequestAny = 4096
+	MaxStreamsAny          = 1 << 16
+	MaxGracePeriod         = 10 * time.Minute
+	MaxORTThreads          = 1024
+)
+
+// Default returns the configuration used where nothing else is said.
+func Default() Config {
+	return Config{
+		ModelRepo:           "./models",
+		GRPCAddr:            ":8001",
+		HTTPAddr:            ":8002",
+		Backend:             "auto",
+		MaxMessageBytes:     64 << 20,
+		MaxPixels:           40_000_000,
+		MaxImagesPerRequest: 64,
+		MaxStreams:          64,
+		GracePeriod:         30 * time.Second,
+		LogFormat:           "text",
+		LogLevel:            "info",
+	}
+}
+
+// EnvPrefix starts the name of every environment variable read.
+const EnvPrefix = "VISIONSERVE_"
+
+// setting is one named value of Config.
+type setting struct {
+	name  string // flag name; the env name is derived from it
+	usage string
+	set   func(c *Config, v string) error
+}
+
+func (s setting) env() string {
+	return EnvPrefix + strings.ToUpper(strings.ReplaceAll(s.name, "-", "_"))
+}
+
+func str(f func(*Config) *string) func(*Config, string) error {
+	return func(c *Config, v string) error { *f(c) = v; return nil }
+}
+
+func integer(f func(*Config) *int) func(*Config, string) error {
+	return func(c *Config, v string) error {
+		n, err := strconv.ParseInt(strings.ReplaceAll(v, "_", ""), 0, 64)
+		if err != nil {
+			// Allow 40e6 style numbers for pixel counts.
+			fl, ferr := strconv.ParseFloat(v, 64)
+			if ferr != nil || fl != float64(int64(fl)) {
+				return fmt.Errorf("%q is not an integer", v)
+			}
+			n = int64(fl)
+		}
+		*f(c) = int(n)
+		return nil
+	}
+}
+
+func duration(f func(*Config) *time.Duration) func(*Config, string) error {
+	return func(c *Config, v string) error {
+		d, err := time.ParseDuration(v)
+		if err != nil {
+			return fmt.Errorf("%q is not a duration (like 30s)", v)
+		}
+		*f(c) = d
+		return nil
+	}
+}
+
+var settings = []setting{
+	{"model-repo", "model repository folder", str(func(c *Config) *string { return &c.ModelRepo })},
+	{"grpc-addr", "gRPC listen address", str(func(c *Config) *string { return &c.GRPCAddr })},
+	{"http-addr", "HTTP (health, metrics) listen address; empty turns it off", str(func(c *Config) *string { return &c.HTTPAddr })},
+	{"backend", "inference backend: " + strings.Join(Backends, "|"), str(func(c *Config) *string { return &c.Backend })},
+	{"ort-lib", "ONNX Runtime shared library (default: the one scripts/setup.sh installs)", str(func(c *Config) *string { return &c.ORTLib })},
+	{"ort-threads", "ONNX Runtime intra-op threads (0: one per CPU)", integer(func(c *Config) *int { return &c.ORTThreads })},
+	{"max-message-bytes", "largest gRPC message received", integer(func(c *Config) *int { return &c.MaxMessageBytes })},
+	{"max-pixels", "largest image, width×height", integer(func(c *Config) *int { return &c.MaxPixels })},
+	{"max-images-per-request", "most images in one request", integer(func(c *Config) *int { return &c.MaxImagesPerRequest })},
+	{"max-streams", "most concurrent video streams", integer(func(c *Config) *int { return &c.MaxStreams })},
+	{"grace-period", "how long shutdown waits for calls in flight", duration(func(c *Config) *time.Duration { return &c.GracePeriod })},
+	{"tls-cert", "TLS certificate (PEM); turns TLS on with --tls-key", str(func(c *Config) *string { return &c.TLSCert })},
+	{"tls-key", "TLS private key (PEM)", str(func(c *Config) *string { return &c.TLSKey })},
+	{"tls-client-ca", "CA bundle (PEM) that client certificates must chain to; requires mTLS", str(func(c *Config) *string { return &c.TLSClientCA })},
+	{"auth-token", "bearer token required on API calls (health and reflection stay open)", str(func(c *Config) *string { return &c.AuthToken })},
+	{"log-format", "log format: text|json", str(func(c *Config) *string { return &c.LogFormat })},
+	{"log-level", "log level: debug|info|warn|error", str(func(c *Config) *string { return &c.LogLevel })},
+}
+
+// ConfigFlag names the flag (and, as VISIONSERVE_CONFIG, the variable) of
+// the optional YAML file.
+const ConfigFlag = "config"
+
+// rawValue records the text given to a flag; the config is assembled after
+// all sources are read so that precedence does not depend on flag order.
+type rawValue struct {
+	v   string
+	set bool
+}
+
+func (r *rawValue) String() string     { return r.v }
+func (r *rawValue) Set(v string) error { r.v, r.set = v, true; return nil }
+
+// ErrHelp is returned when -h or --help was asked for; usage was printed.
+var ErrHelp = flag.ErrHelp
+
+// Load assembles the configuration from args (without the program name),
+// the environment read through getenv and the file named by --config or
+// VISIONSERVE_CONFIG. Usage and flag errors are written to usage.
+func Load(args []string, getenv func(string) string, usage io.Writer) (Config, error) {
+	fs := flag.NewFlagSet("infer-server", flag.ContinueOnError)
+	fs.SetOutput(usage)
+	raw := make([]*rawValue, len(settings))
+	def := Default()
+	defaults := map[string]string{
+		"model-repo": def.ModelRepo, "grpc-addr": def.GRPCAddr, "http-addr": def.HTTPAddr,
+		"backend": def.Backend, "max-message-bytes": strconv.Itoa(def.MaxMessageBytes),
+		"max-pixels": strconv.Itoa(def.MaxPixels), "max-images-per-request": strconv.Itoa(def.MaxImagesPerRequest),
+		"max-streams": strconv.Itoa(def.MaxStreams), "grace-period": def.GracePeriod.String(),
+		"log-format": def.LogFormat, "log-level": def.LogLevel, "ort-threads": "0",
+	}
+	for i, s := range settings {
+		raw[i] = &rawValue{v: defaults[s.name]}
+		fs.Var(raw[i], s.name, s.usage+" (env "+s.env()+")")
+	}
+	file := fs.String(ConfigFlag, "", "optional YAML config file, strict (env "+EnvPrefix+"CONFIG)")
+	if err := fs.Parse(args); err != nil {
+		return Config{}, err
+	}
+	if fs.NArg() > 0 {
+		return Config{}, fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+
+	cfg := def
+	path := *file
+	if path == "" {
+		path = getenv(EnvPrefix + "CONFIG")
+	}
+	if path != "" {
+		if err := loadFile(&cfg, path); err != nil {
+			return Config{}, err
+		}
+	}
+	for _, s := range settings {
+		if v := getenv(s.env()); v != "" {
+			if err := s.set(&cfg, v); err != nil {
+				return Config{}, fmt.Errorf("$%s: %w", s.env(), err)
+			}
+		}
+	}
+	for i, s := range settings {
+		if raw[i].set {
+			if err := s.set(&cfg, raw[i].v); err != nil {
+				return Config{}, fmt.Errorf("--%s: %w", s.name, err)
+			}
+		}
+	}
+	if err := cfg.Validate(); err != nil {
+		return Config{}, err
+	}
+	return cfg, nil
+}
+
+// loadFile decodes a YAML file onto cfg; unknown keys are errors so that a
+// misspelt setting does not silently keep its default.
+func loadFile(cfg *Config, path string) error {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return fmt.Errorf("reading config file: %w", err)
+	}
+	if err := decodeYAML(cfg, b); err != nil {
+		return fmt.Errorf("config file %s: %w", path, err)
+	}
+	return nil
+}
+
+func decodeYAML(cfg *Config, b []byte) error {
+	dec := yaml.NewDecoder(bytes.NewReader(b))
+	dec.KnownFields(true)
+	if err := dec.Decode(cfg); err != nil && !errors.Is(err, io.EOF) {
+		return err
+	}
+	return nil
+}
+
+// Validate checks every field and joins all problems into one error.
+func (c Config) Validate() error {
+	var errs []error
+	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
+	if c.ModelRepo == "" {
+		bad("model-repo is empty")
+	}
+	if c.GRPCAddr == "" {
+		bad("grpc-addr is empty")
+	}
+	if !slices.Contains(Backends, c.Backend) {
+		bad("unknown backend %q (want %s)", c.Backend, strings.Join(Backends, ", "))
+	}
+	if c.ORTThreads < 0 || c.ORTThreads > MaxORTThreads {
+		bad("ort-threads %d out of range (0..%d)", c.ORTThreads, MaxORTThreads)
+	}
+	if c.MaxMessageBytes < MinMessageBytes || c.MaxMessageBytes > MaxMessageBytesAny {
+		bad("max-message-bytes %d out of range (%d..%d)", c.MaxMessageBytes, MinMessageBytes, MaxMessageBytesAny)
+	}
+	if c.MaxPixels < 1 || c.MaxPixels > MaxPixelsAny {
+		bad("max-pixels %d out of range (1..%d)", c.MaxPixels, MaxPixelsAny)
+	}
+	if c.MaxImagesPerRequest < 1 || c.MaxImagesPerRequest > MaxImagesPerRequestAny {
+		bad("max-images-per-request %d out of range (1..%d)", c.MaxImagesPerRequest, MaxImagesPerRequestAny)
+	}
+	if c.MaxStreams < 1 || c.MaxStreams > MaxStreamsAny {
+		bad("max-streams %d out of range (1..%d)", c.MaxStreams, MaxStreamsAny)
+	}
+	if c.GracePeriod < 0 || c.GracePeriod > MaxGracePeriod {
+		bad("grace-period %v out of range (0..%v)", c.GracePeriod, MaxGracePeriod)
+	}
+	if (c.TLSCert == "") != (c.TLSKey == "") {
+		bad("tls-cert and tls-key go together")
+	}
+	if c.TLSClientCA != "" && c.TLSCert == "" {
+		bad("tls-client-ca needs tls-cert and tls-key (mTLS is TLS plus client certificates)")
+	}
+	if c.LogFormat != "text" && c.LogFormat != "json" {
+		bad("log-format %q unknown (want text or json)", c.LogFormat)
+	}
+	switch c.LogLevel {
+	case "debug", "info", "warn", "error":
+	default:
+		bad("log-level %q unknown (want debug, info, warn or error)", c.LogLevel)
+	}
+	return errors.Join(errs...)
+}
+
+// TLS reports whether TLS is configured.
+func (c Config) TLS() bool { return c.TLSCert != "" }
