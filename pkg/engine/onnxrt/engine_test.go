@@ -1,0 +1,293 @@
+package onnxrt
+
+import (
+	"context"
+	"math"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+
+	"github.com/visionserve/visionserve/pkg/pipeline"
+)
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m)
+}
+
+// testdata returns a file of the shared real test data, skipping the test
+// when the folder is absent.
+func testdata(t testing.TB, rel string) string {
+	t.Helper()
+	dir, err := os.Getwd()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for {
+		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
+			break
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			t.Fatal("no go.mod above the test directory")
+		}
+		dir = parent
+	}
+	p := filepath.Join(dir, "..", "shared", "testdata", rel)
+	if _, err := os.Stat(p); err != nil {
+		t.Skipf("real test data missing: ../shared/testdata/%s (%v)", rel, err)
+	}
+	return p
+}
+
+func initORT(t testing.TB) {
+	t.Helper()
+	if err := Init(""); err != nil {
+		t.Skipf("ONNX Runtime not installed: %v", err)
+	}
+}
+
+// fill writes a deterministic pattern in [0,1) into data.
+func fill(data []float32, seed uint32) {
+	x := seed*2654435761 + 1
+	for i := range data {
+		x ^= x << 13
+		x ^= x >> 17
+		x ^= x << 5
+		data[i] = float32(x%1000) / 1000
+	}
+}
+
+func maxDiff(a, b []float32) float64 {
+	if len(a) != len(b) {
+		return math.Inf(1)
+	}
+	var d float64
+	for i := range a {
+		d = max(d, math.Abs(float64(a[i]-b[i])))
+	}
+	return d
+}
+
+func TestResolveLibPath(t *testing.T) {
+	_, err := ResolveLibPath("/nonexistent/libonnxruntime.so")
+	if err == nil || !strings.Contains(err.Error(), "run scripts/setup.sh or pass --ort-lib") {
+		t.Fatalf("missing explicit library: got %v, want an error saying what to do", err)
+	}
+	t.Setenv(EnvLibPath, "/nonexistent/env.so")
+	_, err = ResolveLibPath("")
+	if err == nil || !strings.Contains(err.Error(), EnvLibPath) || !strings.Contains(err.Error(), "scripts/setup.sh") {
+		t.Fatalf("missing env library: got %v", err)
+	}
+	t.Setenv(EnvLibPath, "")
+	t.Chdir(t.TempDir())
+	_, err = ResolveLibPath("")
+	if err == nil || !strings.Contains(err.Error(), "scripts/setup.sh") {
+		t.Fatalf("no library anywhere: got %v", err)
+	}
+}
+
+func TestInitIdempotent(t *testing.T) {
+	initORT(t)
+	for range 3 {
+		if err := Init("/ignored/after/success.so"); err != nil {
+			t.Fatalf("second Init: %v", err)
+		}
+	}
+	if p, ok := Initialized(); !ok || p == "" {
+		t.Fatalf("Initialized() = %q, %v", p, ok)
+	}
+}
+
+func TestBatchValidation(t *testing.T) {
+	initORT(t)
+	e, err := New(testdata(t, "models/mobilenetv2-12-int8.onnx"), Options{IntraOpThreads: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	ok := func() *pipeline.Batch { b := pipeline.NewBatch(2, 3, 224, 224); b.N = 1; return b }
+	tests := []struct {
+		name  string
+		batch func() *pipeline.Batch
+		want  string
+	}{
+		{"nil", func() *pipeline.Batch { return nil }, "nil batch"},
+		{"zero images", func() *pipeline.Batch { b := ok(); b.N = 0; return b }, "want 1..2"},
+		{"more than cap", func() *pipeline.Batch { b := ok(); b.N = 3; return b }, "want 1..2"},
+		{"wrong size", func() *pipeline.Batch { b := pipeline.NewBatch(1, 3, 640, 640); b.N = 1; return b }, "model input is"},
+		{"wrong channels", func() *pipeline.Batch { b := pipeline.NewBatch(1, 1, 224, 224); b.N = 1; return b }, "model input is"},
+		{"short buffer", func() *pipeline.Batch { b := ok(); b.N = 2; b.Data = b.Data[:100]; return b }, "need"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := e.Run(context.Background(), tc.batch())
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("Run: got %v, want an error containing %q", err, tc.want)
+			}
+		})
+	}
+}
+
+func TestModelErrors(t *testing.T) {
+	initORT(t)
+	model := testdata(t, "models/mobilenetv2-12-int8.onnx")
+	garbage := filepath.Join(t.TempDir(), "garbage.onnx")
+	if err := os.WriteFile(garbage, []byte("not an onnx model"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name string
+		path string
+		opts Options
+		want string
+	}{
+		{"missing file", filepath.Join(t.TempDir(), "none.onnx"), Options{}, "none.onnx"},
+		{"not onnx", garbage, Options{}, "garbage.onnx"},
+		{"unknown input", model, Options{InputName: "pixels"}, `no input named "pixels"`},
+		{"unknown output", model, Options{OutputNames: []string{"probs"}}, `no output named "probs"`},
+		{"bad opt level", model, Options{Optimization: 42}, "optimisation level"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			e, err := New(tc.path, tc.opts)
+			if err == nil {
+				e.Close()
+				t.Fatal("New succeeded")
+			}
+			if !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("New: %v, want it to mention %q", err, tc.want)
+			}
+		})
+	}
+}
+
+// A dynamic-batch model gives each image the same output whether it runs
+// alone or inside a batch: the batch slicing and output reuse are right.
+func TestDynamicBatchMatchesSingles(t *testing.T) {
+	initORT(t)
+	e, err := New(testdata(t, "models/mobilenetv2-12-int8.onnx"), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	if got := e.Info(); got.InputName != "input" || got.OutputNames[0] != "output" {
+		t.Fatalf("Info() = %+v, want input %q output %q", got, "input", "output")
+	}
+	const n = 3
+	b := pipeline.NewBatch(4, 3, 224, 224)
+	for i := range n {
+		fill(b.Slot(i), uint32(i))
+	}
+	b.N = n
+	outs, err := e.Run(context.Background(), b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(outs) != 1 || outs[0].Name != "output" || len(outs[0].Shape) != 2 || outs[0].Shape[0] != n || outs[0].Shape[1] != 1000 {
+		t.Fatalf("outputs %v, want one [3,1000] tensor named output", outs)
+	}
+	batched := append([]float32(nil), outs[0].Data...)
+	single := pipeline.NewBatch(1, 3, 224, 224)
+	single.N = 1
+	for i := range n {
+		copy(single.Data, b.Slot(i))
+		outs, err := e.Run(context.Background(), single)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if d := maxDiff(outs[0].Data, batched[i*1000:(i+1)*1000]); d > 1e-4 {
+			t.Errorf("image %d: batched and single outputs differ by %g", i, d)
+		}
+	}
+	if d := maxDiff(batched[:1000], batched[1000:2000]); d == 0 {
+		t.Error("different images gave identical outputs")
+	}
+}
+
+// A model exported with a fixed batch of 1 still serves batches: the engine
+// runs it image by image into the one output tensor.
+func TestFixedBatchRunsInChunks(t *testing.T) {
+	initORT(t)
+	e, err := New(testdata(t, "models/yolov8n_int8.onnx"), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	b := pipeline.NewBatch(2, 3, 640, 640)
+	fill(b.Slot(0), 7)
+	fill(b.Slot(1), 8)
+	b.N = 2
+	outs, err := e.Run(context.Background(), b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := outs[0].Shape; len(got) != 3 || got[0] != 2 || got[1] != 84 || got[2] != 8400 {
+		t.Fatalf("output shape %v, want [2 84 8400]", got)
+	}
+	batched := append([]float32(nil), outs[0].Data...)
+	per := 84 * 8400
+	single := &pipeline.Batch{N: 1, Cap: 1, C: 3, H: 640, W: 640, Data: b.Slot(1)}
+	outs, err = e.Run(context.Background(), single)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := maxDiff(outs[0].Data, batched[per:]); d != 0 {
+		t.Errorf("second image: chunked and single outputs differ by %g", d)
+	}
+}
+
+func TestCloseAndContext(t *testing.T) {
+	initORT(t)
+	e, err := New(testdata(t, "models/mobilenetv2-12-int8.onnx"), Options{IntraOpThreads: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := pipeline.NewBatch(1, 3, 224, 224)
+	b.N = 1
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if _, err := e.Run(ctx, b); err == nil {
+		t.Error("Run with a cancelled context succeeded")
+	}
+	ctx, cancel = context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if _, err := e.Run(ctx, b); err != nil {
+		t.Fatalf("Run with a live context: %v", err)
+	}
+	if err := e.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Close(); err != nil {
+		t.Fatalf("second Close: %v", err)
+	}
+	if _, err := e.Run(context.Background(), b); err == nil || !strings.Contains(err.Error(), "closed") {
+		t.Fatalf("Run after Close: %v, want a closed error", err)
+	}
+}
+
+// Steady-state runs allocate nothing per image: the input tensor wraps the
+// batch buffer and the output tensors are reused.
+func TestRunDoesNotAllocatePerBatch(t *testing.T) {
+	initORT(t)
+	e, err := New(testdata(t, "models/mobilenetv2-12-int8.onnx"), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	b := pipeline.NewBatch(4, 3, 224, 224)
+	b.N = 4
+	ctx := context.Background()
+	allocs := testing.AllocsPerRun(3, func() {
+		if _, err := e.Run(ctx, b); err != nil {
+			t.Fatal(err)
+		}
+	})
+	// onnxruntime_go builds two small slices of C pointers per call.
+	if allocs > 4 {
+		t.Errorf("Run allocates %v times per batch, want at most 4", allocs)
+	}
+}
