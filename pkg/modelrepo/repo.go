@@ -27,6 +27,8 @@ type Model struct {
 	LabelNames []string
 	// NumClasses is the number of classes the output carries.
 	NumClasses int
+	// Graph holds the inputs and outputs read from the ONNX graph.
+	Graph *GraphIO
 }
 
 // Repo is a loaded model repository.
@@ -128,7 +130,8 @@ func resolve(dir, name string, cfg Config) (*Model, error) {
 	}
 	cfg.applyDefaults()
 	m := &Model{Dir: dir, Path: filepath.Join(dir, cfg.ModelFile)}
-	if err := fillFromGraph(&cfg, m.Path); err != nil {
+	graph, err := fillFromGraph(&cfg, m.Path)
+	if err != nil {
 		return nil, err
 	}
 	if err := cfg.validate(); err != nil {
@@ -138,10 +141,53 @@ func resolve(dir, name string, cfg Config) (*Model, error) {
 	if err != nil {
 		return nil, err
 	}
+	if err := checkOutput(&cfg, graph, len(labels)); err != nil {
+		return nil, err
+	}
 	m.Config = cfg
+	m.Graph = graph
 	m.LabelNames = labels
 	m.NumClasses = len(labels)
 	return m, nil
+}
+
+// Output returns the graph output the config decodes.
+func (m *Model) Output() TensorInfo {
+	for _, o := range m.Graph.Outputs {
+		if o.Name == m.Config.Output.Name {
+			return o
+		}
+	}
+	return TensorInfo{Name: m.Config.Output.Name}
+}
+
+// checkOutput checks that the decoded output fits the decoding and the
+// number of labels, where the graph fixes its dimensions.
+func checkOutput(cfg *Config, graph *GraphIO, labels int) error {
+	var out TensorInfo
+	for _, o := range graph.Outputs {
+		if o.Name == cfg.Output.Name {
+			out = o
+		}
+	}
+	s := out.Shape
+	switch cfg.Output.Decoding {
+	case DecodeLogits, DecodeProbabilities:
+		if len(s) != 2 {
+			return fmt.Errorf("output %q has shape %v; %s decoding wants [N,classes]", out.Name, s, cfg.Output.Decoding)
+		}
+		if s[1] > 0 && s[1] != int64(labels) {
+			return fmt.Errorf("output %q has %d classes but the label file has %d names", out.Name, s[1], labels)
+		}
+	case DecodeYOLOv8:
+		if len(s) != 3 {
+			return fmt.Errorf("output %q has shape %v; yolov8 decoding wants [N,4+classes,anchors]", out.Name, s)
+		}
+		if s[1] > 0 && s[1] != int64(4+labels) {
+			return fmt.Errorf("output %q has %d rows, which is not 4 + %d labels", out.Name, s[1], labels)
+		}
+	}
+	return nil
 }
 
 // ReadLabels reads a label file: one class name a line, blank lines at the
