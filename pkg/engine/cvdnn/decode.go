@@ -1,0 +1,144 @@
+package cvdnn
+
+import (
+	"fmt"
+	"math"
+)
+
+// Plane is one level's head output for N images in NCHW order, of which
+// the view uses the channels starting at Offset: a combined level tensor is
+// read through two Planes, box channels at 0 and class channels at
+// 4*RegMax.
+type Plane struct {
+	Data   []float32
+	C      int // channels per image in Data
+	Offset int // first channel of the view
+}
+
+// Level is one detection level: its grid size and its box and class views.
+type Level struct {
+	H, W     int
+	Box, Cls Plane
+}
+
+// DecodeYOLOv8 computes what the tail of a YOLOv8 export computes from the
+// per-level head outputs, writing the [n, 4+nc, anchors] output tensor into
+// dst: for every anchor (grid cell centre, level by level, row-major) the
+// box distances are the expectation of a softmax over regMax bins per side
+// (DFL), turned into cx, cy, w, h in input pixels with the level's stride
+// (input size / grid size); class rows are the sigmoid of the logits.
+func DecodeYOLOv8(dst []float32, n int, levels []Level, regMax, nc, inH, inW int) error {
+	if n < 1 || regMax < 1 || nc < 1 || inH < 1 || inW < 1 || len(levels) == 0 {
+		return fmt.Errorf("decoding yolov8: bad sizes n=%d reg_max=%d classes=%d input=%dx%d levels=%d", n, regMax, nc, inW, inH, len(levels))
+	}
+	anchors := 0
+	for i, l := range levels {
+		if l.H < 1 || l.W < 1 {
+			return fmt.Errorf("decoding yolov8: level %d has an empty %dx%d grid", i, l.W, l.H)
+		}
+		hw := l.H * l.W
+		if l.Box.Offset < 0 || l.Box.Offset+4*regMax > l.Box.C || len(l.Box.Data) < n*l.Box.C*hw {
+			return fmt.Errorf("decoding yolov8: level %d box tensor holds %d floats of %d channels from %d, want %d images of 4*%d channels of %dx%d", i, len(l.Box.Data), l.Box.C, l.Box.Offset, n, regMax, l.W, l.H)
+		}
+		if l.Cls.Offset < 0 || l.Cls.Offset+nc > l.Cls.C || len(l.Cls.Data) < n*l.Cls.C*hw {
+			return fmt.Errorf("decoding yolov8: level %d class tensor holds %d floats of %d channels from %d, want %d images of %d channels of %dx%d", i, len(l.Cls.Data), l.Cls.C, l.Cls.Offset, n, nc, l.W, l.H)
+		}
+		anchors += hw
+	}
+	rows := 4 + nc
+	if len(dst) < n*rows*anchors {
+		return fmt.Errorf("decoding yolov8: output holds %d floats, want %d", len(dst), n*rows*anchors)
+	}
+	probs := make([]float64, regMax)
+	for img := range n {
+		out := dst[img*rows*anchors : (img+1)*rows*anchors]
+		base := 0
+		for _, l := range levels {
+			hw := l.H * l.W
+			sx, sy := float64(inW)/float64(l.W), float64(inH)/float64(l.H)
+			box := l.Box.Data[(img*l.Box.C+l.Box.Offset)*hw:]
+			for p := range hw {
+				var d [4]float64
+				for side := range 4 {
+					d[side] = dfl(box[side*regMax*hw+p:], hw, probs)
+				}
+				ax, ay := float64(p%l.W)+0.5, float64(p/l.W)+0.5
+				x1, y1, x2, y2 := ax-d[0], ay-d[1], ax+d[2], ay+d[3]
+				a := base + p
+				out[0*anchors+a] = float32((x1 + x2) / 2 * sx)
+				out[1*anchors+a] = float32((y1 + y2) / 2 * sy)
+				out[2*anchors+a] = float32((x2 - x1) * sx)
+				out[3*anchors+a] = float32((y2 - y1) * sy)
+			}
+			cls := l.Cls.Data[(img*l.Cls.C+l.Cls.Offset)*hw:]
+			for c := range nc {
+				row := out[(4+c)*anchors+base : (4+c)*anchors+base+hw]
+				src := cls[c*hw : (c+1)*hw]
+				for p, v := range src {
+					row[p] = sigmoid(v)
+				}
+			}
+			base += hw
+		}
+	}
+	return nil
+}
+
+// dfl returns the expected bin of a softmax over len(probs) logits found at
+// stride apart in v.
+func dfl(v []float32, stride int, probs []float64) float64 {
+	mx := math.Inf(-1)
+	for j := range probs {
+		mx = max(mx, float64(v[j*stride]))
+	}
+	var sum, exp float64
+	for j := range probs {
+		e := math.Exp(float64(v[j*stride]) - mx)
+		sum += e
+		exp += e * float64(j)
+	}
+	return exp / sum
+}
+
+func sigmoid(x float32) float32 {
+	return float32(1 / (1 + math.Exp(-float64(x))))
+}
+
+// Levels describes the cut model's outputs, in DetectHead.Outputs order,
+// as decoder levels. shapes are the [N,C,H,W] shapes of the outputs.
+func (h *DetectHead) levels(data [][]float32, shapes [][]int) ([]Level, error) {
+	nl := len(h.Levels)
+	want := nl
+	if !h.Combined() {
+		want = 2 * nl
+	}
+	if len(data) != want || len(shapes) != want {
+		return nil, fmt.Errorf("detect head has %d levels, got %d tensors", nl, len(data))
+	}
+	for i, s := range shapes {
+		if len(s) != 4 {
+			return nil, fmt.Errorf("head tensor %d has shape %v, want [N,C,H,W]", i, s)
+		}
+	}
+	levels := make([]Level, nl)
+	for i := range nl {
+		if h.Combined() {
+			s := shapes[i]
+			if s[1] != 4*h.RegMax+h.NumClasses {
+				return nil, fmt.Errorf("head tensor %d has %d channels, want %d", i, s[1], 4*h.RegMax+h.NumClasses)
+			}
+			levels[i] = Level{H: s[2], W: s[3],
+				Box: Plane{Data: data[i], C: s[1]},
+				Cls: Plane{Data: data[i], C: s[1], Offset: 4 * h.RegMax}}
+			continue
+		}
+		bs, cs := shapes[i], shapes[nl+i]
+		if bs[1] != 4*h.RegMax || cs[1] != h.NumClasses || bs[2] != cs[2] || bs[3] != cs[3] {
+			return nil, fmt.Errorf("level %d head tensors have shapes %v and %v, want %d box and %d class channels on one grid", i, bs, cs, 4*h.RegMax, h.NumClasses)
+		}
+		levels[i] = Level{H: bs[2], W: bs[3],
+			Box: Plane{Data: data[i], C: bs[1]},
+			Cls: Plane{Data: data[nl+i], C: cs[1]}}
+	}
+	return levels, nil
+}
