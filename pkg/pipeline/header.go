@@ -73,8 +73,8 @@ func CheckHeader(data []byte, maxPixels int) (Header, error) {
 	if err != nil {
 		return Header{}, err
 	}
-	// Sides are at most 2^31 each, so the product fits in 64 bits.
-	if int64(h.Width)*int64(h.Height) > int64(maxPixels) {
+	// Sides are below 2^32 each, so the product fits in 64 bits.
+	if uint64(h.Width)*uint64(h.Height) > uint64(maxPixels) {
 		return Header{}, fmt.Errorf("%s of %dx%d is over the limit of %d pixels: %w", h.Format, h.Width, h.Height, maxPixels, ErrTooManyPixels)
 	}
 	return h, nil

@@ -136,7 +136,8 @@ func (p *Preprocessor) PrepareHWC(pix []byte, h, w int, rgb bool) (*Prepared, er
 	if h <= 0 || w <= 0 {
 		return nil, fmt.Errorf("image tensor of %dx%d: %w", w, h, ErrZeroSize)
 	}
-	if int64(h)*int64(w) > int64(p.maxPixels) {
+	// Divide rather than multiply: h*w of hostile sides overflows.
+	if w > p.maxPixels/h {
 		return nil, fmt.Errorf("image tensor of %dx%d is over the limit of %d pixels: %w", w, h, p.maxPixels, ErrTooManyPixels)
 	}
 	if len(pix) != h*w*3 {
@@ -182,6 +183,10 @@ func (p *Preprocessor) PrepareTensor(chw []float32) (*Prepared, error) {
 // fit resizes the upright BGR image img (not consumed) to the model input.
 func (p *Preprocessor) fit(img gocv.Mat) (*Prepared, error) {
 	w, h := img.Cols(), img.Rows()
+	if w <= 0 || h <= 0 || img.Type() != gocv.MatTypeCV8UC3 {
+		// OpenCV aborts the process on an empty resize: never reach it.
+		return nil, fmt.Errorf("image of %dx%d type %v: %w", w, h, img.Type(), ErrZeroSize)
+	}
 	pr := &Prepared{Width: w, Height: h, pre: p}
 	switch p.mode {
 	case modelrepo.ResizeLetterbox:
