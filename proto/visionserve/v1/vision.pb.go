@@ -1047,8 +1047,11 @@ type StreamResponse struct {
 	Timestamp *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=timestamp,proto3" json:"timestamp,omitempty"`
 	// Dropped is true when a newer frame replaced this one before it was
 	// served; result is then empty.
-	Dropped       bool         `protobuf:"varint,3,opt,name=dropped,proto3" json:"dropped,omitempty"`
-	Result        *ImageResult `protobuf:"bytes,4,opt,name=result,proto3" json:"result,omitempty"`
+	Dropped bool         `protobuf:"varint,3,opt,name=dropped,proto3" json:"dropped,omitempty"`
+	Result  *ImageResult `protobuf:"bytes,4,opt,name=result,proto3" json:"result,omitempty"`
+	// Error is set when this frame could not be served (a corrupt image,
+	// say); the stream goes on with the next frame.
+	Error         *FrameError `protobuf:"bytes,5,opt,name=error,proto3" json:"error,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1111,6 +1114,67 @@ func (x *StreamResponse) GetResult() *ImageResult {
 	return nil
 }
 
+func (x *StreamResponse) GetError() *FrameError {
+	if x != nil {
+		return x.Error
+	}
+	return nil
+}
+
+// FrameError says why one frame of a stream has no result.
+type FrameError struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// gRPC status code number, as the same problem gets in a unary call.
+	Code          int32  `protobuf:"varint,1,opt,name=code,proto3" json:"code,omitempty"`
+	Message       string `protobuf:"bytes,2,opt,name=message,proto3" json:"message,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FrameError) Reset() {
+	*x = FrameError{}
+	mi := &file_visionserve_v1_vision_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FrameError) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FrameError) ProtoMessage() {}
+
+func (x *FrameError) ProtoReflect() protoreflect.Message {
+	mi := &file_visionserve_v1_vision_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FrameError.ProtoReflect.Descriptor instead.
+func (*FrameError) Descriptor() ([]byte, []int) {
+	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *FrameError) GetCode() int32 {
+	if x != nil {
+		return x.Code
+	}
+	return 0
+}
+
+func (x *FrameError) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
 // ListModelsRequest asks for every model.
 type ListModelsRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -1120,7 +1184,7 @@ type ListModelsRequest struct {
 
 func (x *ListModelsRequest) Reset() {
 	*x = ListModelsRequest{}
-	mi := &file_visionserve_v1_vision_proto_msgTypes[14]
+	mi := &file_visionserve_v1_vision_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1132,7 +1196,7 @@ func (x *ListModelsRequest) String() string {
 func (*ListModelsRequest) ProtoMessage() {}
 
 func (x *ListModelsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_visionserve_v1_vision_proto_msgTypes[14]
+	mi := &file_visionserve_v1_vision_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1145,7 +1209,7 @@ func (x *ListModelsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListModelsRequest.ProtoReflect.Descriptor instead.
 func (*ListModelsRequest) Descriptor() ([]byte, []int) {
-	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{14}
+	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{15}
 }
 
 // ListModelsResponse describes every model, sorted by name.
@@ -1158,7 +1222,7 @@ type ListModelsResponse struct {
 
 func (x *ListModelsResponse) Reset() {
 	*x = ListModelsResponse{}
-	mi := &file_visionserve_v1_vision_proto_msgTypes[15]
+	mi := &file_visionserve_v1_vision_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1170,7 +1234,7 @@ func (x *ListModelsResponse) String() string {
 func (*ListModelsResponse) ProtoMessage() {}
 
 func (x *ListModelsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_visionserve_v1_vision_proto_msgTypes[15]
+	mi := &file_visionserve_v1_vision_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1183,7 +1247,7 @@ func (x *ListModelsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListModelsResponse.ProtoReflect.Descriptor instead.
 func (*ListModelsResponse) Descriptor() ([]byte, []int) {
-	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{15}
+	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ListModelsResponse) GetModels() []*ModelInfoResponse {
@@ -1203,7 +1267,7 @@ type ModelInfoRequest struct {
 
 func (x *ModelInfoRequest) Reset() {
 	*x = ModelInfoRequest{}
-	mi := &file_visionserve_v1_vision_proto_msgTypes[16]
+	mi := &file_visionserve_v1_vision_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1215,7 +1279,7 @@ func (x *ModelInfoRequest) String() string {
 func (*ModelInfoRequest) ProtoMessage() {}
 
 func (x *ModelInfoRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_visionserve_v1_vision_proto_msgTypes[16]
+	mi := &file_visionserve_v1_vision_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1228,7 +1292,7 @@ func (x *ModelInfoRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ModelInfoRequest.ProtoReflect.Descriptor instead.
 func (*ModelInfoRequest) Descriptor() ([]byte, []int) {
-	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{16}
+	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *ModelInfoRequest) GetModel() string {
@@ -1252,7 +1316,7 @@ type Batching struct {
 
 func (x *Batching) Reset() {
 	*x = Batching{}
-	mi := &file_visionserve_v1_vision_proto_msgTypes[17]
+	mi := &file_visionserve_v1_vision_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1264,7 +1328,7 @@ func (x *Batching) String() string {
 func (*Batching) ProtoMessage() {}
 
 func (x *Batching) ProtoReflect() protoreflect.Message {
-	mi := &file_visionserve_v1_vision_proto_msgTypes[17]
+	mi := &file_visionserve_v1_vision_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1277,7 +1341,7 @@ func (x *Batching) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Batching.ProtoReflect.Descriptor instead.
 func (*Batching) Descriptor() ([]byte, []int) {
-	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{17}
+	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *Batching) GetMaxBatchSize() int32 {
@@ -1339,7 +1403,7 @@ type ModelInfoResponse struct {
 
 func (x *ModelInfoResponse) Reset() {
 	*x = ModelInfoResponse{}
-	mi := &file_visionserve_v1_vision_proto_msgTypes[18]
+	mi := &file_visionserve_v1_vision_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1351,7 +1415,7 @@ func (x *ModelInfoResponse) String() string {
 func (*ModelInfoResponse) ProtoMessage() {}
 
 func (x *ModelInfoResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_visionserve_v1_vision_proto_msgTypes[18]
+	mi := &file_visionserve_v1_vision_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1364,7 +1428,7 @@ func (x *ModelInfoResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ModelInfoResponse.ProtoReflect.Descriptor instead.
 func (*ModelInfoResponse) Descriptor() ([]byte, []int) {
-	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{18}
+	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ModelInfoResponse) GetName() string {
@@ -1521,12 +1585,17 @@ const file_visionserve_v1_vision_proto_rawDesc = "" +
 	"\aoptions\x18\x02 \x01(\v2\x17.visionserve.v1.OptionsR\aoptions\x12\x19\n" +
 	"\bframe_id\x18\x03 \x01(\x04R\aframeId\x128\n" +
 	"\ttimestamp\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\ttimestamp\x12+\n" +
-	"\x05image\x18\x05 \x01(\v2\x15.visionserve.v1.ImageR\x05image\"\xb4\x01\n" +
+	"\x05image\x18\x05 \x01(\v2\x15.visionserve.v1.ImageR\x05image\"\xe6\x01\n" +
 	"\x0eStreamResponse\x12\x19\n" +
 	"\bframe_id\x18\x01 \x01(\x04R\aframeId\x128\n" +
 	"\ttimestamp\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\ttimestamp\x12\x18\n" +
 	"\adropped\x18\x03 \x01(\bR\adropped\x123\n" +
-	"\x06result\x18\x04 \x01(\v2\x1b.visionserve.v1.ImageResultR\x06result\"\x13\n" +
+	"\x06result\x18\x04 \x01(\v2\x1b.visionserve.v1.ImageResultR\x06result\x120\n" +
+	"\x05error\x18\x05 \x01(\v2\x1a.visionserve.v1.FrameErrorR\x05error\":\n" +
+	"\n" +
+	"FrameError\x12\x12\n" +
+	"\x04code\x18\x01 \x01(\x05R\x04code\x12\x18\n" +
+	"\amessage\x18\x02 \x01(\tR\amessage\"\x13\n" +
 	"\x11ListModelsRequest\"O\n" +
 	"\x12ListModelsResponse\x129\n" +
 	"\x06models\x18\x01 \x03(\v2!.visionserve.v1.ModelInfoResponseR\x06models\"(\n" +
@@ -1581,7 +1650,7 @@ func file_visionserve_v1_vision_proto_rawDescGZIP() []byte {
 }
 
 var file_visionserve_v1_vision_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_visionserve_v1_vision_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
+var file_visionserve_v1_vision_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
 var file_visionserve_v1_vision_proto_goTypes = []any{
 	(Task)(0),                     // 0: visionserve.v1.Task
 	(Tensor_DataType)(0),          // 1: visionserve.v1.Tensor.DataType
@@ -1599,13 +1668,14 @@ var file_visionserve_v1_vision_proto_goTypes = []any{
 	(*ImageResult)(nil),           // 13: visionserve.v1.ImageResult
 	(*StreamRequest)(nil),         // 14: visionserve.v1.StreamRequest
 	(*StreamResponse)(nil),        // 15: visionserve.v1.StreamResponse
-	(*ListModelsRequest)(nil),     // 16: visionserve.v1.ListModelsRequest
-	(*ListModelsResponse)(nil),    // 17: visionserve.v1.ListModelsResponse
-	(*ModelInfoRequest)(nil),      // 18: visionserve.v1.ModelInfoRequest
-	(*Batching)(nil),              // 19: visionserve.v1.Batching
-	(*ModelInfoResponse)(nil),     // 20: visionserve.v1.ModelInfoResponse
-	(*durationpb.Duration)(nil),   // 21: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil), // 22: google.protobuf.Timestamp
+	(*FrameError)(nil),            // 16: visionserve.v1.FrameError
+	(*ListModelsRequest)(nil),     // 17: visionserve.v1.ListModelsRequest
+	(*ListModelsResponse)(nil),    // 18: visionserve.v1.ListModelsResponse
+	(*ModelInfoRequest)(nil),      // 19: visionserve.v1.ModelInfoRequest
+	(*Batching)(nil),              // 20: visionserve.v1.Batching
+	(*ModelInfoResponse)(nil),     // 21: visionserve.v1.ModelInfoResponse
+	(*durationpb.Duration)(nil),   // 22: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil), // 23: google.protobuf.Timestamp
 }
 var file_visionserve_v1_vision_proto_depIdxs = []int32{
 	3,  // 0: visionserve.v1.Image.tensor:type_name -> visionserve.v1.Tensor
@@ -1617,42 +1687,43 @@ var file_visionserve_v1_vision_proto_depIdxs = []int32{
 	4,  // 6: visionserve.v1.DetectRequest.options:type_name -> visionserve.v1.Options
 	13, // 7: visionserve.v1.DetectResponse.results:type_name -> visionserve.v1.ImageResult
 	10, // 8: visionserve.v1.Detection.box:type_name -> visionserve.v1.Box
-	21, // 9: visionserve.v1.Timings.queue:type_name -> google.protobuf.Duration
-	21, // 10: visionserve.v1.Timings.decode:type_name -> google.protobuf.Duration
-	21, // 11: visionserve.v1.Timings.preprocess:type_name -> google.protobuf.Duration
-	21, // 12: visionserve.v1.Timings.inference:type_name -> google.protobuf.Duration
-	21, // 13: visionserve.v1.Timings.postprocess:type_name -> google.protobuf.Duration
-	21, // 14: visionserve.v1.Timings.total:type_name -> google.protobuf.Duration
+	22, // 9: visionserve.v1.Timings.queue:type_name -> google.protobuf.Duration
+	22, // 10: visionserve.v1.Timings.decode:type_name -> google.protobuf.Duration
+	22, // 11: visionserve.v1.Timings.preprocess:type_name -> google.protobuf.Duration
+	22, // 12: visionserve.v1.Timings.inference:type_name -> google.protobuf.Duration
+	22, // 13: visionserve.v1.Timings.postprocess:type_name -> google.protobuf.Duration
+	22, // 14: visionserve.v1.Timings.total:type_name -> google.protobuf.Duration
 	9,  // 15: visionserve.v1.ImageResult.classes:type_name -> visionserve.v1.Class
 	11, // 16: visionserve.v1.ImageResult.detections:type_name -> visionserve.v1.Detection
 	12, // 17: visionserve.v1.ImageResult.timings:type_name -> visionserve.v1.Timings
 	4,  // 18: visionserve.v1.StreamRequest.options:type_name -> visionserve.v1.Options
-	22, // 19: visionserve.v1.StreamRequest.timestamp:type_name -> google.protobuf.Timestamp
+	23, // 19: visionserve.v1.StreamRequest.timestamp:type_name -> google.protobuf.Timestamp
 	2,  // 20: visionserve.v1.StreamRequest.image:type_name -> visionserve.v1.Image
-	22, // 21: visionserve.v1.StreamResponse.timestamp:type_name -> google.protobuf.Timestamp
+	23, // 21: visionserve.v1.StreamResponse.timestamp:type_name -> google.protobuf.Timestamp
 	13, // 22: visionserve.v1.StreamResponse.result:type_name -> visionserve.v1.ImageResult
-	20, // 23: visionserve.v1.ListModelsResponse.models:type_name -> visionserve.v1.ModelInfoResponse
-	21, // 24: visionserve.v1.Batching.max_queue_delay:type_name -> google.protobuf.Duration
-	0,  // 25: visionserve.v1.ModelInfoResponse.task:type_name -> visionserve.v1.Task
-	19, // 26: visionserve.v1.ModelInfoResponse.batching:type_name -> visionserve.v1.Batching
-	4,  // 27: visionserve.v1.ModelInfoResponse.defaults:type_name -> visionserve.v1.Options
-	5,  // 28: visionserve.v1.VisionService.Classify:input_type -> visionserve.v1.ClassifyRequest
-	7,  // 29: visionserve.v1.VisionService.Detect:input_type -> visionserve.v1.DetectRequest
-	14, // 30: visionserve.v1.VisionService.StreamClassify:input_type -> visionserve.v1.StreamRequest
-	14, // 31: visionserve.v1.VisionService.StreamDetect:input_type -> visionserve.v1.StreamRequest
-	16, // 32: visionserve.v1.VisionService.ListModels:input_type -> visionserve.v1.ListModelsRequest
-	18, // 33: visionserve.v1.VisionService.ModelInfo:input_type -> visionserve.v1.ModelInfoRequest
-	6,  // 34: visionserve.v1.VisionService.Classify:output_type -> visionserve.v1.ClassifyResponse
-	8,  // 35: visionserve.v1.VisionService.Detect:output_type -> visionserve.v1.DetectResponse
-	15, // 36: visionserve.v1.VisionService.StreamClassify:output_type -> visionserve.v1.StreamResponse
-	15, // 37: visionserve.v1.VisionService.StreamDetect:output_type -> visionserve.v1.StreamResponse
-	17, // 38: visionserve.v1.VisionService.ListModels:output_type -> visionserve.v1.ListModelsResponse
-	20, // 39: visionserve.v1.VisionService.ModelInfo:output_type -> visionserve.v1.ModelInfoResponse
-	34, // [34:40] is the sub-list for method output_type
-	28, // [28:34] is the sub-list for method input_type
-	28, // [28:28] is the sub-list for extension type_name
-	28, // [28:28] is the sub-list for extension extendee
-	0,  // [0:28] is the sub-list for field type_name
+	16, // 23: visionserve.v1.StreamResponse.error:type_name -> visionserve.v1.FrameError
+	21, // 24: visionserve.v1.ListModelsResponse.models:type_name -> visionserve.v1.ModelInfoResponse
+	22, // 25: visionserve.v1.Batching.max_queue_delay:type_name -> google.protobuf.Duration
+	0,  // 26: visionserve.v1.ModelInfoResponse.task:type_name -> visionserve.v1.Task
+	20, // 27: visionserve.v1.ModelInfoResponse.batching:type_name -> visionserve.v1.Batching
+	4,  // 28: visionserve.v1.ModelInfoResponse.defaults:type_name -> visionserve.v1.Options
+	5,  // 29: visionserve.v1.VisionService.Classify:input_type -> visionserve.v1.ClassifyRequest
+	7,  // 30: visionserve.v1.VisionService.Detect:input_type -> visionserve.v1.DetectRequest
+	14, // 31: visionserve.v1.VisionService.StreamClassify:input_type -> visionserve.v1.StreamRequest
+	14, // 32: visionserve.v1.VisionService.StreamDetect:input_type -> visionserve.v1.StreamRequest
+	17, // 33: visionserve.v1.VisionService.ListModels:input_type -> visionserve.v1.ListModelsRequest
+	19, // 34: visionserve.v1.VisionService.ModelInfo:input_type -> visionserve.v1.ModelInfoRequest
+	6,  // 35: visionserve.v1.VisionService.Classify:output_type -> visionserve.v1.ClassifyResponse
+	8,  // 36: visionserve.v1.VisionService.Detect:output_type -> visionserve.v1.DetectResponse
+	15, // 37: visionserve.v1.VisionService.StreamClassify:output_type -> visionserve.v1.StreamResponse
+	15, // 38: visionserve.v1.VisionService.StreamDetect:output_type -> visionserve.v1.StreamResponse
+	18, // 39: visionserve.v1.VisionService.ListModels:output_type -> visionserve.v1.ListModelsResponse
+	21, // 40: visionserve.v1.VisionService.ModelInfo:output_type -> visionserve.v1.ModelInfoResponse
+	35, // [35:41] is the sub-list for method output_type
+	29, // [29:35] is the sub-list for method input_type
+	29, // [29:29] is the sub-list for extension type_name
+	29, // [29:29] is the sub-list for extension extendee
+	0,  // [0:29] is the sub-list for field type_name
 }
 
 func init() { file_visionserve_v1_vision_proto_init() }
@@ -1670,7 +1741,7 @@ func file_visionserve_v1_vision_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_visionserve_v1_vision_proto_rawDesc), len(file_visionserve_v1_vision_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   19,
+			NumMessages:   20,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -1,0 +1,60 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/visionserve/visionserve/pkg/pipeline"
+)
+
+// toStatus maps an error of a Runner (or of the request checks) to the
+// gRPC status the client gets. Every case is chosen on purpose; a status
+// coming from further down is never passed through, because its code
+// described that call, not this one.
+func toStatus(err error) error {
+	if err == nil {
+		return nil
+	}
+	var se *statusError
+	switch {
+	case errors.As(err, &se):
+		return status.Error(se.code, se.msg)
+	case pipeline.IsInputError(err), errors.Is(err, pipeline.ErrRequestTooLarge):
+		return status.Error(codes.InvalidArgument, err.Error())
+	case errors.Is(err, pipeline.ErrQueueFull):
+		return status.Error(codes.ResourceExhausted, err.Error()+"; retry later")
+	case errors.Is(err, pipeline.ErrBatcherClosed):
+		return status.Error(codes.Unavailable, err.Error())
+	case errors.Is(err, context.DeadlineExceeded):
+		return status.Error(codes.DeadlineExceeded, "deadline exceeded before the request was served")
+	case errors.Is(err, context.Canceled):
+		return status.Error(codes.Canceled, "request canceled")
+	}
+	return status.Error(codes.Internal, "inference failed: "+err.Error())
+}
+
+// statusError is an error of the request checks in this package that
+// already knows its code.
+type statusError struct {
+	code codes.Code
+	msg  string
+}
+
+func (e *statusError) Error() string { return e.msg }
+
+func invalid(format string, args ...any) error {
+	return &statusError{codes.InvalidArgument, fmt.Sprintf(format, args...)}
+}
+
+func notFound(format string, args ...any) error {
+	return &statusError{codes.NotFound, fmt.Sprintf(format, args...)}
+}
+
+func unavailable(format string, args ...any) error {
+	return &statusError{codes.Unavailable, fmt.Sprintf(format, args...)}
+}
+

@@ -1,0 +1,129 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/visionserve/visionserve/internal/backend"
+	"github.com/visionserve/visionserve/pkg/modelrepo"
+	"github.com/visionserve/visionserve/pkg/pipeline"
+)
+
+// LoadOptions say how LoadModels builds the models of a repository.
+type LoadOptions struct {
+	// Backend is the requested backend name (auto, ort-cpu, ...).
+	Backend string
+	// Engine carries the backend settings.
+	Engine backend.Options
+	// Runner configures each model's runner.
+	Runner RunnerOptions
+	// Logger gets one line per model saying which backend serves it.
+	Logger *slog.Logger
+}
+
+// LoadModels builds a runner for every model of repo and adds it to reg.
+// A model that cannot be loaded is left out with an error log line naming
+// it; the others are still served. It fails only when no model loads.
+func LoadModels(ctx context.Context, repo *modelrepo.Repo, reg *Registry, opts LoadOptions) error {
+	log := opts.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	var errs []error
+	for _, m := range repo.Models {
+		start := time.Now()
+		r, choice, err := loadModel(ctx, m, opts)
+		if err != nil {
+			log.Error("model not served", "model", m.Name, "err", err)
+			errs = append(errs, err)
+			continue
+		}
+		if err := reg.Add(&Model{Model: m, Runner: r}); err != nil {
+			_ = r.Close(ctx)
+			errs = append(errs, err)
+			continue
+		}
+		attrs := []any{"model", m.Name, "task", m.Task, "backend", choice.Backend, "requested", choice.Requested,
+			"instances", m.Batching.Instances, "load", time.Since(start).Round(time.Millisecond)}
+		if choice.Reason != "" {
+			attrs = append(attrs, "reason", choice.Reason)
+		}
+		log.Info("model loaded", attrs...)
+	}
+	if len(reg.Models()) == 0 {
+		return fmt.Errorf("no model could be served: %w", errors.Join(errs...))
+	}
+	return nil
+}
+
+// loadModel picks the backend of m and builds its engines and runner.
+func loadModel(ctx context.Context, m *modelrepo.Model, opts LoadOptions) (Runner, backend.Choice, error) {
+	choice, err := backend.Choose(ctx, opts.Backend, m, opts.Engine)
+	if err != nil {
+		return nil, choice, fmt.Errorf("model %q: %w", m.Name, err)
+	}
+	engines := make([]pipeline.Engine, 0, m.Batching.Instances)
+	closeEngines := func() {
+		for _, e := range engines {
+			_ = e.Close()
+		}
+	}
+	for range m.Batching.Instances {
+		e, err := backend.New(choice.Backend, m, opts.Engine)
+		if err != nil {
+			closeEngines()
+			return nil, choice, err
+		}
+		engines = append(engines, e)
+	}
+	r, err := NewPipelineRunner(m, engines, opts.Runner)
+	if err != nil {
+		closeEngines()
+		return nil, choice, err
+	}
+	return r, choice, nil
+}
+
+// WarmUp runs one full batch of a plain grey image through every model,
+// so that the first client does not pay for lazy allocations and kernel
+// selection, and marks each model ready. A model whose warm-up fails
+// stays not ready and is reported.
+func WarmUp(ctx context.Context, reg *Registry, log *slog.Logger) error {
+	var errs []error
+	for _, m := range reg.Models() {
+		start := time.Now()
+		if err := warmUp(ctx, m); err != nil {
+			err = fmt.Errorf("warming up model %q: %w", m.Name, err)
+			log.Error("model not ready", "model", m.Name, "err", err)
+			errs = append(errs, err)
+			continue
+		}
+		m.SetReady(true)
+		log.Info("model ready", "model", m.Name, "backend", m.Runner.Backend(), "warmup", time.Since(start).Round(time.Millisecond))
+	}
+	return errors.Join(errs...)
+}
+
+func warmUp(ctx context.Context, m *Model) error {
+	h, w := m.Input.Height, m.Input.Width
+	pix := make([]byte, h*w*3)
+	for i := range pix {
+		pix[i] = 128
+	}
+	n := max(m.Batching.MaxBatchSize, 1)
+	inputs := make([]Input, n)
+	for i := range inputs {
+		inputs[i] = Input{Pixels: pix, Height: h, Width: w}
+	}
+	res, err := m.Runner.Infer(ctx, inputs, pipeline.Options{})
+	if err != nil {
+		return err
+	}
+	if len(res) != n {
+		return fmt.Errorf("%d results for %d images", len(res), n)
+	}
+	return nil
+}

@@ -1,0 +1,333 @@
+package server
+
+import (
+	"context"
+	"encoding/binary"
+	"math"
+
+	"github.com/visionserve/visionserve/pkg/modelrepo"
+	"github.com/visionserve/visionserve/proto/inference"
+)
+
+// Version is what ServerMetadata reports; main sets it from the build.
+var Version = "dev"
+
+// oipService implements the KServe v2 / Open Inference Protocol
+// inference.GRPCInferenceService.
+//
+// ModelInfer takes one input tensor per request, in one of three forms:
+//   - FP32 [N,3,H,W] or [3,H,W] at the model's input size: preprocessed
+//     inputs, given to the engine unchanged;
+//   - UINT8 [N,H,W,3] or [H,W,3]: RGB images, resized and normalised as
+//     the model's config says;
+//   - BYTES [N]: encoded image files (JPEG, PNG, WebP, BMP).
+//
+// It answers with the model's raw output tensor, FP32, in
+// raw_output_contents when the request used raw_input_contents and in
+// fp32_contents otherwise.
+type oipService struct {
+	inference.UnimplementedGRPCInferenceServiceServer
+	reg      *Registry
+	limits   Limits
+	draining <-chan struct{}
+}
+
+// modelVersion is the only version each model has.
+const modelVersion = "1"
+
+func (s *oipService) isDraining() bool {
+	select {
+	case <-s.draining:
+		return true
+	default:
+		return false
+	}
+}
+
+// ServerLive implements GRPCInferenceService: a process that answers is
+// live.
+func (s *oipService) ServerLive(context.Context, *inference.ServerLiveRequest) (*inference.ServerLiveResponse, error) {
+	return &inference.ServerLiveResponse{Live: true}, nil
+}
+
+// ServerReady implements GRPCInferenceService.
+func (s *oipService) ServerReady(context.Context, *inference.ServerReadyRequest) (*inference.ServerReadyResponse, error) {
+	return &inference.ServerReadyResponse{Ready: !s.isDraining() && s.reg.Ready()}, nil
+}
+
+// getModel finds a model by name and version for the metadata calls.
+func (s *oipService) getModel(name, version string) (*Model, error) {
+	if name == "" {
+		return nil, invalid("model name is missing")
+	}
+	m, ok := s.reg.Get(name)
+	if !ok {
+		return nil, notFound("model %q not found", name)
+	}
+	if version != "" && version != modelVersion {
+		return nil, notFound("model %q has no version %q (only %q)", name, version, modelVersion)
+	}
+	return m, nil
+}
+
+// ModelReady implements GRPCInferenceService.
+func (s *oipService) ModelReady(_ context.Context, req *inference.ModelReadyRequest) (*inference.ModelReadyResponse, error) {
+	m, err := s.getModel(req.GetName(), req.GetVersion())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	return &inference.ModelReadyResponse{Ready: m.Ready() && !s.isDraining()}, nil
+}
+
+// ServerMetadata implements GRPCInferenceService.
+func (s *oipService) ServerMetadata(context.Context, *inference.ServerMetadataRequest) (*inference.ServerMetadataResponse, error) {
+	return &inference.ServerMetadataResponse{Name: "visionserve", Version: Version}, nil
+}
+
+// ModelMetadata implements GRPCInferenceService. It describes the FP32
+// preprocessed input; the same input name also takes UINT8 and BYTES
+// images (see oipService).
+func (s *oipService) ModelMetadata(_ context.Context, req *inference.ModelMetadataRequest) (*inference.ModelMetadataResponse, error) {
+	m, err := s.getModel(req.GetName(), req.GetVersion())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	out := m.Output()
+	shape := outputShape(m)
+	return &inference.ModelMetadataResponse{
+		Name:     m.Name,
+		Versions: []string{modelVersion},
+		Platform: platform(m.Runner.Backend()),
+		Inputs: []*inference.ModelMetadataResponse_TensorMetadata{{
+			Name: m.Input.Name, Datatype: "FP32", Shape: []int64{-1, 3, int64(m.Input.Height), int64(m.Input.Width)},
+		}},
+		Outputs: []*inference.ModelMetadataResponse_TensorMetadata{{Name: out.Name, Datatype: "FP32", Shape: shape}},
+	}, nil
+}
+
+// outputShape is the model's output shape with a variable batch: the
+// graph's where it fixes it, else what the decoding implies.
+func outputShape(m *Model) []int64 {
+	var shape []int64
+	if g := m.Output().Shape; len(g) > 0 {
+		shape = append([]int64(nil), g...)
+	} else if m.Config.Output.Decoding == modelrepo.DecodeYOLOv8 {
+		shape = []int64{-1, int64(4 + m.NumClasses), -1}
+	} else {
+		shape = []int64{-1, int64(m.NumClasses)}
+	}
+	shape[0] = -1
+	return shape
+}
+
+func platform(backend string) string {
+	switch backend {
+	case "opencv":
+		return "opencv_onnx"
+	default:
+		return "onnxruntime_onnx"
+	}
+}
+
+// ModelInfer implements GRPCInferenceService.
+func (s *oipService) ModelInfer(ctx context.Context, req *inference.ModelInferRequest) (*inference.ModelInferResponse, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, toStatus(err)
+	}
+	m, err := lookup(s.reg, req.GetModelName(), "")
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	if v := req.GetModelVersion(); v != "" && v != modelVersion {
+		return nil, toStatus(notFound("model %q has no version %q (only %q)", m.Name, v, modelVersion))
+	}
+	out := m.Output()
+	for _, o := range req.GetOutputs() {
+		if o.GetName() != out.Name {
+			return nil, toStatus(invalid("model %q has no output %q (it has %q)", m.Name, o.GetName(), out.Name))
+		}
+	}
+	inputs, err := s.inferInputs(req, m)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	outs, err := m.Runner.InferRaw(ctx, inputs)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	resp := &inference.ModelInferResponse{ModelName: m.Name, ModelVersion: modelVersion, Id: req.GetId()}
+	raw := len(req.GetRawInputContents()) > 0
+	for _, t := range outs {
+		if t.Name != out.Name && len(outs) > 1 {
+			continue
+		}
+		ot := &inference.ModelInferResponse_InferOutputTensor{Name: out.Name, Datatype: "FP32", Shape: t.Shape}
+		if raw {
+			b := make([]byte, 4*len(t.Data))
+			for i, v := range t.Data {
+				binary.LittleEndian.PutUint32(b[4*i:], math.Float32bits(v))
+			}
+			resp.RawOutputContents = append(resp.RawOutputContents, b)
+		} else {
+			ot.Contents = &inference.InferTensorContents{Fp32Contents: t.Data}
+		}
+		resp.Outputs = append(resp.Outputs, ot)
+	}
+	return resp, nil
+}
+
+// inferInputs checks the request's one input tensor and splits it into
+// images.
+func (s *oipService) inferInputs(req *inference.ModelInferRequest, m *Model) ([]Input, error) {
+	ins := req.GetInputs()
+	if len(ins) != 1 {
+		return nil, invalid("model %q takes exactly one input tensor %q, got %d", m.Name, m.Input.Name, len(ins))
+	}
+	in := ins[0]
+	if in.GetName() != m.Input.Name {
+		return nil, invalid("model %q has no input %q (it has %q)", m.Name, in.GetName(), m.Input.Name)
+	}
+	raws := req.GetRawInputContents()
+	if len(raws) > 0 && len(raws) != 1 {
+		return nil, invalid("%d raw_input_contents for 1 input", len(raws))
+	}
+	if len(raws) == 1 && in.GetContents() != nil {
+		return nil, invalid("input %q has contents and raw_input_contents; use one", in.GetName())
+	}
+	var raw []byte
+	if len(raws) == 1 {
+		raw = raws[0]
+	}
+	shape := in.GetShape()
+	for _, d := range shape {
+		if d < 1 {
+			return nil, invalid("input %q shape %v has a dimension below 1", in.GetName(), shape)
+		}
+	}
+	h, w := int64(m.Input.Height), int64(m.Input.Width)
+	batched := func(rank int) (n int, one []int64, err error) {
+		switch len(shape) {
+		case rank:
+			return 1, shape, nil
+		case rank + 1:
+			if shape[0] > int64(s.limits.MaxImagesPerRequest) {
+				return 0, nil, invalid("batch of %d images, over the limit of %d (--max-images-per-request)", shape[0], s.limits.MaxImagesPerRequest)
+			}
+			return int(shape[0]), shape[1:], nil
+		}
+		return 0, nil, nil
+	}
+	switch in.GetDatatype() {
+	case "FP32":
+		n, one, err := batched(3)
+		if err != nil {
+			return nil, err
+		}
+		if one == nil || one[0] != 3 || one[1] != h || one[2] != w {
+			return nil, invalid("FP32 input shape %v, want [N 3 %d %d] or [3 %d %d]", shape, h, w, h, w)
+		}
+		per := int(3 * h * w)
+		var data []float32
+		if raw != nil {
+			if len(raw) != 4*n*per {
+				return nil, invalid("FP32 input of shape %v needs %d raw bytes, got %d", shape, 4*n*per, len(raw))
+			}
+			data = decodeFloats(raw)
+		} else {
+			data = in.GetContents().GetFp32Contents()
+			if len(data) != n*per {
+				return nil, invalid("FP32 input of shape %v needs %d fp32_contents, got %d", shape, n*per, len(data))
+			}
+		}
+		out := make([]Input, n)
+		for i := range out {
+			out[i] = Input{Tensor: data[i*per : (i+1)*per : (i+1)*per]}
+		}
+		return out, nil
+	case "UINT8":
+		n, one, err := batched(3)
+		if err != nil {
+			return nil, err
+		}
+		if one == nil {
+			return nil, invalid("UINT8 input shape %v, want [N H W 3] or [H W 3] (RGB)", shape)
+		}
+		ih, iw, err := hwcShape(one, int(one[0]*one[1]*3), s.limits.MaxPixels)
+		if err != nil {
+			return nil, err
+		}
+		per := ih * iw * 3
+		var pix []byte
+		if raw != nil {
+			if len(raw) != n*per {
+				return nil, invalid("UINT8 input of shape %v needs %d raw bytes, got %d", shape, n*per, len(raw))
+			}
+			pix = raw
+		} else {
+			u := in.GetContents().GetUintContents()
+			if len(u) != n*per {
+				return nil, invalid("UINT8 input of shape %v needs %d uint_contents, got %d", shape, n*per, len(u))
+			}
+			pix = make([]byte, len(u))
+			for i, v := range u {
+				if v > 255 {
+					return nil, invalid("UINT8 input value %d is %d, over 255", i, v)
+				}
+				pix[i] = byte(v)
+			}
+		}
+		out := make([]Input, n)
+		for i := range out {
+			out[i] = Input{Pixels: pix[i*per : (i+1)*per : (i+1)*per], Height: ih, Width: iw}
+		}
+		return out, nil
+	case "BYTES":
+		if len(shape) != 1 {
+			return nil, invalid("BYTES input shape %v, want [N] (one encoded image each)", shape)
+		}
+		if shape[0] > int64(s.limits.MaxImagesPerRequest) {
+			return nil, invalid("batch of %d images, over the limit of %d (--max-images-per-request)", shape[0], s.limits.MaxImagesPerRequest)
+		}
+		var files [][]byte
+		if raw != nil {
+			var err error
+			if files, err = splitRawBytes(raw); err != nil {
+				return nil, err
+			}
+		} else {
+			files = in.GetContents().GetBytesContents()
+		}
+		if int64(len(files)) != shape[0] {
+			return nil, invalid("BYTES input of shape %v holds %d elements", shape, len(files))
+		}
+		out := make([]Input, len(files))
+		for i, f := range files {
+			img, err := toInput(encodedImage(f), m, s.limits)
+			if err != nil {
+				return nil, prefixImage(i, err)
+			}
+			out[i] = img
+		}
+		return out, nil
+	}
+	return nil, invalid("input datatype %q not supported (want FP32 [N,3,%d,%d], UINT8 [N,H,W,3] or BYTES [N])", in.GetDatatype(), h, w)
+}
+
+// splitRawBytes splits a raw BYTES tensor: each element is a 4-byte
+// little-endian length followed by that many bytes.
+func splitRawBytes(raw []byte) ([][]byte, error) {
+	var out [][]byte
+	for len(raw) > 0 {
+		if len(raw) < 4 {
+			return nil, invalid("raw BYTES input ends inside an element length")
+		}
+		n := binary.LittleEndian.Uint32(raw)
+		raw = raw[4:]
+		if uint64(n) > uint64(len(raw)) {
+			return nil, invalid("raw BYTES element of %d bytes runs past the end of the input (%d left)", n, len(raw))
+		}
+		out = append(out, raw[:n:n])
+		raw = raw[n:]
+	}
+	return out, nil
+}

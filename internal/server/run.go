@@ -1,0 +1,235 @@
+package server
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"time"
+
+	"google.golang.org/grpc"
+
+	"github.com/visionserve/visionserve/internal/backend"
+	"github.com/visionserve/visionserve/internal/config"
+	"github.com/visionserve/visionserve/pkg/modelrepo"
+	"github.com/visionserve/visionserve/pkg/pipeline"
+)
+
+// RunOptions are what Run needs besides the config.
+type RunOptions struct {
+	// Logger gets the server's log lines.
+	Logger *slog.Logger
+	// Stop ends the server gracefully when it receives (SIGTERM, SIGINT).
+	Stop <-chan os.Signal
+	// OnListen, when set, is told the bound addresses (useful with port 0).
+	OnListen func(grpcAddr, httpAddr net.Addr)
+	// Observer receives every model's batcher events (metrics); nil for
+	// none.
+	Observer pipeline.BatchObserver
+	// UnaryInterceptors and StreamInterceptors are added to the gRPC
+	// server's (metrics, tracing).
+	UnaryInterceptors  []grpc.UnaryServerInterceptor
+	StreamInterceptors []grpc.StreamServerInterceptor
+	// HTTPHandlers are mounted on the HTTP server next to /healthz and
+	// /readyz (metrics, say), by path.
+	HTTPHandlers map[string]http.Handler
+}
+
+// Run serves cfg until a signal arrives on opts.Stop or ctx ends, then
+// shuts down in the documented order and returns nil when every accepted
+// request was answered. The actors, started in order and stopped in
+// reverse: the model registry (engines and batchers), the gRPC server, the
+// HTTP server (health, readiness and what HTTPHandlers add).
+func Run(ctx context.Context, cfg config.Config, opts RunOptions) error {
+	log := opts.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	var tlsConfig *tls.Config
+	if cfg.TLS() {
+		var err error
+		if tlsConfig, err = TLSConfig(cfg.TLSCert, cfg.TLSKey, cfg.TLSClientCA); err != nil {
+			return err
+		}
+	}
+
+	repo, err := modelrepo.LoadRepo(cfg.ModelRepo)
+	if err != nil {
+		return fmt.Errorf("loading model repository %s: %w", cfg.ModelRepo, err)
+	}
+	reg := NewRegistry()
+	// From here on the registry owns engines: every exit path closes it.
+	err = LoadModels(ctx, repo, reg, LoadOptions{
+		Backend: cfg.Backend,
+		Engine:  backend.Options{ORTLib: cfg.ORTLib, ORTThreads: cfg.ORTThreads},
+		Runner:  RunnerOptions{MaxPixels: cfg.MaxPixels, Observer: opts.Observer},
+		Logger:  log,
+	})
+	if err != nil {
+		_ = reg.Close(context.Background())
+		return err
+	}
+
+	srv, err := New(Options{
+		Registry: reg,
+		Limits: Limits{
+			MaxPixels: cfg.MaxPixels, MaxImagesPerRequest: cfg.MaxImagesPerRequest, MaxStreams: cfg.MaxStreams,
+		},
+		MaxMessageBytes:    cfg.MaxMessageBytes,
+		AuthToken:          cfg.AuthToken,
+		TLS:                tlsConfig,
+		Logger:             log,
+		UnaryInterceptors:  opts.UnaryInterceptors,
+		StreamInterceptors: opts.StreamInterceptors,
+	})
+	if err != nil {
+		_ = reg.Close(context.Background())
+		return err
+	}
+	grpcLis, err := net.Listen("tcp", cfg.GRPCAddr)
+	if err != nil {
+		_ = reg.Close(context.Background())
+		return fmt.Errorf("listening for gRPC on %s: %w", cfg.GRPCAddr, err)
+	}
+	var httpLis net.Listener
+	if cfg.HTTPAddr != "" {
+		if httpLis, err = net.Listen("tcp", cfg.HTTPAddr); err != nil {
+			grpcLis.Close()
+			_ = reg.Close(context.Background())
+			return fmt.Errorf("listening for HTTP on %s: %w", cfg.HTTPAddr, err)
+		}
+	}
+	if opts.OnListen != nil {
+		var ha net.Addr
+		if httpLis != nil {
+			ha = httpLis.Addr()
+		}
+		opts.OnListen(grpcLis.Addr(), ha)
+	}
+
+	// Actor: gRPC server. Serving starts before warm-up so that liveness
+	// answers at once; health says NOT_SERVING until the models are warm.
+	grpcDone := make(chan error, 1)
+	go func() { grpcDone <- srv.Serve(grpcLis) }()
+	log.Info("gRPC listening", "addr", grpcLis.Addr().String(), "tls", cfg.TLS(), "mtls", cfg.TLSClientCA != "", "auth", cfg.AuthToken != "")
+
+	// Actor: HTTP server for probes (and metrics when added).
+	var httpSrv *http.Server
+	httpDone := make(chan error, 1)
+	if httpLis != nil {
+		httpSrv = &http.Server{Handler: httpMux(srv, opts.HTTPHandlers), ReadHeaderTimeout: 10 * time.Second}
+		go func() {
+			if err := httpSrv.Serve(httpLis); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				httpDone <- err
+			}
+			close(httpDone)
+		}()
+		log.Info("HTTP listening", "addr", httpLis.Addr().String())
+	}
+
+	warm := make(chan error, 1)
+	warmCtx, cancelWarm := context.WithCancel(ctx)
+	defer cancelWarm()
+	go func() { warm <- WarmUp(warmCtx, reg, log) }()
+
+	var runErr error
+	stopping := false
+	for !stopping {
+		select {
+		case err := <-warm:
+			warm = nil
+			if err != nil && !reg.Ready() {
+				// Models that failed warm-up stay not ready and refuse
+				// requests with Unavailable; the rest serve.
+				log.Warn("some models are not ready", "err", err)
+			}
+			srv.SetServing()
+			log.Info("serving", "models", len(reg.Models()))
+		case sig := <-opts.Stop:
+			log.Info("shutting down", "signal", sig.String(), "grace", cfg.GracePeriod)
+			stopping = true
+		case <-ctx.Done():
+			log.Info("shutting down", "reason", ctx.Err(), "grace", cfg.GracePeriod)
+			stopping = true
+		case err := <-grpcDone:
+			runErr = fmt.Errorf("gRPC server: %w", err)
+			stopping = true
+		case err, ok := <-httpDone:
+			if ok {
+				runErr = fmt.Errorf("HTTP server: %w", err)
+				stopping = true
+			}
+			httpDone = nil
+		}
+	}
+	cancelWarm()
+	if warm != nil {
+		<-warm
+	}
+
+	// Shutdown, in this order (see Server.Shutdown): health NOT_SERVING,
+	// streams told to finish, GracefulStop bounded by the grace period,
+	// then the batchers drain and the sessions are freed. The HTTP server
+	// goes last so that /readyz reports not ready during the drain.
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), cfg.GracePeriod+time.Minute)
+	defer cancel()
+	if err := srv.Shutdown(shutdownCtx, cfg.GracePeriod); err != nil {
+		runErr = errors.Join(runErr, fmt.Errorf("shutting down: %w", err))
+	}
+	if httpSrv != nil {
+		if err := httpSrv.Shutdown(shutdownCtx); err != nil {
+			runErr = errors.Join(runErr, fmt.Errorf("HTTP shutdown: %w", err))
+		}
+	}
+	log.Info("stopped")
+	return runErr
+}
+
+// httpMux serves /healthz (the process answers) and /readyz (every model
+// warm and not draining), plus extra handlers.
+func httpMux(srv *Server, extra map[string]http.Handler) *http.ServeMux {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
+		_, _ = w.Write([]byte("ok\n"))
+	})
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
+		if !srv.Ready() {
+			http.Error(w, "not ready", http.StatusServiceUnavailable)
+			return
+		}
+		_, _ = w.Write([]byte("ready\n"))
+	})
+	for path, h := range extra {
+		mux.Handle(path, h)
+	}
+	return mux
+}
+
+// TLSConfig loads the server certificate and, when clientCA is set, the
+// CA bundle client certificates must chain to (mTLS: a client without a
+// valid certificate is refused during the handshake).
+func TLSConfig(certFile, keyFile, clientCA string) (*tls.Config, error) {
+	cert, err := tls.LoadX509KeyPair(certFile, keyFile)
+	if err != nil {
+		return nil, fmt.Errorf("loading TLS certificate: %w", err)
+	}
+	c := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	if clientCA != "" {
+		pem, err := os.ReadFile(clientCA)
+		if err != nil {
+			return nil, fmt.Errorf("reading client CA: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("client CA %s holds no PEM certificate", clientCA)
+		}
+		c.ClientCAs = pool
+		c.ClientAuth = tls.RequireAndVerifyClientCert
+	}
+	return c, nil
+}

@@ -1,0 +1,225 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+
+	"google.golang.org/grpc/peer"
+
+	"github.com/visionserve/visionserve/pkg/modelrepo"
+	"github.com/visionserve/visionserve/pkg/pipeline"
+)
+
+// PipelineRunner is the Runner of a real model: the request's goroutine
+// decodes and resizes each image (so decoding scales with the requests),
+// the model's dynamic batcher packs images of all requests into batches
+// for its engine instances, and the postprocessor decodes each output row.
+type PipelineRunner struct {
+	name    string
+	pre     *pipeline.Preprocessor
+	post    *pipeline.Postprocessor
+	batcher *pipeline.Batcher
+	engines []pipeline.Engine
+	backend string
+	closing sync.Once
+	err     error
+}
+
+// RunnerOptions configure a PipelineRunner.
+type RunnerOptions struct {
+	// MaxPixels bounds width×height of an input image.
+	MaxPixels int
+	// Observer receives the batcher's events (metrics, traces); nil for
+	// none.
+	Observer pipeline.BatchObserver
+}
+
+// NewPipelineRunner serves m on engines, one batcher worker per engine.
+// The runner owns the engines: Close closes them after the batcher
+// drained. On error the engines stay the caller's.
+func NewPipelineRunner(m *modelrepo.Model, engines []pipeline.Engine, opts RunnerOptions) (*PipelineRunner, error) {
+	if len(engines) == 0 {
+		return nil, fmt.Errorf("model %q: no engines", m.Name)
+	}
+	pre, err := pipeline.NewPreprocessor(m, pipeline.PreprocessOptions{MaxPixels: opts.MaxPixels})
+	if err != nil {
+		return nil, err
+	}
+	post, err := pipeline.NewPostprocessor(m)
+	if err != nil {
+		return nil, err
+	}
+	c, h, w := pre.InputShape()
+	b := m.Batching
+	batcher, err := pipeline.NewBatcher(pipeline.BatcherConfig{
+		Model:               m.Name,
+		MaxBatchSize:        b.MaxBatchSize,
+		MaxQueueDelay:       b.MaxQueueDelay,
+		PreferredBatchSizes: b.PreferredBatchSizes,
+		QueueSize:           b.QueueSize,
+		C:                   c, H: h, W: w,
+		Engines:  engines,
+		Observer: opts.Observer,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("model %q: %w", m.Name, err)
+	}
+	return &PipelineRunner{name: m.Name, pre: pre, post: post, batcher: batcher, engines: engines, backend: engines[0].Backend()}, nil
+}
+
+// Backend names the engines' backend.
+func (r *PipelineRunner) Backend() string { return r.backend }
+
+// Stats is the batcher's queue snapshot, for metrics.
+func (r *PipelineRunner) Stats() pipeline.BatcherStats { return r.batcher.Stats() }
+
+// prepare decodes and fits every input; on error it frees what it made.
+func (r *PipelineRunner) prepare(inputs []Input) ([]*pipeline.Prepared, error) {
+	prepared := make([]*pipeline.Prepared, 0, len(inputs))
+	for i, in := range inputs {
+		var (
+			p   *pipeline.Prepared
+			err error
+		)
+		switch {
+		case in.Tensor != nil:
+			p, err = r.pre.PrepareTensor(in.Tensor)
+		case in.Pixels != nil:
+			p, err = r.pre.PrepareHWC(in.Pixels, in.Height, in.Width, true)
+		default:
+			p, err = r.pre.Prepare(in.Encoded)
+		}
+		if err != nil {
+			closeAll(prepared)
+			return nil, fmt.Errorf("image %d: %w", i, err)
+		}
+		prepared = append(prepared, p)
+	}
+	return prepared, nil
+}
+
+func closeAll(ps []*pipeline.Prepared) {
+	for _, p := range ps {
+		p.Close()
+	}
+}
+
+// fairnessKey shares the batcher fairly between clients: each connection
+// is one key, so one client's flood does not starve the others.
+func fairnessKey(ctx context.Context) string {
+	if p, ok := peer.FromContext(ctx); ok && p.Addr != nil {
+		return p.Addr.String()
+	}
+	return ""
+}
+
+// resultItem is one image whose batch output row becomes its Result.
+type resultItem struct {
+	p    *pipeline.Prepared
+	post *pipeline.Postprocessor
+	opts pipeline.Options
+}
+
+func (it *resultItem) Fill(slot []float32) error { return it.p.Fill(slot) }
+
+func (it *resultItem) Postprocess(outputs []pipeline.Tensor, i int) (pipeline.Result, error) {
+	return it.post.Decode(outputs, i, it.p, it.opts)
+}
+
+// Infer implements Runner.
+func (r *PipelineRunner) Infer(ctx context.Context, inputs []Input, opts pipeline.Options) ([]pipeline.Result, error) {
+	opts, err := r.post.Resolve(opts)
+	if err != nil {
+		return nil, err
+	}
+	prepared, err := r.prepare(inputs)
+	if err != nil {
+		return nil, err
+	}
+	// Submit returns only once no worker touches the items any more.
+	defer closeAll(prepared)
+	items := make([]pipeline.BatchItem, len(prepared))
+	for i, p := range prepared {
+		items[i] = &resultItem{p: p, post: r.post, opts: opts}
+	}
+	return r.batcher.Submit(ctx, fairnessKey(ctx), items)
+}
+
+// rawItem is one image whose batch output rows are copied out as they are.
+type rawItem struct {
+	p    *pipeline.Prepared
+	rows []pipeline.Tensor // one per output, batch dimension 1
+}
+
+func (it *rawItem) Fill(slot []float32) error { return it.p.Fill(slot) }
+
+func (it *rawItem) Postprocess(outputs []pipeline.Tensor, i int) (pipeline.Result, error) {
+	it.rows = make([]pipeline.Tensor, len(outputs))
+	for k, t := range outputs {
+		if len(t.Shape) == 0 || t.Shape[0] <= int64(i) {
+			return pipeline.Result{}, fmt.Errorf("output %q of shape %v has no row %d", t.Name, t.Shape, i)
+		}
+		per := len(t.Data) / int(t.Shape[0])
+		row := make([]float32, per)
+		copy(row, t.Data[i*per:(i+1)*per])
+		shape := append([]int64{1}, t.Shape[1:]...)
+		it.rows[k] = pipeline.Tensor{Name: t.Name, Shape: shape, Data: row}
+	}
+	return pipeline.Result{Width: it.p.Width, Height: it.p.Height}, nil
+}
+
+// InferRaw implements Runner: the images run in whatever batches the
+// batcher forms, and their output rows are put back together in request
+// order, so the result equals one engine run on all of them.
+func (r *PipelineRunner) InferRaw(ctx context.Context, inputs []Input) ([]pipeline.Tensor, error) {
+	prepared, err := r.prepare(inputs)
+	if err != nil {
+		return nil, err
+	}
+	defer closeAll(prepared)
+	raw := make([]*rawItem, len(prepared))
+	items := make([]pipeline.BatchItem, len(prepared))
+	for i, p := range prepared {
+		raw[i] = &rawItem{p: p}
+		items[i] = raw[i]
+	}
+	if _, err := r.batcher.Submit(ctx, fairnessKey(ctx), items); err != nil {
+		return nil, err
+	}
+	return stackRows(raw)
+}
+
+// stackRows concatenates per-image output rows along the batch dimension.
+func stackRows(raw []*rawItem) ([]pipeline.Tensor, error) {
+	if len(raw) == 0 {
+		return nil, nil
+	}
+	outs := make([]pipeline.Tensor, len(raw[0].rows))
+	for k, first := range raw[0].rows {
+		shape := append([]int64{int64(len(raw))}, first.Shape[1:]...)
+		data := make([]float32, 0, len(first.Data)*len(raw))
+		for _, it := range raw {
+			if len(it.rows) != len(outs) || len(it.rows[k].Data) != len(first.Data) {
+				return nil, errors.New("engine outputs differ in shape between batches")
+			}
+			data = append(data, it.rows[k].Data...)
+		}
+		outs[k] = pipeline.Tensor{Name: first.Name, Shape: shape, Data: data}
+	}
+	return outs, nil
+}
+
+// Close implements Runner: the batcher runs every accepted image, then
+// the engines are freed.
+func (r *PipelineRunner) Close(ctx context.Context) error {
+	r.closing.Do(func() {
+		errs := []error{r.batcher.Close(ctx)}
+		for _, e := range r.engines {
+			errs = append(errs, e.Close())
+		}
+		r.err = errors.Join(errs...)
+	})
+	return r.err
+}

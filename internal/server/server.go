@@ -1,0 +1,225 @@
+// Package server is visionserve's gRPC serving layer: the vision API
+// (visionserve.v1.VisionService), the KServe v2 / Open Inference Protocol
+// (inference.GRPCInferenceService), gRPC health checking and reflection,
+// the request limits and the authentication interceptors, and the
+// registry that ties each model to its runner (preprocessing, dynamic
+// batcher, engines).
+//
+// Health checking (grpc.health.v1) and reflection stay open when a bearer
+// token is required: probes and grpcurl must work without secrets, and
+// neither reveals more than the service names.
+package server
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"runtime/debug"
+	"strings"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/reflection"
+	"google.golang.org/grpc/status"
+
+	"github.com/visionserve/visionserve/proto/inference"
+	visionv1 "github.com/visionserve/visionserve/proto/visionserve/v1"
+)
+
+// Service names as health checking knows them.
+const (
+	VisionServiceName    = "visionserve.v1.VisionService"
+	InferenceServiceName = "inference.GRPCInferenceService"
+)
+
+// Options configure a Server.
+type Options struct {
+	// Registry holds the models served; the Server closes it on Shutdown.
+	Registry *Registry
+	// Limits bound requests and streams.
+	Limits Limits
+	// MaxMessageBytes bounds a received message; gRPC refuses a bigger
+	// one with ResourceExhausted before reading it.
+	MaxMessageBytes int
+	// AuthToken, when set, is the bearer token API calls must carry.
+	AuthToken string
+	// TLS, when set, serves TLS (mTLS when it requires client certs).
+	TLS *tls.Config
+	// Logger gets the server's log lines; slog.Default() when nil.
+	Logger *slog.Logger
+	// UnaryInterceptors and StreamInterceptors run after the server's own
+	// (recovery, authentication): the place for metrics and tracing.
+	UnaryInterceptors  []grpc.UnaryServerInterceptor
+	StreamInterceptors []grpc.StreamServerInterceptor
+	// ServerOptions are added to the grpc.Server's (a stats handler, say).
+	ServerOptions []grpc.ServerOption
+}
+
+// Server is the gRPC server with every service registered.
+type Server struct {
+	grpc     *grpc.Server
+	health   *health.Server
+	reg      *Registry
+	log      *slog.Logger
+	draining chan struct{}
+	drain    sync.Once
+}
+
+// New builds the server; it listens once Serve is called. Health reports
+// NOT_SERVING until SetServing.
+func New(opts Options) (*Server, error) {
+	if opts.Registry == nil {
+		return nil, errors.New("server: no registry")
+	}
+	if opts.MaxMessageBytes <= 0 {
+		return nil, errors.New("server: MaxMessageBytes must be positive")
+	}
+	lim := opts.Limits
+	if lim.MaxPixels <= 0 || lim.MaxImagesPerRequest <= 0 || lim.MaxStreams <= 0 {
+		return nil, fmt.Errorf("server: limits must be positive: %+v", lim)
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	s := &Server{health: health.NewServer(), reg: opts.Registry, log: log, draining: make(chan struct{})}
+
+	unary := append([]grpc.UnaryServerInterceptor{recoverUnary(log)}, opts.UnaryInterceptors...)
+	stream := append([]grpc.StreamServerInterceptor{recoverStream(log)}, opts.StreamInterceptors...)
+	if opts.AuthToken != "" {
+		// Authentication comes right after recovery so that nothing else
+		// runs for an unauthenticated caller.
+		unary = append(unary[:1], append([]grpc.UnaryServerInterceptor{authUnary(opts.AuthToken)}, unary[1:]...)...)
+		stream = append(stream[:1], append([]grpc.StreamServerInterceptor{authStream(opts.AuthToken)}, stream[1:]...)...)
+	}
+	sopts := []grpc.ServerOption{
+		grpc.MaxRecvMsgSize(opts.MaxMessageBytes),
+		grpc.MaxSendMsgSize(opts.MaxMessageBytes),
+		grpc.ChainUnaryInterceptor(unary...),
+		grpc.ChainStreamInterceptor(stream...),
+		// Clients may keep idle connections open with pings, but not
+		// flood the server with them.
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
+	}
+	if opts.TLS != nil {
+		sopts = append(sopts, grpc.Creds(credentials.NewTLS(opts.TLS)))
+	}
+	sopts = append(sopts, opts.ServerOptions...)
+	s.grpc = grpc.NewServer(sopts...)
+
+	visionv1.RegisterVisionServiceServer(s.grpc, &visionService{
+		reg: opts.Registry, limits: lim, streams: &streamSlots{limit: int64(lim.MaxStreams)}, draining: s.draining,
+	})
+	inference.RegisterGRPCInferenceServiceServer(s.grpc, &oipService{reg: opts.Registry, limits: lim, draining: s.draining})
+	healthpb.RegisterHealthServer(s.grpc, s.health)
+	reflection.Register(s.grpc)
+	for _, name := range []string{"", VisionServiceName, InferenceServiceName} {
+		s.health.SetServingStatus(name, healthpb.HealthCheckResponse_NOT_SERVING)
+	}
+	return s, nil
+}
+
+// SetServing marks every service SERVING in health checking; call it once
+// the models have warmed up.
+func (s *Server) SetServing() {
+	for _, name := range []string{"", VisionServiceName, InferenceServiceName} {
+		s.health.SetServingStatus(name, healthpb.HealthCheckResponse_SERVING)
+	}
+}
+
+// Ready reports whether the server takes requests: every model warm and
+// shutdown not begun. It is what /readyz answers.
+func (s *Server) Ready() bool {
+	select {
+	case <-s.draining:
+		return false
+	default:
+		return s.reg.Ready()
+	}
+}
+
+// Serve accepts connections on lis until Shutdown; it returns nil after a
+// Shutdown.
+func (s *Server) Serve(lis net.Listener) error {
+	if err := s.grpc.Serve(lis); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
+		return err
+	}
+	return nil
+}
+
+// Shutdown stops the server without losing accepted work, in this order:
+//  1. health checking says NOT_SERVING, so load balancers and probes stop
+//     sending new calls;
+//  2. streams are told to finish the frames they took in and end;
+//  3. GracefulStop stops accepting and waits for the calls in flight, at
+//     most grace; after that Stop cancels what is left;
+//  4. the registry drains every batcher (each accepted image is finished)
+//     and frees the engine sessions.
+//
+// It is safe to call more than once; later calls only wait.
+func (s *Server) Shutdown(ctx context.Context, grace time.Duration) error {
+	var err error
+	s.drain.Do(func() {
+		s.health.Shutdown()
+		close(s.draining)
+		stopped := make(chan struct{})
+		go func() {
+			s.grpc.GracefulStop()
+			close(stopped)
+		}()
+		timer := time.NewTimer(grace)
+		defer timer.Stop()
+		select {
+		case <-stopped:
+		case <-timer.C:
+			s.log.Warn("grace period over; cancelling the calls still running", "grace", grace)
+			s.grpc.Stop()
+			<-stopped
+		case <-ctx.Done():
+			s.grpc.Stop()
+			<-stopped
+		}
+		err = s.reg.Close(ctx)
+	})
+	return err
+}
+
+// isOpenMethod reports whether a method is served without a token: health
+// checking and reflection.
+func isOpenMethod(fullMethod string) bool {
+	return strings.HasPrefix(fullMethod, "/grpc.health.v1.Health/") ||
+		strings.HasPrefix(fullMethod, "/grpc.reflection.")
+}
+
+func recoverUnary(log *slog.Logger) grpc.UnaryServerInterceptor {
+	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (resp any, err error) {
+		defer func() {
+			if p := recover(); p != nil {
+				log.Error("panic in handler", "method", info.FullMethod, "panic", p, "stack", string(debug.Stack()))
+				err = status.Error(codes.Internal, "internal error")
+			}
+		}()
+		return handler(ctx, req)
+	}
+}
+
+func recoverStream(log *slog.Logger) grpc.StreamServerInterceptor {
+	return func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) (err error) {
+		defer func() {
+			if p := recover(); p != nil {
+				log.Error("panic in stream handler", "method", info.FullMethod, "panic", p, "stack", string(debug.Stack()))
+				err = status.Error(codes.Internal, "internal error")
+			}
+		}()
+		return handler(srv, ss)
+	}
+}
