@@ -69,7 +69,7 @@ func TestDecodeInputs(t *testing.T) {
 		{name: "text", data: []byte("hello"), wantErr: ErrUnknownFormat},
 		{name: "truncated jpeg header", data: jpg[:20], wantErr: ErrCorrupt},
 		{name: "truncated jpeg data", data: jpg[:len(jpg)/2], wantErr: ErrCorrupt},
-		{name: "jpeg cut after header", data: jpg[:bytes.Index(jpg, []byte{0xFF, 0xDA}) + 4], wantErr: ErrCorrupt},
+		{name: "jpeg cut after header", data: jpg[:bytes.Index(jpg, []byte{0xFF, 0xDA})+4], wantErr: ErrCorrupt},
 		{name: "corrupt png data", data: corruptPNG(pngBytes), wantErr: ErrCorrupt},
 		{name: "png header bomb", data: bomb, wantErr: ErrTooManyPixels},
 		{name: "png zero width", data: rawPNG(0, 10, 8, 2, nil), wantErr: ErrZeroSize},
