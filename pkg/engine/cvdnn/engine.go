@@ -1,0 +1,303 @@
+// Package cvdnn runs models on OpenCV's DNN module (gocv v0.31 over OpenCV
+// 4.6, OpenCV backend, CPU target).
+//
+// OpenCV 4.6 throws C++ exceptions that gocv does not catch, so a graph it
+// cannot import aborts the process. New therefore probes every model in a
+// short-lived child process first (Probe), which re-executes the current
+// binary: every binary that loads models through this package must call
+// RunProbeIfRequested first thing in main(), and its tests in TestMain.
+//
+// OpenCV 4.6 cannot import the tail of a YOLOv8 export (the DFL Reshape),
+// so for a detector the engine cuts the graph at the per-level Detect head
+// tensors (FindDetectHead, CutModelFile), runs that on OpenCV and computes
+// the tail on the host (DecodeYOLOv8), giving the same [N,4+nc,anchors]
+// output ONNX Runtime gives for the full graph.
+package cvdnn
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"sync"
+	"time"
+
+	"gocv.io/x/gocv"
+
+	"github.com/visionserve/visionserve/internal/onnx"
+	"github.com/visionserve/visionserve/pkg/modelrepo"
+	"github.com/visionserve/visionserve/pkg/pipeline"
+)
+
+// Backend is what Engine.Backend reports.
+const Backend = "opencv"
+
+// Options configure an Engine. The zero value reads names and shapes from
+// the graph, cuts YOLOv8 heads and probes the model first.
+type Options struct {
+	// InputName is the image input; "" takes the graph's only input.
+	InputName string
+	// OutputNames are the outputs Run returns; nil takes the graph's
+	// outputs.
+	OutputNames []string
+	// FullGraph runs the graph as it is even when it has a YOLOv8 head
+	// (for OpenCV versions that import the DFL).
+	FullGraph bool
+	// CacheDir holds cut YOLOv8 models; "" means a visionserve folder in
+	// the user cache directory (or the temp directory).
+	CacheDir string
+	// MaxBatch, when above 1, is also probed and bounds Run's batch size.
+	MaxBatch int
+	// SkipProbe loads the model in-process without probing it first. Only
+	// for models already probed by this binary's build of OpenCV.
+	SkipProbe bool
+	// ProbeTimeout bounds the probe (default DefaultProbeTimeout).
+	ProbeTimeout time.Duration
+}
+
+// Engine runs one ONNX model on OpenCV DNN. It implements pipeline.Engine;
+// like every Engine it is used by one goroutine at a time.
+type Engine struct {
+	path  string // the file OpenCV runs (the cut model for a detector)
+	input string
+	shape [3]int // C, H, W
+	batch int    // the graph's fixed batch size, 0 when dynamic
+	// netOutputs are the tensors OpenCV computes; outputs are the names
+	// Run returns (the decoded output for a detector).
+	netOutputs []string
+	outputs    []string
+	head       *DetectHead // nil unless the graph was cut
+	maxBatch   int
+
+	mu     sync.Mutex // guards the fields below
+	closed bool
+	net    gocv.Net
+	// bufs caches, per batch size, the Go copies of the net outputs and
+	// the tensors Run returns.
+	bufs map[int]*runBuffers
+}
+
+type runBuffers struct {
+	net    [][]float32
+	shapes [][]int
+	result []pipeline.Tensor
+}
+
+// NewForModel loads a repository model; names set in its config win over
+// the graph's.
+func NewForModel(ctx context.Context, m *modelrepo.Model, opts Options) (*Engine, error) {
+	if opts.InputName == "" {
+		opts.InputName = m.Config.Input.Name
+	}
+	if opts.OutputNames == nil && m.Config.Output.Name != "" {
+		opts.OutputNames = []string{m.Config.Output.Name}
+	}
+	if opts.MaxBatch == 0 {
+		opts.MaxBatch = m.Batching.MaxBatchSize
+	}
+	e, err := New(ctx, m.Path, opts)
+	if err != nil {
+		return nil, fmt.Errorf("loading model %q: %w", m.Name, err)
+	}
+	return e, nil
+}
+
+// New loads the ONNX model at path on OpenCV: it reads the graph, cuts a
+// YOLOv8 head, probes the result in a child process and only then loads it
+// in this one. ctx bounds the probe.
+func New(ctx context.Context, path string, opts Options) (*Engine, error) {
+	m, err := onnx.ReadModel(path)
+	if err != nil {
+		return nil, err
+	}
+	io, err := graphIO(m)
+	if err != nil {
+		return nil, fmt.Errorf("model %s: %w", path, err)
+	}
+	if opts.InputName != "" && opts.InputName != io.input {
+		return nil, fmt.Errorf("model %s: no input named %q (graph input: %s)", path, opts.InputName, io.input)
+	}
+	for _, s := range io.shape {
+		if s < 1 {
+			return nil, fmt.Errorf("model %s: input %q has shape %v; OpenCV needs fixed C, H and W", path, io.input, io.shape)
+		}
+	}
+	e := &Engine{path: path, input: io.input, shape: io.shape, batch: io.batch, outputs: io.outputs, maxBatch: opts.MaxBatch, bufs: map[int]*runBuffers{}}
+	if opts.OutputNames != nil {
+		for _, o := range opts.OutputNames {
+			if !slices.Contains(io.outputs, o) {
+				return nil, fmt.Errorf("model %s: no output named %q (graph outputs: %v)", path, o, io.outputs)
+			}
+		}
+		e.outputs = slices.Clone(opts.OutputNames)
+	}
+	e.netOutputs = e.outputs
+	if !opts.FullGraph && len(e.outputs) == 1 {
+		if _, err := FindDetectHead(m, e.outputs[0]); err == nil {
+			dir := opts.CacheDir
+			if dir == "" {
+				dir = defaultCacheDir()
+			}
+			cut, head, err := CutModelFile(path, e.outputs[0], dir)
+			if err != nil {
+				return nil, fmt.Errorf("model %s: %w", path, err)
+			}
+			e.path, e.head, e.netOutputs = cut, head, head.Outputs()
+		}
+	}
+	if !opts.SkipProbe {
+		batches := []int{1}
+		if e.batch > 0 {
+			batches = []int{e.batch}
+		} else if opts.MaxBatch > 1 {
+			batches = append(batches, opts.MaxBatch)
+		}
+		if opts.ProbeTimeout > 0 {
+			var cancel context.CancelFunc
+			ctx, cancel = context.WithTimeout(ctx, opts.ProbeTimeout)
+			defer cancel()
+		}
+		spec := ProbeSpec{Model: e.path, Input: e.input, Shape: e.shape, Outputs: e.netOutputs, Batches: batches}
+		if _, err := probeChild(ctx, spec); err != nil {
+			if e.path != path {
+				return nil, fmt.Errorf("model %s (cut at its detect head): %w", path, err)
+			}
+			return nil, err
+		}
+	}
+	e.net, err = readNet(e.path)
+	if err != nil {
+		return nil, err
+	}
+	return e, nil
+}
+
+func defaultCacheDir() string {
+	if d, err := os.UserCacheDir(); err == nil {
+		return filepath.Join(d, "visionserve", "cvdnn")
+	}
+	return filepath.Join(os.TempDir(), "visionserve-cvdnn")
+}
+
+// Backend reports "opencv".
+func (e *Engine) Backend() string { return Backend }
+
+// Head returns where a detector's graph was cut, or nil when OpenCV runs
+// the whole graph.
+func (e *Engine) Head() *DetectHead { return e.head }
+
+// CheckBatch returns an error when b does not fit the model input.
+func (e *Engine) CheckBatch(b *pipeline.Batch) error {
+	if b == nil {
+		return errors.New("nil batch")
+	}
+	if b.N < 1 || b.N > b.Cap {
+		return fmt.Errorf("batch holds %d images, want 1..%d", b.N, b.Cap)
+	}
+	if [3]int{b.C, b.H, b.W} != e.shape {
+		return fmt.Errorf("batch images are %dx%dx%d (CxHxW), model input is %dx%dx%d", b.C, b.H, b.W, e.shape[0], e.shape[1], e.shape[2])
+	}
+	if len(b.Data) < b.N*b.SlotSize() {
+		return fmt.Errorf("batch buffer holds %d floats, %d images of %dx%dx%d need %d", len(b.Data), b.N, b.C, b.H, b.W, b.N*b.SlotSize())
+	}
+	if e.batch > 0 && b.N != e.batch {
+		return fmt.Errorf("model has a fixed batch of %d, got %d images", e.batch, b.N)
+	}
+	if e.maxBatch > 1 && b.N > e.maxBatch {
+		return fmt.Errorf("batch of %d images exceeds the probed maximum %d", b.N, e.maxBatch)
+	}
+	return nil
+}
+
+// Run executes the model on the first b.N images of b. The returned
+// tensors are reused by the next Run of the same batch size.
+func (e *Engine) Run(ctx context.Context, b *pipeline.Batch) ([]pipeline.Tensor, error) {
+	if err := e.CheckBatch(b); err != nil {
+		return nil, fmt.Errorf("opencv: %w", err)
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.closed {
+		return nil, errClosed
+	}
+	bufs := e.bufs[b.N]
+	if bufs == nil {
+		bufs = &runBuffers{net: make([][]float32, len(e.netOutputs)), shapes: make([][]int, len(e.netOutputs))}
+		e.bufs[b.N] = bufs
+	}
+	shape := [4]int{b.N, b.C, b.H, b.W}
+	err := forward(&e.net, e.input, b.Input(), shape, e.netOutputs, func(i int, s []int, v []float32) error {
+		if len(s) == 0 || s[0] != b.N {
+			return fmt.Errorf("opencv: output %q has shape %v, want batch %d first", e.netOutputs[i], s, b.N)
+		}
+		bufs.net[i] = append(bufs.net[i][:0], v...)
+		bufs.shapes[i] = append(bufs.shapes[i][:0], s...)
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("running %s: %w", e.path, err)
+	}
+	if e.head == nil {
+		if bufs.result == nil {
+			bufs.result = make([]pipeline.Tensor, len(e.outputs))
+		}
+		for i, name := range e.outputs {
+			bufs.result[i] = pipeline.Tensor{Name: name, Shape: int64s(bufs.result[i].Shape[:0], bufs.shapes[i]), Data: bufs.net[i]}
+		}
+		return bufs.result, nil
+	}
+	return e.decodeLocked(b, bufs)
+}
+
+func (e *Engine) decodeLocked(b *pipeline.Batch, bufs *runBuffers) ([]pipeline.Tensor, error) {
+	levels, err := e.head.levels(bufs.net, bufs.shapes)
+	if err != nil {
+		return nil, fmt.Errorf("opencv: model %s: %w", e.path, err)
+	}
+	anchors := 0
+	for _, l := range levels {
+		anchors += l.H * l.W
+	}
+	rows := 4 + e.head.NumClasses
+	if bufs.result == nil {
+		bufs.result = []pipeline.Tensor{{Name: e.head.Output}}
+	}
+	out := &bufs.result[0]
+	out.Shape = append(out.Shape[:0], int64(b.N), int64(rows), int64(anchors))
+	if n := b.N * rows * anchors; cap(out.Data) < n {
+		out.Data = make([]float32, n)
+	} else {
+		out.Data = out.Data[:n]
+	}
+	if err := DecodeYOLOv8(out.Data, b.N, levels, e.head.RegMax, e.head.NumClasses, b.H, b.W); err != nil {
+		return nil, fmt.Errorf("opencv: %w", err)
+	}
+	return bufs.result, nil
+}
+
+func int64s(dst []int64, s []int) []int64 {
+	for _, v := range s {
+		dst = append(dst, int64(v))
+	}
+	return dst
+}
+
+// Close frees the net. Run after Close returns an error; a second Close
+// does nothing.
+func (e *Engine) Close() error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.closed {
+		return nil
+	}
+	e.closed = true
+	e.bufs = nil
+	return e.net.Close()
+}
+
+var _ pipeline.Engine = (*Engine)(nil)
