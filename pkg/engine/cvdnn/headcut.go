@@ -331,6 +331,31 @@ func CutDetectHead(m *onnx.ModelProto, head *DetectHead) (*onnx.ModelProto, erro
 		return nil, fmt.Errorf("cutting detect head: %w", err)
 	}
 	cut.Graph.Name = m.GetGraph().GetName() + "_detect_head"
+	// OpenCV's importer insists that every graph output declares a shape.
+	// The head tensors are [N,C,H,W]: the channel count is known, the rest
+	// is left symbolic (dims are fixed by the input at run time).
+	ix := newGraphIndex(m.GetGraph())
+	for i, vi := range cut.Graph.Output {
+		if vi.GetType().GetTensorType().GetShape() != nil {
+			continue
+		}
+		shape := &onnx.TensorShapeProto{}
+		for d, param := range []string{"batch", "", "height", "width"} {
+			dim := &onnx.TensorShapeProto_Dimension{}
+			if param == "" {
+				dim.Value = &onnx.TensorShapeProto_Dimension_DimValue{DimValue: int64(ix.channelsOf(vi.GetName()))}
+			} else {
+				dim.Value = &onnx.TensorShapeProto_Dimension_DimParam{DimParam: fmt.Sprintf("%s_%d", param, i)}
+				if d == 0 {
+					dim.Value = &onnx.TensorShapeProto_Dimension_DimParam{DimParam: param}
+				}
+			}
+			shape.Dim = append(shape.Dim, dim)
+		}
+		// A new message: the cut shares its nodes and weights with m.
+		cut.Graph.Output[i] = &onnx.ValueInfoProto{Name: vi.GetName(), Type: &onnx.TypeProto{Value: &onnx.TypeProto_TensorType{
+			TensorType: &onnx.TypeProto_Tensor{ElemType: int32(onnx.TensorProto_FLOAT), Shape: shape}}}}
+	}
 	return cut, nil
 }
 

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"runtime/debug"
 	"strings"
 	"time"
 
@@ -46,6 +47,9 @@ func RunProbeIfRequested() {
 	if !ok {
 		return
 	}
+	// The child's abort is expected; the runtime's goroutine dump of it
+	// would only bury OpenCV's message.
+	debug.SetTraceback("none")
 	var spec ProbeSpec
 	if err := json.Unmarshal([]byte(raw), &spec); err != nil {
 		fmt.Fprintf(os.Stderr, "cvdnn-probe: bad request: %v\n", err)

@@ -1,0 +1,215 @@
+package cvdnn
+
+import (
+	"context"
+	"math"
+	"strings"
+	"testing"
+
+	"github.com/visionserve/visionserve/pkg/engine/onnxrt"
+	"github.com/visionserve/visionserve/pkg/pipeline"
+)
+
+func fillPattern(data []float32, seed uint32) {
+	x := seed*2654435761 + 1
+	for i := range data {
+		x ^= x << 13
+		x ^= x >> 17
+		x ^= x << 5
+		data[i] = float32(x%1000) / 1000
+	}
+}
+
+func maxDiff(a, b []float32) float64 {
+	if len(a) != len(b) {
+		return math.Inf(1)
+	}
+	var d float64
+	for i := range a {
+		d = max(d, math.Abs(float64(a[i]-b[i])))
+	}
+	return d
+}
+
+// ortReference runs the model on ONNX Runtime: the full graph for a
+// classifier; for a detector the cut graph followed by the host decode,
+// since the tiny test detectors have a stand-in tail.
+func ortReference(t *testing.T, path string, outputs []string, b *pipeline.Batch) [][]float32 {
+	t.Helper()
+	if err := onnxrt.Init(""); err != nil {
+		t.Skipf("ONNX Runtime not installed: %v", err)
+	}
+	e, err := onnxrt.New(path, onnxrt.Options{OutputNames: outputs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	outs, err := e.Run(context.Background(), b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var res [][]float32
+	for _, o := range outs {
+		res = append(res, append([]float32(nil), o.Data...))
+	}
+	return res
+}
+
+func TestClassifierMatchesORT(t *testing.T) {
+	path := writeModel(t, tinyClassifier(), "tiny_cls.onnx")
+	e, err := New(context.Background(), path, Options{MaxBatch: 4})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	if e.Backend() != "opencv" || e.Head() != nil {
+		t.Fatalf("Backend %q head %v, want opencv without a cut", e.Backend(), e.Head())
+	}
+	b := pipeline.NewBatch(4, 3, 32, 32)
+	for i := range 4 {
+		fillPattern(b.Slot(i), uint32(i))
+	}
+	for _, n := range []int{1, 4, 1} {
+		b.N = n
+		got, err := e.Run(context.Background(), b)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(got) != 1 || got[0].Name != "scores" || len(got[0].Shape) != 2 || got[0].Shape[0] != int64(n) || got[0].Shape[1] != 5 {
+			t.Fatalf("batch %d: outputs %+v, want one [%d,5] tensor named scores", n, got, n)
+		}
+		want := ortReference(t, path, nil, b)
+		if d := maxDiff(got[0].Data, want[0]); d > 1e-4 {
+			t.Errorf("batch %d: OpenCV and ONNX Runtime differ by %g", n, d)
+		}
+	}
+}
+
+// A YOLOv8-shaped graph is cut at its head on OpenCV and decoded on the
+// host; the result equals ONNX Runtime on the same cut graph plus the same
+// decode, for both export structures and at batch 1 and 2.
+func TestDetectorCutMatchesORT(t *testing.T) {
+	for _, combined := range []bool{true, false} {
+		name := map[bool]string{true: "combined", false: "separate"}[combined]
+		t.Run(name, func(t *testing.T) {
+			path := writeModel(t, tinyYOLO(combined), "tiny_yolo.onnx")
+			cache := t.TempDir()
+			e, err := New(context.Background(), path, Options{CacheDir: cache, MaxBatch: 2})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer e.Close()
+			head := e.Head()
+			if head == nil || head.Combined() != combined {
+				t.Fatalf("head %+v, want a cut graph (combined=%v)", head, combined)
+			}
+			b := pipeline.NewBatch(2, 3, tinySize, tinySize)
+			fillPattern(b.Slot(0), 1)
+			fillPattern(b.Slot(1), 2)
+			for _, n := range []int{2, 1} {
+				b.N = n
+				got, err := e.Run(context.Background(), b)
+				if err != nil {
+					t.Fatal(err)
+				}
+				const anchors = 8*8 + 4*4 + 2*2
+				if len(got) != 1 || got[0].Name != "output0" || !equal64(got[0].Shape, []int64{int64(n), 4 + tinyClasses, anchors}) {
+					t.Fatalf("outputs %v, want one [%d,%d,%d] output0", got[0].Shape, n, 4+tinyClasses, anchors)
+				}
+				heads := ortReference(t, e.path, head.Outputs(), b)
+				var shapes [][]int
+				for i := range heads {
+					side := tinySize / []int{8, 16, 32}[i%3]
+					c := 4*tinyRegMax + tinyClasses
+					if !combined {
+						c = []int{4 * tinyRegMax, tinyClasses}[i/3]
+					}
+					shapes = append(shapes, []int{n, c, side, side})
+				}
+				levels, err := head.levels(heads, shapes)
+				if err != nil {
+					t.Fatal(err)
+				}
+				want := make([]float32, n*(4+tinyClasses)*anchors)
+				if err := DecodeYOLOv8(want, n, levels, tinyRegMax, tinyClasses, tinySize, tinySize); err != nil {
+					t.Fatal(err)
+				}
+				// Boxes are in input pixels: a hundredth of a pixel is
+				// float rounding of two runtimes; scores are probabilities.
+				for img := range n {
+					for r := range 4 + tinyClasses {
+						row := (img*(4+tinyClasses) + r) * anchors
+						d := maxDiff(got[0].Data[row:row+anchors], want[row:row+anchors])
+						if tol := map[bool]float64{true: 1e-2, false: 1e-3}[r < 4]; d > tol {
+							t.Errorf("batch %d image %d row %d: OpenCV and ONNX Runtime differ by %g (tolerance %g)", n, img, r, d, tol)
+						}
+					}
+				}
+			}
+		})
+	}
+}
+
+func equal64(a, b []int64) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return false
+		}
+	}
+	return true
+}
+
+func TestEngineErrors(t *testing.T) {
+	ctx := context.Background()
+	if _, err := New(ctx, writeModel(t, unsupportedModel(), "unsupported.onnx"), Options{}); err == nil || !strings.Contains(err.Error(), "unsupported.onnx") {
+		t.Fatalf("New on an unsupported graph: %v, want an error naming the model", err)
+	}
+	path := writeModel(t, tinyClassifier(), "tiny_cls.onnx")
+	if _, err := New(ctx, path, Options{InputName: "images"}); err == nil || !strings.Contains(err.Error(), `no input named "images"`) {
+		t.Fatalf("New with a wrong input name: %v", err)
+	}
+	if _, err := New(ctx, path, Options{OutputNames: []string{"logits"}}); err == nil || !strings.Contains(err.Error(), `no output named "logits"`) {
+		t.Fatalf("New with a wrong output name: %v", err)
+	}
+	e, err := New(ctx, path, Options{MaxBatch: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	good := pipeline.NewBatch(4, 3, 32, 32)
+	tests := []struct {
+		name  string
+		batch *pipeline.Batch
+		want  string
+	}{
+		{"nil", nil, "nil batch"},
+		{"empty", &pipeline.Batch{N: 0, Cap: 4, C: 3, H: 32, W: 32, Data: good.Data}, "want 1..4"},
+		{"wrong size", &pipeline.Batch{N: 1, Cap: 1, C: 3, H: 64, W: 64, Data: make([]float32, 3*64*64)}, "model input is 3x32x32"},
+		{"short buffer", &pipeline.Batch{N: 2, Cap: 4, C: 3, H: 32, W: 32, Data: good.Data[:10]}, "need"},
+		{"over max batch", &pipeline.Batch{N: 3, Cap: 4, C: 3, H: 32, W: 32, Data: good.Data}, "probed maximum 2"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			if _, err := e.Run(ctx, tc.batch); err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("Run: %v, want an error containing %q", err, tc.want)
+			}
+		})
+	}
+	cancelled, cancel := context.WithCancel(ctx)
+	cancel()
+	good.N = 1
+	if _, err := e.Run(cancelled, good); err == nil {
+		t.Error("Run with a cancelled context succeeded")
+	}
+	if err := e.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Close(); err != nil {
+		t.Fatalf("second Close: %v", err)
+	}
+	if _, err := e.Run(ctx, good); err == nil || !strings.Contains(err.Error(), "closed") {
+		t.Fatalf("Run after Close: %v", err)
+	}
+}
