@@ -57,4 +57,3 @@ func notFound(format string, args ...any) error {
 func unavailable(format string, args ...any) error {
 	return &statusError{codes.Unavailable, fmt.Sprintf(format, args...)}
 }
-
