@@ -325,3 +325,15 @@ func near(a, b, tol uint8) bool {
 func nearBGR(got [3]uint8, c color.NRGBA, tol uint8) bool {
 	return near(got[0], c.B, tol) && near(got[1], c.G, tol) && near(got[2], c.R, tol)
 }
+
+// mustMat copies BGR pixels into a new Mat the caller closes.
+func mustMat(t testing.TB, pix []byte, h, w int) gocv.Mat {
+	t.Helper()
+	m := gocv.NewMatWithSize(h, w, gocv.MatTypeCV8UC3)
+	dst, err := m.DataPtrUint8()
+	if err != nil {
+		t.Fatal(err)
+	}
+	copy(dst, pix)
+	return m
+}
