@@ -142,3 +142,17 @@ func (h *DetectHead) levels(data [][]float32, shapes [][]int) ([]Level, error) {
 	}
 	return levels, nil
 }
+
+// Decode is DecodeYOLOv8 over the cut graph's outputs: data and shapes are
+// the [N,C,H,W] tensors in Outputs order, inH×inW the model input. dst
+// receives [N, 4+NumClasses, anchors]; it returns the anchor count.
+func (h *DetectHead) Decode(dst []float32, n int, data [][]float32, shapes [][]int, inH, inW int) (anchors int, err error) {
+	levels, err := h.levels(data, shapes)
+	if err != nil {
+		return 0, err
+	}
+	for _, l := range levels {
+		anchors += l.H * l.W
+	}
+	return anchors, DecodeYOLOv8(dst, n, levels, h.RegMax, h.NumClasses, inH, inW)
+}
