@@ -1,0 +1,154 @@
+package pipeline_test
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/visionserve/visionserve/pkg/engine/onnxrt"
+	"github.com/visionserve/visionserve/pkg/modelrepo"
+	"github.com/visionserve/visionserve/pkg/pipeline"
+)
+
+const shared = "../../../shared/testdata"
+
+// sharedFiles returns the paths of files under ../shared/testdata, or
+// skips naming the first one missing.
+func sharedFiles(t *testing.T, rel ...string) []string {
+	t.Helper()
+	var out []string
+	for _, r := range rel {
+		p := filepath.Join(shared, r)
+		if _, err := os.Stat(p); err != nil {
+			t.Skipf("real test data missing: ../shared/testdata/%s", r)
+		}
+		out = append(out, p)
+	}
+	return out
+}
+
+// realRunner loads m on ONNX Runtime CPU, skipping when the library is not
+// installed (scripts/setup.sh).
+func realRunner(t *testing.T, m *modelrepo.Model) *pipeline.Runner {
+	t.Helper()
+	if _, err := onnxrt.ResolveLibPath(""); err != nil {
+		t.Skipf("ONNX Runtime library missing: %v", err)
+	}
+	eng, err := onnxrt.NewForModel(m, onnxrt.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { eng.Close() })
+	r, err := pipeline.New(m, eng, pipeline.PreprocessOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { r.Close() })
+	return r
+}
+
+func readAll(t *testing.T, paths ...string) [][]byte {
+	var out [][]byte
+	for _, p := range paths {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, b)
+	}
+	return out
+}
+
+// TestRealYOLOv8n runs the real Ultralytics YOLOv8n export on bus.jpg and
+// zidane.jpg in one batch and checks the well-known detections.
+func TestRealYOLOv8n(t *testing.T) {
+	f := sharedFiles(t, "models/yolov8n_int8.onnx", "labels/coco80.txt", "images/bus.jpg", "images/zidane.jpg")
+	labels, err := modelrepo.ReadLabels(f[1])
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := &modelrepo.Model{
+		Config: modelrepo.Config{
+			Name: "yolov8n", Task: modelrepo.TaskDetect,
+			Input: modelrepo.InputConfig{
+				Name: "images", Width: 640, Height: 640, Layout: "NCHW", Color: "RGB",
+				Scale: 1.0 / 255, Std: [3]float32{1, 1, 1}, Resize: modelrepo.ResizeLetterbox, PadValue: 114,
+			},
+			Output:   modelrepo.OutputConfig{Name: "output0", Decoding: modelrepo.DecodeYOLOv8},
+			Defaults: modelrepo.DefaultOptions{TopK: 5, Confidence: 0.25, IoU: 0.45, MaxDetections: 300},
+			Batching: modelrepo.BatchingConfig{MaxBatchSize: 2},
+		},
+		Path: f[0], LabelNames: labels, NumClasses: len(labels),
+	}
+	r := realRunner(t, m)
+	res, err := r.Infer(context.Background(), readAll(t, f[2], f[3]), pipeline.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	count := func(res pipeline.Result, label string, minScore float32) int {
+		n := 0
+		for _, d := range res.Detections {
+			if d.Label == label && d.Score >= minScore {
+				n++
+				if d.Box.X1 < 0 || d.Box.Y1 < 0 || d.Box.X2 > float32(res.Width) || d.Box.Y2 > float32(res.Height) || d.Box.X2 <= d.Box.X1 || d.Box.Y2 <= d.Box.Y1 {
+					t.Errorf("%s box %+v outside %dx%d", label, d.Box, res.Width, res.Height)
+				}
+			}
+		}
+		return n
+	}
+	bus, zidane := res[0], res[1]
+	t.Logf("bus.jpg: %+v", bus.Detections)
+	t.Logf("zidane.jpg: %+v", zidane.Detections)
+	if bus.Width != 810 || bus.Height != 1080 || zidane.Width != 1280 || zidane.Height != 720 {
+		t.Errorf("sizes %dx%d and %dx%d", bus.Width, bus.Height, zidane.Width, zidane.Height)
+	}
+	if n := count(bus, "bus", 0.7); n != 1 {
+		t.Errorf("bus.jpg: %d buses scoring 0.7+, want 1", n)
+	}
+	if n := count(bus, "person", 0.7); n < 3 {
+		t.Errorf("bus.jpg: %d people scoring 0.7+, want at least 3", n)
+	}
+	if n := count(zidane, "person", 0.7); n != 2 {
+		t.Errorf("zidane.jpg: %d people scoring 0.7+, want 2", n)
+	}
+	// The bus spans most of the image width.
+	for _, d := range bus.Detections {
+		if d.Label == "bus" && d.Box.X2-d.Box.X1 < 0.7*810 {
+			t.Errorf("bus box %+v narrower than expected", d.Box)
+		}
+	}
+}
+
+// TestRealMobileNetV2 runs the ONNX zoo MobileNetV2 on dog.jpg.
+func TestRealMobileNetV2(t *testing.T) {
+	f := sharedFiles(t, "models/mobilenetv2-12-int8.onnx", "labels/imagenet.txt", "images/dog.jpg")
+	labels, err := modelrepo.ReadLabels(f[1])
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := &modelrepo.Model{
+		Config: modelrepo.Config{
+			Name: "mobilenetv2", Task: modelrepo.TaskClassify,
+			Input: modelrepo.InputConfig{
+				Name: "input", Width: 224, Height: 224, Layout: "NCHW", Color: "RGB",
+				Scale: 1.0 / 255, Mean: [3]float32{0.485, 0.456, 0.406}, Std: [3]float32{0.229, 0.224, 0.225},
+				Resize: modelrepo.ResizeShorterCrop, ResizeShorter: 256,
+			},
+			Output:   modelrepo.OutputConfig{Name: "output", Decoding: modelrepo.DecodeLogits},
+			Defaults: modelrepo.DefaultOptions{TopK: 5, Confidence: 0.25, IoU: 0.45, MaxDetections: 300},
+			Batching: modelrepo.BatchingConfig{MaxBatchSize: 4},
+		},
+		Path: f[0], LabelNames: labels, NumClasses: len(labels),
+	}
+	r := realRunner(t, m)
+	res, err := r.Infer(context.Background(), readAll(t, f[2]), pipeline.Options{TopK: 3})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("dog.jpg: %+v", res[0].Classes)
+	if c := res[0].Classes[0]; c.Label != "Samoyed" || c.Score < 0.7 {
+		t.Errorf("top-1 %+v, want Samoyed scoring 0.7+", c)
+	}
+}
