@@ -1,0 +1,519 @@
+package gpu
+
+/*
+#include <stdlib.h>
+#include "ortc.h"
+*/
+import "C"
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"sync"
+	"unsafe"
+)
+
+// Backend names reported by engines.
+const (
+	BackendCUDA     = "ort-cuda"
+	BackendTensorRT = "ort-tensorrt"
+	BackendOpenCV   = "opencv"
+)
+
+// Tensor is a dense float32 tensor in row-major order. It has the layout of
+// pipeline.Tensor; package gpu does not import pipeline because pipeline
+// links OpenCV and GPU binaries must run where OpenCV is absent.
+type Tensor struct {
+	Name  string
+	Shape []int64
+	Data  []float32
+}
+
+// EngineOptions configure an Engine.
+type EngineOptions struct {
+	// InputMemory is MemoryPinned (the default) or MemoryPageable, which
+	// benchmarks use as the baseline. Without the CUDA runtime memory is
+	// pageable whatever is asked.
+	InputMemory MemoryKind
+	// Backend is what Backend reports; "" means the provider's name.
+	Backend string
+}
+
+// EngineStats counts what an engine did.
+type EngineStats struct {
+	Batches int64
+	// CopiedBatches ran from a buffer not obtained through AllocBatch and
+	// were copied into the engine's staging buffer first.
+	CopiedBatches int64
+	// Memory is the kind of host memory the inputs and outputs live in.
+	Memory MemoryKind
+	// MemoryReason says why memory is not pinned, "" when it is.
+	MemoryReason string
+	// BindPinned reports whether the buffers are bound to ONNX Runtime as
+	// CUDA-pinned memory (else as plain CPU memory).
+	BindPinned bool
+	// PinnedBindError is why binding as CUDA-pinned memory failed and the
+	// engine fell back to binding the buffers as CPU memory.
+	PinnedBindError string
+}
+
+// Engine runs batches on one Session through an IoBinding: inputs and
+// outputs live in host buffers the engine owns (pinned when CUDA is there),
+// bound once per batch size, so a steady-state run allocates nothing. Like
+// every pipeline engine it is used by one goroutine at a time; several
+// engines may share one Session.
+type Engine struct {
+	sess       *Session
+	cs         *C.OrtSession
+	input      IOInfo
+	outputs    []IOInfo
+	fixedBatch int // the graph's batch size when it fixes one, else 0
+	alloc      *HostAllocator
+	backend    string
+	cpuInfo    *C.OrtMemoryInfo
+	ro         *C.OrtRunOptions
+	inName     *C.char
+	outNames   []*C.char
+
+	mu      sync.Mutex // guards the fields below
+	closed  bool
+	memInfo *C.OrtMemoryInfo // what buffers are bound as: pinned or cpuInfo
+	pinned  *C.OrtMemoryInfo // nil unless pinned binding is possible
+	sizes   map[int]*binding
+	owned   map[unsafe.Pointer]*HostBuffer // buffers handed out by AllocBatch
+	inputs  map[inputKey]*C.OrtValue
+	staging *HostBuffer
+	stats   EngineStats
+}
+
+type inputKey struct {
+	ptr unsafe.Pointer
+	n   int
+}
+
+// maxCachedInputs bounds the input value cache: a pipeline rotates through
+// a few buffers, so more entries mean buffers are not being reused.
+const maxCachedInputs = 32
+
+// binding is the IoBinding of one batch size with its output buffers.
+type binding struct {
+	b       *C.OrtIoBinding
+	inPtr   unsafe.Pointer // input buffer currently bound, nil if none
+	outVals []*C.OrtValue
+	outBufs []*HostBuffer
+	result  []Tensor
+}
+
+// NewEngine creates an engine on s. The model must have one float32 NCHW
+// input and float32 outputs whose shapes are fixed but for the batch.
+func NewEngine(s *Session, opts EngineOptions) (*Engine, error) {
+	if len(s.inputs) != 1 {
+		return nil, fmt.Errorf("gpu engine: model %s has %d inputs, want one image input", s.path, len(s.inputs))
+	}
+	in := s.inputs[0]
+	if !in.Float || len(in.Shape) != 4 {
+		return nil, fmt.Errorf("gpu engine: model %s input %q has shape %v, want a float32 NCHW tensor", s.path, in.Name, in.Shape)
+	}
+	for _, o := range s.outputs {
+		if !o.Float || len(o.Shape) == 0 || slices.Contains(o.Shape[1:], -1) {
+			return nil, fmt.Errorf("gpu engine: model %s output %q has shape %v, want float32 with every dimension but the batch fixed", s.path, o.Name, o.Shape)
+		}
+	}
+	want := opts.InputMemory
+	if want == "" {
+		want = MemoryPinned
+	}
+	e := &Engine{
+		sess: s, input: in, outputs: s.outputs,
+		alloc:   NewHostAllocator(want),
+		backend: opts.Backend,
+		sizes:   map[int]*binding{},
+		owned:   map[unsafe.Pointer]*HostBuffer{},
+		inputs:  map[inputKey]*C.OrtValue{},
+	}
+	if e.backend == "" {
+		e.backend = s.opts.Provider.Backend()
+	}
+	if in.Shape[0] > 0 {
+		e.fixedBatch = int(in.Shape[0])
+	}
+	e.stats.Memory, e.stats.MemoryReason = e.alloc.Kind(), e.alloc.Reason()
+	var err error
+	if e.cs, err = s.acquire(); err != nil {
+		return nil, fmt.Errorf("gpu engine: %w", err)
+	}
+	if err = cerr(C.vs_memory_info_cpu(&e.cpuInfo)); err == nil {
+		err = cerr(C.vs_run_options_new(&e.ro))
+	}
+	if err == nil && e.alloc.Kind() == MemoryPinned && s.opts.Provider != ProviderCPU {
+		err = cerr(C.vs_memory_info_pinned(C.int(s.opts.Device), &e.pinned))
+	}
+	if err != nil {
+		e.Close()
+		return nil, fmt.Errorf("gpu engine: %w", err)
+	}
+	e.memInfo = e.cpuInfo
+	if e.pinned != nil {
+		e.memInfo = e.pinned
+		e.stats.BindPinned = true
+	}
+	e.inName = C.CString(in.Name)
+	for _, o := range e.outputs {
+		e.outNames = append(e.outNames, C.CString(o.Name))
+	}
+	return e, nil
+}
+
+// Backend names what runs the model: ort-cuda, ort-tensorrt or, on the CPU
+// twin, ort-cpu-binding.
+func (e *Engine) Backend() string { return e.backend }
+
+// Input describes the model input.
+func (e *Engine) Input() IOInfo { return e.input }
+
+// Outputs describes the model outputs.
+func (e *Engine) Outputs() []IOInfo { return e.outputs }
+
+// Stats returns the engine's counters.
+func (e *Engine) Stats() EngineStats {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.stats
+}
+
+// AllocBatch returns a batch buffer of maxN images of c×h×w floats in the
+// engine's host memory (pinned when CUDA is present), so preprocessing
+// writes where the GPU copies from. It has the signature of
+// pipeline.BatchAllocator. free must be called once the buffer is no
+// longer used; it is safe after Close.
+func (e *Engine) AllocBatch(maxN, c, h, w int) ([]float32, func(), error) {
+	if maxN < 1 || c < 1 || h < 1 || w < 1 {
+		return nil, nil, fmt.Errorf("gpu engine: batch buffer %dx%dx%dx%d has an empty dimension", maxN, c, h, w)
+	}
+	if err := e.checkImage(c, h, w); err != nil {
+		return nil, nil, err
+	}
+	if maxN > maxHostFloats/(c*h*w) {
+		return nil, nil, fmt.Errorf("gpu engine: batch buffer %dx%dx%dx%d too large", maxN, c, h, w)
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.closed {
+		return nil, nil, errors.New("gpu engine: closed")
+	}
+	buf, err := e.alloc.Alloc(maxN * c * h * w)
+	if err != nil {
+		return nil, nil, fmt.Errorf("gpu engine: %w", err)
+	}
+	e.owned[buf.ptr] = buf
+	var once sync.Once
+	free := func() {
+		once.Do(func() {
+			e.mu.Lock()
+			defer e.mu.Unlock()
+			e.forgetBufferLocked(buf)
+			buf.Free()
+		})
+	}
+	return buf.Floats(), free, nil
+}
+
+// forgetBufferLocked drops every reference ONNX Runtime could still hold to
+// buf's memory, so it can be freed.
+func (e *Engine) forgetBufferLocked(buf *HostBuffer) {
+	delete(e.owned, buf.ptr)
+	for k, v := range e.inputs {
+		if k.ptr == buf.ptr {
+			C.vs_value_release(v)
+			delete(e.inputs, k)
+		}
+	}
+	for _, b := range e.sizes {
+		if b.inPtr == buf.ptr {
+			b.inPtr = nil
+		}
+	}
+}
+
+func (e *Engine) checkImage(c, h, w int) error {
+	want := e.input.Shape[1:]
+	got := []int64{int64(c), int64(h), int64(w)}
+	for i := range want {
+		if want[i] > 0 && want[i] != got[i] {
+			return fmt.Errorf("gpu engine: images are %dx%dx%d (CxHxW), model input is %v", c, h, w, e.input.Shape)
+		}
+	}
+	return nil
+}
+
+// Run executes the model on the first n images of data, each c×h×w floats.
+// When data came from AllocBatch it is ONNX Runtime's input memory; other
+// memory is copied into a staging buffer first. The returned tensors live
+// in engine memory and stay valid until the next Run or Close. Cancelling
+// ctx terminates the run.
+func (e *Engine) Run(ctx context.Context, data []float32, n, c, h, w int) ([]Tensor, error) {
+	if n < 1 || c < 1 || h < 1 || w < 1 {
+		return nil, fmt.Errorf("gpu engine: batch %dx%dx%dx%d has an empty dimension", n, c, h, w)
+	}
+	if err := e.checkImage(c, h, w); err != nil {
+		return nil, err
+	}
+	if e.fixedBatch > 0 && n != e.fixedBatch {
+		return nil, fmt.Errorf("gpu engine: model %s fixes the batch at %d, cannot run %d images", e.sess.path, e.fixedBatch, n)
+	}
+	size := n * c * h * w
+	if len(data) < size {
+		return nil, fmt.Errorf("gpu engine: buffer holds %d floats, %d images of %dx%dx%d need %d", len(data), n, c, h, w, size)
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.closed {
+		return nil, errors.New("gpu engine: closed")
+	}
+	b, err := e.bindingLocked(n)
+	if err != nil {
+		return nil, err
+	}
+	ptr := unsafe.Pointer(&data[0])
+	if buf, ok := e.owned[ptr]; !ok || buf.n < size {
+		if ptr, err = e.stageLocked(data[:size]); err != nil {
+			return nil, err
+		}
+		e.stats.CopiedBatches++
+	}
+	// Bind on every run: for a GPU session BindInput is where ONNX Runtime
+	// copies the input to the device, so a binding kept from an earlier run
+	// would feed the model stale data.
+	if err := e.bindInputLocked(b, ptr, n, c, h, w); err != nil {
+		if e.memInfo != e.pinned || e.stats.Batches > 0 {
+			return nil, err
+		}
+		// This runtime build does not take CUDA-pinned memory info: bind
+		// the same pinned buffers as plain CPU memory, which the driver
+		// still copies by DMA, and say so in Stats.
+		e.dropBindingsLocked()
+		e.memInfo = e.cpuInfo
+		e.stats.BindPinned = false
+		e.stats.PinnedBindError = err.Error()
+		if b, err = e.bindingLocked(n); err != nil {
+			return nil, err
+		}
+		if err := e.bindInputLocked(b, ptr, n, c, h, w); err != nil {
+			return nil, err
+		}
+	}
+	stop := e.terminateOnCancelLocked(ctx)
+	err = cerr(C.vs_run_binding(e.cs, e.ro, b.b))
+	stop()
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("gpu engine: running %s: %w (%v)", e.sess.path, ctx.Err(), err)
+		}
+		return nil, fmt.Errorf("gpu engine: running %s on %s: %w", e.sess.path, e.backend, err)
+	}
+	e.stats.Batches++
+	return b.result, nil
+}
+
+// stageLocked copies data into the staging buffer, growing it as needed.
+func (e *Engine) stageLocked(data []float32) (unsafe.Pointer, error) {
+	if e.staging == nil || e.staging.n < len(data) {
+		if e.staging != nil {
+			e.forgetBufferLocked(e.staging)
+			e.staging.Free()
+			e.staging = nil
+		}
+		buf, err := e.alloc.Alloc(len(data))
+		if err != nil {
+			return nil, fmt.Errorf("gpu engine: staging buffer: %w", err)
+		}
+		e.staging = buf
+	}
+	copy(e.staging.Floats(), data)
+	return e.staging.ptr, nil
+}
+
+func (e *Engine) bindInputLocked(b *binding, ptr unsafe.Pointer, n, c, h, w int) error {
+	key := inputKey{ptr, n}
+	v, ok := e.inputs[key]
+	if !ok {
+		if len(e.inputs) >= maxCachedInputs {
+			for k, old := range e.inputs {
+				C.vs_value_release(old)
+				delete(e.inputs, k)
+			}
+			for _, other := range e.sizes {
+				other.inPtr = nil
+			}
+		}
+		shape := [4]C.int64_t{C.int64_t(n), C.int64_t(c), C.int64_t(h), C.int64_t(w)}
+		// A variable of its own, so that only this path moves one to the
+		// heap: the steady state allocates nothing.
+		var created *C.OrtValue
+		if err := cerr(C.vs_tensor_f32(e.memInfo, (*C.float)(ptr), C.size_t(n*c*h*w), &shape[0], 4, &created)); err != nil {
+			return fmt.Errorf("gpu engine: wrapping the input buffer: %w", err)
+		}
+		v = created
+		e.inputs[key] = v
+	}
+	if err := cerr(C.vs_bind_input(b.b, e.inName, v)); err != nil {
+		return fmt.Errorf("gpu engine: binding input %q: %w", e.input.Name, err)
+	}
+	b.inPtr = ptr
+	return nil
+}
+
+// bindingLocked returns the binding of batch size n, creating it (and its
+// output buffers) on first use.
+func (e *Engine) bindingLocked(n int) (*binding, error) {
+	if b, ok := e.sizes[n]; ok {
+		return b, nil
+	}
+	b := &binding{}
+	if err := cerr(C.vs_binding_new(e.cs, &b.b)); err != nil {
+		return nil, fmt.Errorf("gpu engine: creating IoBinding: %w", err)
+	}
+	fail := func(err error) (*binding, error) {
+		e.releaseBinding(b)
+		return nil, err
+	}
+	for i, o := range e.outputs {
+		shape := slices.Clone(o.Shape)
+		if shape[0] < 0 {
+			shape[0] = int64(n)
+		}
+		count := int64(1)
+		for _, d := range shape {
+			count *= d
+		}
+		if count <= 0 || count > maxHostFloats {
+			return fail(fmt.Errorf("gpu engine: output %q of shape %v out of range", o.Name, shape))
+		}
+		buf, err := e.alloc.Alloc(int(count))
+		if err != nil {
+			return fail(fmt.Errorf("gpu engine: output %q: %w", o.Name, err))
+		}
+		b.outBufs = append(b.outBufs, buf)
+		cshape := make([]C.int64_t, len(shape))
+		for j, d := range shape {
+			cshape[j] = C.int64_t(d)
+		}
+		var v *C.OrtValue
+		if err := cerr(C.vs_tensor_f32(e.memInfo, (*C.float)(buf.ptr), C.size_t(count), &cshape[0], C.size_t(len(cshape)), &v)); err != nil {
+			return fail(fmt.Errorf("gpu engine: wrapping output %q: %w", o.Name, err))
+		}
+		b.outVals = append(b.outVals, v)
+		if err := cerr(C.vs_bind_output(b.b, e.outNames[i], v)); err != nil {
+			return fail(fmt.Errorf("gpu engine: binding output %q: %w", o.Name, err))
+		}
+		b.result = append(b.result, Tensor{Name: o.Name, Shape: shape, Data: buf.Floats()})
+	}
+	e.sizes[n] = b
+	return b, nil
+}
+
+// dropBindingsLocked frees every binding and cached input value.
+func (e *Engine) dropBindingsLocked() {
+	for n, b := range e.sizes {
+		e.releaseBinding(b)
+		delete(e.sizes, n)
+	}
+	for k, v := range e.inputs {
+		C.vs_value_release(v)
+		delete(e.inputs, k)
+	}
+}
+
+func (e *Engine) releaseBinding(b *binding) {
+	if b.b != nil {
+		C.vs_binding_release(b.b)
+	}
+	for _, v := range b.outVals {
+		C.vs_value_release(v)
+	}
+	for _, buf := range b.outBufs {
+		buf.Free()
+	}
+}
+
+// CheckBoundOutputs runs GetBoundOutputValues on the binding of batch size
+// n and reports an error unless ONNX Runtime's outputs are the engine's own
+// buffers: the proof that results are written in place, not copied.
+func (e *Engine) CheckBoundOutputs(n int) error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	b, ok := e.sizes[n]
+	if !ok {
+		return fmt.Errorf("gpu engine: no binding for batch size %d yet", n)
+	}
+	ptrs := make([]unsafe.Pointer, len(b.outBufs))
+	var count C.size_t
+	if err := cerr(C.vs_bound_output_data(b.b, &ptrs[0], C.size_t(len(ptrs)), &count)); err != nil {
+		return fmt.Errorf("gpu engine: reading bound outputs: %w", err)
+	}
+	if int(count) != len(b.outBufs) {
+		return fmt.Errorf("gpu engine: %d bound outputs, want %d", count, len(b.outBufs))
+	}
+	for i, buf := range b.outBufs {
+		if ptrs[i] != buf.ptr {
+			return fmt.Errorf("gpu engine: output %q is in memory of ONNX Runtime's own, not the bound buffer", e.outputs[i].Name)
+		}
+	}
+	return nil
+}
+
+// terminateOnCancelLocked makes a cancelled ctx terminate the run in
+// flight; the returned func waits for the callback and re-arms the run
+// options, so no callback outlives Run.
+func (e *Engine) terminateOnCancelLocked(ctx context.Context) func() {
+	if ctx.Done() == nil {
+		return func() {}
+	}
+	fired := make(chan struct{})
+	stopAfter := context.AfterFunc(ctx, func() {
+		defer close(fired)
+		C.vs_run_options_terminate(e.ro, 1)
+	})
+	return func() {
+		if !stopAfter() {
+			<-fired
+			if msg := C.vs_run_options_terminate(e.ro, 0); msg != nil {
+				C.free(unsafe.Pointer(msg))
+			}
+		}
+	}
+}
+
+// Close frees the bindings, buffers and the engine's reference to the
+// session. Buffers from AllocBatch stay valid until their free is called.
+// A second Close does nothing.
+func (e *Engine) Close() error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.closed {
+		return nil
+	}
+	e.closed = true
+	e.dropBindingsLocked()
+	if e.staging != nil {
+		e.staging.Free()
+	}
+	// Buffers handed out by AllocBatch belong to their users now.
+	clear(e.owned)
+	C.vs_memory_info_release(e.pinned)
+	C.vs_memory_info_release(e.cpuInfo)
+	C.vs_run_options_release(e.ro)
+	C.free(unsafe.Pointer(e.inName))
+	for _, p := range e.outNames {
+		C.free(unsafe.Pointer(p))
+	}
+	if e.cs != nil {
+		e.sess.release()
+	}
+	return nil
+}

@@ -1,0 +1,323 @@
+package gpu
+
+import (
+	"context"
+	"math"
+	"strings"
+	"testing"
+
+	ort "github.com/yalue/onnxruntime_go"
+)
+
+// plainRun runs the model through onnxruntime_go's ordinary session (no
+// IoBinding, ONNX Runtime allocates the outputs): the reference the bound
+// path must match bit for bit.
+func plainRun(t *testing.T, lib, path string, input []float32, shape []int64, outputs []string) [][]float32 {
+	t.Helper()
+	if !ort.IsInitialized() {
+		ort.SetSharedLibraryPath(lib)
+		if err := ort.InitializeEnvironment(ort.WithLogLevelError()); err != nil {
+			t.Fatalf("initialising onnxruntime_go: %v", err)
+		}
+	}
+	so, err := ort.NewSessionOptions()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer so.Destroy()
+	if err := so.SetIntraOpNumThreads(1); err != nil {
+		t.Fatal(err)
+	}
+	if err := so.SetInterOpNumThreads(1); err != nil {
+		t.Fatal(err)
+	}
+	ins, _, err := ort.GetInputOutputInfo(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := ort.NewDynamicAdvancedSession(path, []string{ins[0].Name}, outputs, so)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Destroy()
+	in, err := ort.NewTensor(ort.Shape(shape), input)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer in.Destroy()
+	outs := make([]ort.Value, len(outputs))
+	if err := s.Run([]ort.Value{in}, outs); err != nil {
+		t.Fatal(err)
+	}
+	var res [][]float32
+	for _, v := range outs {
+		res = append(res, append([]float32(nil), v.(*ort.Tensor[float32]).GetData()...))
+		v.Destroy()
+	}
+	return res
+}
+
+func newCPUEngine(t *testing.T, path string) (*Session, *Engine) {
+	t.Helper()
+	s, err := OpenSession(path, SessionOptions{Provider: ProviderCPU, IntraOpThreads: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e, err := NewEngine(s, EngineOptions{})
+	if err != nil {
+		s.Close()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := e.Close(); err != nil {
+			t.Error(err)
+		}
+		s.Close()
+	})
+	return s, e
+}
+
+func sameBits(t *testing.T, what string, got, want []float32) {
+	t.Helper()
+	if len(got) != len(want) {
+		t.Fatalf("%s: %d values, want %d", what, len(got), len(want))
+	}
+	for i := range got {
+		if math.Float32bits(got[i]) != math.Float32bits(want[i]) {
+			t.Fatalf("%s[%d] = %v, plain session gives %v (not bit-exact)", what, i, got[i], want[i])
+		}
+	}
+}
+
+// TestBindingMatchesPlainSession runs the pinned-buffer IoBinding path on
+// its no-GPU twin (CPU provider, pageable host memory) and checks every
+// output bit against a plain onnxruntime_go session, for several batch
+// sizes, for buffers from AllocBatch (zero copy) and from the Go heap
+// (staged), and for data rewritten in place between runs.
+func TestBindingMatchesPlainSession(t *testing.T) {
+	lib := initRuntime(t)
+	path := convModel(t)
+	s, e := newCPUEngine(t, path)
+	if got := len(s.Outputs()); got != 2 {
+		t.Fatalf("session reports %d outputs, want 2", got)
+	}
+	const c, h, w = 3, 8, 8
+	buf, free, err := e.AllocBatch(4, c, h, w)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer free()
+	names := []string{"features", "logits"}
+	for i, n := range []int{1, 3, 4, 3, 1} {
+		input := randomInput(uint64(i), n*c*h*w)
+		want := plainRun(t, lib, path, input, []int64{int64(n), c, h, w}, names)
+
+		copy(buf, input)
+		got, err := e.Run(context.Background(), buf, n, c, h, w)
+		if err != nil {
+			t.Fatalf("batch %d: %v", n, err)
+		}
+		if got[0].Shape[0] != int64(n) || got[1].Shape[0] != int64(n) {
+			t.Fatalf("batch %d: output shapes %v %v", n, got[0].Shape, got[1].Shape)
+		}
+		for o := range names {
+			sameBits(t, names[o], got[o].Data, want[o])
+		}
+		if err := e.CheckBoundOutputs(n); err != nil {
+			t.Error(err)
+		}
+
+		// The same images from Go memory take the staging path.
+		got, err = e.Run(context.Background(), input, n, c, h, w)
+		if err != nil {
+			t.Fatalf("batch %d from Go memory: %v", n, err)
+		}
+		for o := range names {
+			sameBits(t, names[o]+" (staged)", got[o].Data, want[o])
+		}
+	}
+	st := e.Stats()
+	if st.Batches != 10 || st.CopiedBatches != 5 {
+		t.Errorf("stats %+v, want 10 batches of which 5 copied", st)
+	}
+	if st.Memory != MemoryPageable || st.BindPinned {
+		t.Errorf("on the CPU twin memory is %s (bind pinned %v), want pageable", st.Memory, st.BindPinned)
+	}
+}
+
+// TestMobileNetV3BindingMatchesPlainSession repeats the check on a real
+// network when the model generator has written it.
+func TestMobileNetV3BindingMatchesPlainSession(t *testing.T) {
+	lib := initRuntime(t)
+	path := repoModel(t, "mobilenetv3_large")
+	_, e := newCPUEngine(t, path)
+	const n, c, h, w = 2, 3, 224, 224
+	buf, free, err := e.AllocBatch(n, c, h, w)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer free()
+	input := randomInput(9, n*c*h*w)
+	copy(buf, input)
+	got, err := e.Run(context.Background(), buf, n, c, h, w)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := plainRun(t, lib, path, input, []int64{n, c, h, w}, []string{e.Outputs()[0].Name})
+	sameBits(t, "logits", got[0].Data, want[0])
+}
+
+func TestRunSteadyStateAllocatesNothing(t *testing.T) {
+	initRuntime(t)
+	_, e := newCPUEngine(t, convModel(t))
+	buf, free, err := e.AllocBatch(2, 3, 8, 8)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer free()
+	ctx := context.Background()
+	if _, err := e.Run(ctx, buf, 2, 3, 8, 8); err != nil {
+		t.Fatal(err)
+	}
+	allocs := testing.AllocsPerRun(20, func() {
+		if _, err := e.Run(ctx, buf, 2, 3, 8, 8); err != nil {
+			t.Fatal(err)
+		}
+	})
+	if allocs != 0 {
+		t.Errorf("steady-state Run allocates %v times, want 0", allocs)
+	}
+}
+
+func TestEngineRejectsBadBatches(t *testing.T) {
+	initRuntime(t)
+	_, e := newCPUEngine(t, convModel(t))
+	buf, free, err := e.AllocBatch(2, 3, 8, 8)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer free()
+	cancelled, cancel := context.WithCancel(context.Background())
+	cancel()
+	tests := []struct {
+		name       string
+		ctx        context.Context
+		data       []float32
+		n, c, h, w int
+		want       string
+	}{
+		{"zero images", context.Background(), buf, 0, 3, 8, 8, "empty dimension"},
+		{"wrong channels", context.Background(), buf, 1, 1, 8, 8, "model input is"},
+		{"wrong size", context.Background(), buf, 1, 3, 16, 16, "model input is"},
+		{"buffer too small", context.Background(), buf, 3, 3, 8, 8, "need"},
+		{"cancelled", cancelled, buf, 1, 3, 8, 8, "context canceled"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := e.Run(tt.ctx, tt.data, tt.n, tt.c, tt.h, tt.w)
+			if err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Errorf("Run: %v, want an error containing %q", err, tt.want)
+			}
+		})
+	}
+	if _, _, err := e.AllocBatch(1, 3, 9, 9); err == nil {
+		t.Error("AllocBatch accepted images the model does not take")
+	}
+	if err := e.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.Run(context.Background(), buf, 1, 3, 8, 8); err == nil || !strings.Contains(err.Error(), "closed") {
+		t.Errorf("Run after Close: %v, want a closed error", err)
+	}
+}
+
+func TestOpenSessionErrors(t *testing.T) {
+	initRuntime(t)
+	tests := []struct {
+		name string
+		path string
+		opts SessionOptions
+		want string
+	}{
+		{"missing file", "/nonexistent/model.onnx", SessionOptions{Provider: ProviderCPU}, "/nonexistent/model.onnx"},
+		{"unknown provider", convModel(t), SessionOptions{Provider: "rocm"}, "unknown execution provider"},
+		{"bad conv search", convModel(t), SessionOptions{Provider: ProviderCUDA, CUDA: CUDAOptions{ConvAlgoSearch: "FASTEST"}}, "conv algorithm search"},
+		{"bad arena strategy", convModel(t), SessionOptions{Provider: ProviderCUDA, CUDA: CUDAOptions{ArenaExtendStrategy: "grow"}}, "arena extend strategy"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s, err := OpenSession(tt.path, tt.opts)
+			if err == nil {
+				s.Close()
+				t.Fatal("OpenSession succeeded")
+			}
+			if !strings.Contains(err.Error(), tt.want) {
+				t.Errorf("error %q does not mention %q", err, tt.want)
+			}
+		})
+	}
+}
+
+func TestProbeCPUProviderRunsThroughBinding(t *testing.T) {
+	initRuntime(t)
+	if err := ProbeProvider(context.Background(), ProviderCPU, 0, SessionOptions{}); err != nil {
+		t.Fatalf("probing the CPU provider: %v", err)
+	}
+}
+
+// TestProbeGPUProvidersWithoutGPU checks that asking for CUDA or TensorRT
+// where there is none is an error, not a crash.
+func TestProbeGPUProvidersWithoutGPU(t *testing.T) {
+	initRuntime(t)
+	if Discover(nil).Available {
+		t.Skip("an NVIDIA GPU is present; see the gpu-tagged tests")
+	}
+	for _, p := range []Provider{ProviderCUDA, ProviderTensorRT} {
+		err := ProbeProvider(context.Background(), p, 0, SessionOptions{})
+		if err == nil {
+			t.Errorf("probing %s without a GPU succeeded", p)
+			continue
+		}
+		t.Logf("%s: %v", p, err)
+	}
+}
+
+func TestHostAllocator(t *testing.T) {
+	a := NewHostAllocator(MemoryPageable)
+	if a.Kind() != MemoryPageable || a.Reason() == "" {
+		t.Errorf("pageable allocator: kind %s reason %q", a.Kind(), a.Reason())
+	}
+	p := NewHostAllocator(MemoryPinned)
+	if p.Kind() == MemoryPageable && !strings.Contains(p.Reason(), "CUDA") {
+		t.Errorf("pinned allocator fell back to pageable with reason %q, want it to name CUDA", p.Reason())
+	}
+	for _, alloc := range []*HostAllocator{a, p} {
+		b, err := alloc.Alloc(1000)
+		if err != nil {
+			t.Fatal(err)
+		}
+		f := b.Floats()
+		if len(f) != 1000 || f[0] != 0 || f[999] != 0 {
+			t.Errorf("%s buffer: len %d, not zeroed", alloc.Kind(), len(f))
+		}
+		f[999] = 1
+		if err := b.Free(); err != nil {
+			t.Error(err)
+		}
+		if err := b.Free(); err != nil {
+			t.Errorf("second Free: %v", err)
+		}
+	}
+	for _, n := range []int{0, -1, maxHostFloats + 1} {
+		if _, err := a.Alloc(n); err == nil {
+			t.Errorf("Alloc(%d) succeeded", n)
+		}
+	}
+}
+
+func TestResolveLibPathMissing(t *testing.T) {
+	_, err := ResolveLibPath("/nonexistent/libonnxruntime.so")
+	if err == nil || !strings.Contains(err.Error(), "/nonexistent/libonnxruntime.so") || !strings.Contains(err.Error(), "setup.sh") {
+		t.Errorf("ResolveLibPath with a missing library: %v", err)
+	}
+}

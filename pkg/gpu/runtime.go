@@ -1,0 +1,134 @@
+package gpu
+
+/*
+#cgo CFLAGS: -I${SRCDIR}/include -O2
+#cgo LDFLAGS: -ldl
+#include <stdlib.h>
+#include "ortc.h"
+*/
+import "C"
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"sync"
+	"unsafe"
+)
+
+// EnvLibPath names the environment variable that points at the ONNX Runtime
+// shared library; it is the same variable the CPU engine reads, so both
+// load one library and share one runtime environment.
+const EnvLibPath = "VISIONSERVE_ORT_LIB"
+
+// DefaultLibPath is where scripts/setup.sh installs ONNX Runtime, relative to
+// the repository root.
+const DefaultLibPath = ".deps/onnxruntime-1.29.0/libonnxruntime.so.1.29.0"
+
+var (
+	rtMu sync.Mutex // guards the fields below
+	// rtLib is the library the C API was loaded from; "" until Init
+	// succeeded. A failed Init can be retried with another path.
+	rtLib string
+)
+
+// Init loads the ONNX Runtime C API from the shared library and joins the
+// process-wide environment. It is idempotent: after a success later calls
+// return nil and ignore libPath. The library is libPath, else
+// $VISIONSERVE_ORT_LIB, else DefaultLibPath looked up from the working
+// directory and its parents.
+//
+// Package gpu talks to the C API directly rather than through
+// onnxruntime_go because it needs what that package keeps unexported: the
+// session handle for IoBinding with pinned-memory OrtMemoryInfo. When the
+// CPU engine (onnxruntime_go) loads the same path, dlopen returns the same
+// library and ONNX Runtime hands both the same environment.
+func Init(libPath string) error {
+	rtMu.Lock()
+	defer rtMu.Unlock()
+	if rtLib != "" {
+		return nil
+	}
+	path, err := ResolveLibPath(libPath)
+	if err != nil {
+		return err
+	}
+	cpath := C.CString(path)
+	defer C.free(unsafe.Pointer(cpath))
+	if err := cerr(C.vs_ort_load(cpath)); err != nil {
+		return fmt.Errorf("loading ONNX Runtime C API from %s: %w", path, err)
+	}
+	rtLib = path
+	return nil
+}
+
+// RuntimeVersion returns the loaded ONNX Runtime version, "" before Init.
+func RuntimeVersion() string { return C.GoString(C.vs_ort_version()) }
+
+// ResolveLibPath returns the library Init would load for libPath, or an
+// error that says how to get one.
+func ResolveLibPath(libPath string) (string, error) {
+	from := "--ort-lib"
+	if libPath == "" {
+		libPath, from = os.Getenv(EnvLibPath), "$"+EnvLibPath
+	}
+	if libPath != "" {
+		if _, err := os.Stat(libPath); err != nil {
+			return "", fmt.Errorf("ONNX Runtime library %s (from %s): %w; run scripts/setup.sh or pass --ort-lib", libPath, from, err)
+		}
+		return libPath, nil
+	}
+	dir, err := os.Getwd()
+	if err != nil {
+		return "", fmt.Errorf("finding ONNX Runtime library: %w", err)
+	}
+	for {
+		p := filepath.Join(dir, DefaultLibPath)
+		if _, err := os.Stat(p); err == nil {
+			return p, nil
+		} else if !errors.Is(err, fs.ErrNotExist) {
+			return "", fmt.Errorf("ONNX Runtime library %s: %w", p, err)
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			break
+		}
+		dir = parent
+	}
+	return "", fmt.Errorf("ONNX Runtime library not found: no %s in the working directory or its parents and $%s is unset; run scripts/setup.sh or pass --ort-lib", DefaultLibPath, EnvLibPath)
+}
+
+// cerr converts a message from the C shim into an error and frees it.
+func cerr(msg *C.char) error {
+	if msg == nil {
+		return nil
+	}
+	defer C.free(unsafe.Pointer(msg))
+	return errors.New(C.GoString(msg))
+}
+
+// cstrings converts key/value pairs into C arrays; free releases them.
+func cstrings(keys, values []string) (ck, cv **C.char, free func()) {
+	if len(keys) == 0 {
+		return nil, nil, func() {}
+	}
+	size := C.size_t(len(keys)) * C.size_t(unsafe.Sizeof((*C.char)(nil)))
+	k := (**C.char)(C.malloc(size))
+	v := (**C.char)(C.malloc(size))
+	ks := unsafe.Slice(k, len(keys))
+	vs := unsafe.Slice(v, len(keys))
+	for i := range keys {
+		ks[i] = C.CString(keys[i])
+		vs[i] = C.CString(values[i])
+	}
+	return k, v, func() {
+		for i := range keys {
+			C.free(unsafe.Pointer(ks[i]))
+			C.free(unsafe.Pointer(vs[i]))
+		}
+		C.free(unsafe.Pointer(k))
+		C.free(unsafe.Pointer(v))
+	}
+}
