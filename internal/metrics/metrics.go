@@ -29,6 +29,7 @@ const (
 	BatchesTotal          = "visionserve_batches_total"
 	QueueDepth            = "visionserve_queue_depth"
 	QueueOldestAgeSeconds = "visionserve_queue_oldest_age_seconds"
+	QueueDroppedImages    = "visionserve_queue_dropped_images_total"
 	InflightRequests      = "visionserve_inflight_requests"
 	StreamFramesDropped   = "visionserve_stream_frames_dropped_total"
 	ModelBackendInfo      = "visionserve_model_backend_info"
@@ -62,6 +63,7 @@ const (
 	ReasonPreferred = "preferred" // a preferred batch size is reached
 	ReasonDelay     = "delay"     // max_queue_delay passed for the oldest image
 	ReasonDeadline  = "deadline"  // an image's deadline would pass waiting longer
+	ReasonDrain     = "drain"     // the server is shutting down and runs what is queued
 )
 
 // UnknownModel is the model label of requests naming a model the server
@@ -92,6 +94,7 @@ type Metrics struct {
 	backendInfo   *prometheus.GaugeVec
 	loadSeconds   *prometheus.GaugeVec
 	warmupSeconds *prometheus.GaugeVec
+	queueDropped  *prometheus.CounterVec
 	queues        *queueCollector
 
 	mu       sync.RWMutex      // guards the fields below
@@ -156,12 +159,16 @@ func New(reg prometheus.Registerer) (*Metrics, error) {
 			Name: ModelWarmupSeconds,
 			Help: "Time the warm-up batch of each model took after loading.",
 		}, modelBackend),
+		queueDropped: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: QueueDroppedImages,
+			Help: "Queued images removed without being run: their deadline passed, their client went away, or shutdown ran out of time.",
+		}, []string{"model", "reason"}),
 		queues:   newQueueCollector(),
 		backends: map[string]string{},
 	}
 	for _, c := range []prometheus.Collector{
 		m.requests, m.images, m.stages, m.batchSize, m.batches, m.inflight,
-		m.dropped, m.backendInfo, m.loadSeconds, m.warmupSeconds, m.queues,
+		m.dropped, m.backendInfo, m.loadSeconds, m.warmupSeconds, m.queueDropped, m.queues,
 	} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
@@ -282,16 +289,27 @@ func (m *Metrics) StreamFrameDropped(model string) {
 	m.dropped.WithLabelValues(model, backend).Inc()
 }
 
-// ObserveBatch records one batch of size images released to model's
-// engine for reason (ReasonFull, ReasonPreferred, ReasonDelay,
-// ReasonDeadline).
-func (m *Metrics) ObserveBatch(model string, size int, reason string) {
+// ObserveBatch records one batch released to model's engine on backend
+// for reason (ReasonFull, ReasonPreferred, ReasonDelay, ReasonDeadline,
+// ReasonDrain) that ran size images (0: all were cancelled before it ran).
+// model is the server's own name for the model, never a client's.
+func (m *Metrics) ObserveBatch(model, backend string, size int, reason string) {
 	if m == nil {
 		return
 	}
-	model, backend := m.labels(model)
-	m.batchSize.WithLabelValues(model, backend).Observe(float64(size))
+	if size > 0 {
+		m.batchSize.WithLabelValues(model, backend).Observe(float64(size))
+	}
 	m.batches.WithLabelValues(model, backend, reason).Inc()
+}
+
+// ObserveDroppedImages counts images removed from model's queue without
+// being run, for reason (deadline, canceled, shutdown).
+func (m *Metrics) ObserveDroppedImages(model string, images int, reason string) {
+	if m == nil {
+		return
+	}
+	m.queueDropped.WithLabelValues(model, reason).Add(float64(images))
 }
 
 // QueueStats is the state of one model's queue at scrape time.

@@ -291,9 +291,9 @@ func TestBatchesAndQueue(t *testing.T) {
 		t.Fatal(err)
 	}
 	m.ModelLoaded("yolov8s", "ort-cuda", time.Second, time.Second)
-	m.ObserveBatch("yolov8s", 8, metrics.ReasonFull)
-	m.ObserveBatch("yolov8s", 3, metrics.ReasonDelay)
-	m.ObserveBatch("yolov8s", 3, metrics.ReasonDelay)
+	m.ObserveBatch("yolov8s", "ort-cuda", 8, metrics.ReasonFull)
+	m.ObserveBatch("yolov8s", "ort-cuda", 3, metrics.ReasonDelay)
+	m.ObserveBatch("yolov8s", "ort-cuda", 3, metrics.ReasonDelay)
 	depth := 5
 	m.TrackQueue("yolov8s", func() metrics.QueueStats {
 		return metrics.QueueStats{Depth: depth, OldestAge: 40 * time.Millisecond}
@@ -351,7 +351,8 @@ func TestNilMetricsRecordsNothing(t *testing.T) {
 	m.ModelLoaded("a", "b", 1, 1)
 	m.ObserveRequest("a", "OK", 1, time.Second)
 	m.ObserveImage("a", metrics.Timings{Queue: time.Second})
-	m.ObserveBatch("a", 1, metrics.ReasonFull)
+	m.ObserveBatch("a", "b", 1, metrics.ReasonFull)
+	m.ObserveDroppedImages("a", 1, "deadline")
 	m.InflightAdd("a", 1)
 	m.StreamFrameDropped("a")
 	m.TrackQueue("a", nil)

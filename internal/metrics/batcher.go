@@ -1,0 +1,64 @@
+package metrics
+
+import (
+	"context"
+	"sync"
+
+	"github.com/visionserve/visionserve/pkg/pipeline"
+)
+
+// BatchObserver returns a pipeline.BatchObserver that feeds the batch
+// size and batches-released series and the dropped-images counter from a
+// model's batcher. Give each batcher the same one or one each; both work.
+func (m *Metrics) BatchObserver() pipeline.BatchObserver {
+	return &batchObserver{m: m, reasons: map[batchKey]string{}}
+}
+
+type batchKey struct {
+	model string
+	seq   uint64
+}
+
+// batchObserver remembers why each batch was released until it is done,
+// when its backend and the images it ran are known.
+type batchObserver struct {
+	pipeline.NopBatchObserver
+	m *Metrics
+
+	mu      sync.Mutex // guards the fields below
+	reasons map[batchKey]string
+}
+
+// Dropped implements pipeline.BatchObserver.
+func (o *batchObserver) Dropped(e pipeline.BatchDropEvent) {
+	o.m.ObserveDroppedImages(e.Model, e.Images, e.Reason)
+}
+
+// BatchReleased implements pipeline.BatchObserver.
+func (o *batchObserver) BatchReleased(ctx context.Context, e pipeline.BatchReleaseEvent) context.Context {
+	o.mu.Lock()
+	o.reasons[batchKey{e.Model, e.Seq}] = e.Reason
+	o.mu.Unlock()
+	return ctx
+}
+
+// BatchDone implements pipeline.BatchObserver.
+func (o *batchObserver) BatchDone(_ context.Context, e pipeline.BatchDoneEvent) {
+	k := batchKey{e.Model, e.Seq}
+	o.mu.Lock()
+	reason, ok := o.reasons[k]
+	delete(o.reasons, k)
+	o.mu.Unlock()
+	if !ok {
+		reason = "unknown"
+	}
+	o.m.ObserveBatch(e.Model, e.Backend, e.Size, reason)
+}
+
+// QueueStatsOf adapts a batcher's Stats to TrackQueue.
+func QueueStatsOf(stats func() pipeline.BatcherStats) func() QueueStats {
+	return func() QueueStats {
+		s := stats()
+		return QueueStats{Depth: s.Queued, OldestAge: s.OldestWait}
+	}
+}

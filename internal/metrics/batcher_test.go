@@ -1,0 +1,109 @@
+package metrics_test
+
+import (
+	"context"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/visionserve/visionserve/internal/metrics"
+	"github.com/visionserve/visionserve/pkg/pipeline"
+)
+
+// slowEngine is a fake engine taking a fixed time per batch and returning
+// one logit row per image.
+type slowEngine struct{ d time.Duration }
+
+func (e slowEngine) Run(ctx context.Context, b *pipeline.Batch) ([]pipeline.Tensor, error) {
+	select {
+	case <-time.After(e.d):
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	return []pipeline.Tensor{{Name: "logits", Shape: []int64{int64(b.N), 2}, Data: make([]float32, 2*b.N)}}, nil
+}
+func (slowEngine) Backend() string { return "fake" }
+func (slowEngine) Close() error    { return nil }
+
+// item is a BatchItem that writes its slot and returns an empty result.
+type item struct{}
+
+func (item) Fill(slot []float32) error {
+	for i := range slot {
+		slot[i] = 0.5
+	}
+	return nil
+}
+func (item) Postprocess([]pipeline.Tensor, int) (pipeline.Result, error) {
+	return pipeline.Result{}, nil
+}
+
+// TestBatcherFeedsMetrics runs real traffic through the dynamic batcher
+// with a fake engine and checks that the batch and stage series moved.
+func TestBatcherFeedsMetrics(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	m, err := metrics.New(reg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.ModelLoaded("resnet50", "fake", time.Second, time.Second)
+	b, err := pipeline.NewBatcher(pipeline.BatcherConfig{
+		Model: "resnet50", MaxBatchSize: 4, MaxQueueDelay: 5 * time.Millisecond,
+		C: 3, H: 4, W: 4, Engines: []pipeline.Engine{slowEngine{10 * time.Millisecond}},
+		Observer: m.BatchObserver(),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.TrackQueue("resnet50", metrics.QueueStatsOf(b.Stats))
+
+	const requests = 10
+	var wg sync.WaitGroup
+	errs := make(chan error, requests)
+	for range requests {
+		wg.Go(func() {
+			res, err := b.Submit(context.Background(), "client", []pipeline.BatchItem{item{}})
+			if err != nil {
+				errs <- err
+				return
+			}
+			t := res[0].Timings
+			m.ObserveImage("resnet50", metrics.Timings{Queue: t.Queue, Preprocess: t.Preprocess, Inference: t.Inference, Postprocess: t.Postprocess})
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	if err := b.Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+
+	f := scrape(t, reg)
+	sizes := find(f, metrics.BatchSize, map[string]string{"model": "resnet50", "backend": "fake"}).GetHistogram()
+	if sizes.GetSampleCount() == 0 || sizes.GetSampleSum() != requests {
+		t.Errorf("batch sizes: %d batches of %v images in all, want >0 batches of %d", sizes.GetSampleCount(), sizes.GetSampleSum(), requests)
+	}
+	var released float64
+	for _, s := range f[metrics.BatchesTotal].GetMetric() {
+		released += s.GetCounter().GetValue()
+		for _, l := range s.GetLabel() {
+			if l.GetName() == "reason" && l.GetValue() == "unknown" {
+				t.Error("a batch was done without being released")
+			}
+		}
+	}
+	if released != float64(sizes.GetSampleCount()) {
+		t.Errorf("%v batches counted by reason, %d in the size histogram", released, sizes.GetSampleCount())
+	}
+	inf := find(f, metrics.StageDurationSeconds, map[string]string{"model": "resnet50", "stage": metrics.StageInference}).GetHistogram()
+	if inf.GetSampleCount() != requests || inf.GetSampleSum() < requests*0.010 {
+		t.Errorf("inference stage: %d observations, %v s; want %d of at least 10ms", inf.GetSampleCount(), inf.GetSampleSum(), requests)
+	}
+	if got := value(t, f, metrics.QueueDepth, map[string]string{"model": "resnet50"}); got != 0 {
+		t.Errorf("queue depth after all requests finished = %v", got)
+	}
+}
