@@ -1,0 +1,256 @@
+package server
+
+import (
+	"context"
+	"io"
+	"sync"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	visionv1 "github.com/visionserve/visionserve/proto/visionserve/v1"
+)
+
+func frame(id uint64, img *visionv1.Image) *visionv1.StreamRequest {
+	return &visionv1.StreamRequest{FrameId: id, Timestamp: timestamppb.New(time.Unix(int64(id), 0)), Image: img}
+}
+
+// recvAll reads responses until the stream ends.
+func recvAll(t *testing.T, st visionv1.VisionService_StreamDetectClient) ([]*visionv1.StreamResponse, error) {
+	t.Helper()
+	var out []*visionv1.StreamResponse
+	for {
+		r, err := st.Recv()
+		if err == io.EOF {
+			return out, nil
+		}
+		if err != nil {
+			return out, err
+		}
+		out = append(out, r)
+	}
+}
+
+func TestStreamInOrderEveryFrameAnswered(t *testing.T) {
+	e := newEnv(t)
+	st, err := e.vision.StreamDetect(ctxT(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	img := uint8Tensor(48, 64, 90)
+	const n = 30
+	for id := uint64(1); id <= n; id++ {
+		f := frame(id, img)
+		if id == 1 {
+			f.Model = "det"
+		}
+		if err := st.Send(f); err != nil {
+			t.Fatal(err)
+		}
+	}
+	st.CloseSend()
+	resps, err := recvAll(t, st)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(resps) != n {
+		t.Fatalf("%d responses for %d frames", len(resps), n)
+	}
+	for i, r := range resps {
+		id := uint64(i + 1)
+		if r.FrameId != id || r.Timestamp.AsTime().Unix() != int64(id) {
+			t.Fatalf("response %d is frame %d at %v, want frame %d in order", i, r.FrameId, r.Timestamp.AsTime(), id)
+		}
+		if !r.Dropped && (r.Result == nil || len(r.Result.Detections) != 1 || r.Result.Width != 64) {
+			t.Errorf("frame %d: result %v", id, r.Result)
+		}
+	}
+	if resps[0].Dropped || resps[n-1].Dropped {
+		t.Errorf("first and last frame must be served")
+	}
+}
+
+func TestStreamKeepsNewestFrameAndReportsDrops(t *testing.T) {
+	e := newEnv(t, func(c *envConfig) { c.det = &fakeEngine{classes: 3, detect: true, anchors: 84, delay: 300 * time.Millisecond} })
+	st, err := e.vision.StreamDetect(ctxT(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	img := uint8Tensor(16, 16, 90)
+	f := frame(1, img)
+	f.Model = "det"
+	if err := st.Send(f); err != nil {
+		t.Fatal(err)
+	}
+	// Frames 2..10 arrive while frame 1 is on the slow engine: only 10,
+	// the newest, is kept; 2..9 are answered dropped, before 10.
+	for id := uint64(2); id <= 10; id++ {
+		if err := st.Send(frame(id, img)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	st.CloseSend()
+	resps, err := recvAll(t, st)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var served, dropped []uint64
+	for i, r := range resps {
+		if r.FrameId != uint64(i+1) {
+			t.Fatalf("response %d is frame %d: out of order", i, r.FrameId)
+		}
+		if r.Dropped {
+			if r.Result != nil {
+				t.Errorf("dropped frame %d has a result", r.FrameId)
+			}
+			dropped = append(dropped, r.FrameId)
+		} else {
+			served = append(served, r.FrameId)
+		}
+	}
+	if len(resps) != 10 || len(served) != 2 || served[0] != 1 || served[1] != 10 || len(dropped) != 8 {
+		t.Errorf("served %v dropped %v, want served [1 10] dropped 2..9", served, dropped)
+	}
+	if runs := e.det.runs.Load(); runs != 2 {
+		t.Errorf("engine ran %d times, want 2", runs)
+	}
+}
+
+func TestStreamBadFrameDoesNotEndStream(t *testing.T) {
+	e := newEnv(t)
+	st, err := e.vision.StreamClassify(ctxT(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	good := encoded(jpegBytes(t, 20, 20, 128))
+	frames := []*visionv1.StreamRequest{frame(1, good), frame(2, encoded([]byte("junk"))), frame(3, good)}
+	frames[0].Model = "cls"
+	for _, f := range frames {
+		if err := st.Send(f); err != nil {
+			t.Fatal(err)
+		}
+		// One at a time, so that none is dropped.
+		r, err := st.Recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if r.FrameId != f.FrameId {
+			t.Fatalf("got frame %d, want %d", r.FrameId, f.FrameId)
+		}
+		if f.FrameId == 2 {
+			if r.Error == nil || codes.Code(r.Error.Code) != codes.InvalidArgument || r.Result != nil {
+				t.Errorf("bad frame: %v", r)
+			}
+		} else if r.Error != nil || len(r.Result.GetClasses()) == 0 {
+			t.Errorf("frame %d: %v", f.FrameId, r)
+		}
+	}
+	st.CloseSend()
+	if rest, err := recvAll(t, st); err != nil || len(rest) != 0 {
+		t.Errorf("end of stream: %v %v", rest, err)
+	}
+}
+
+func TestStreamRefusals(t *testing.T) {
+	e := newEnv(t)
+	for _, tt := range []struct {
+		model string
+		code  codes.Code
+	}{{"nope", codes.NotFound}, {"cls", codes.InvalidArgument}, {"", codes.InvalidArgument}} {
+		st, err := e.vision.StreamDetect(ctxT(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		f := frame(1, uint8Tensor(8, 8, 1))
+		f.Model = tt.model
+		st.Send(f)
+		_, err = st.Recv()
+		if status.Code(err) != tt.code {
+			t.Errorf("model %q: %v, want %v", tt.model, err, tt.code)
+		}
+	}
+}
+
+func TestStreamLimit(t *testing.T) {
+	const limit, clients = 64, 1000
+	e := newEnv(t, func(c *envConfig) { c.opts.Limits.MaxStreams = limit })
+	ctx, cancel := context.WithCancel(ctxT(t))
+	defer cancel()
+	img := uint8Tensor(8, 8, 50)
+	var (
+		wg        sync.WaitGroup
+		mu        sync.Mutex
+		ok, full  int
+		other     []error
+		release   = make(chan struct{})
+		allIn     sync.WaitGroup
+		openStrms []visionv1.VisionService_StreamDetectClient
+	)
+	allIn.Add(clients)
+	for range clients {
+		wg.Go(func() {
+			counted := false
+			count := func() {
+				if !counted {
+					counted = true
+					allIn.Done()
+				}
+			}
+			defer count()
+			st, err := e.vision.StreamDetect(ctx)
+			if err != nil {
+				mu.Lock()
+				other = append(other, err)
+				mu.Unlock()
+				return
+			}
+			f := frame(1, img)
+			f.Model = "det"
+			st.Send(f)
+			_, err = st.Recv()
+			mu.Lock()
+			switch status.Code(err) {
+			case codes.OK:
+				ok++
+				openStrms = append(openStrms, st)
+			case codes.ResourceExhausted:
+				full++
+				if s, _ := status.FromError(err); s.Message() != "too many concurrent streams: the limit is 64 (--max-streams)" {
+					other = append(other, err)
+				}
+			default:
+				other = append(other, err)
+			}
+			mu.Unlock()
+			count()
+			if err == nil {
+				// Hold the slot until every client had its answer.
+				<-release
+				st.CloseSend()
+				recvAll(t, st)
+			}
+		})
+	}
+	allIn.Wait()
+	close(release)
+	wg.Wait()
+	if ok != limit || full != clients-limit || len(other) > 0 {
+		t.Fatalf("%d served, %d refused, others %v; want %d and %d", ok, full, other, limit, clients-limit)
+	}
+	// Slots come back: a new stream is served.
+	st, err := e.vision.StreamDetect(ctxT(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := frame(1, img)
+	f.Model = "det"
+	st.Send(f)
+	if _, err := st.Recv(); err != nil {
+		t.Fatalf("stream after the flood: %v", err)
+	}
+	st.CloseSend()
+	recvAll(t, st)
+}
