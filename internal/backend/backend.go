@@ -39,12 +39,10 @@ type Factory struct {
 	// Available reports nil when the backend can run on this machine,
 	// else why not. It is called once per model, so it should be cheap.
 	Available func() error
-	// Check, when set, tells whether the backend can serve model m at
-	// all, without risking the process (a probe in a child process). A
-	// model that fails it is served on the fallback backend.
-	Check func(ctx context.Context, m *modelrepo.Model, opts Options) error
-	// New loads one engine instance of m.
-	New func(m *modelrepo.Model, opts Options) (pipeline.Engine, error)
+	// New loads engine instance i of m. Instance 0 checks that the
+	// backend can serve the model at all, without risking the process (a
+	// probe in a child process); later instances may skip that check.
+	New func(ctx context.Context, m *modelrepo.Model, opts Options, instance int) (pipeline.Engine, error)
 }
 
 var (
@@ -96,22 +94,20 @@ const fallback = ORTCPU
 
 // Choice is the backend picked for one model.
 type Choice struct {
-	// Backend is the name the engines are built with.
+	// Backend is the name the engines were built with.
 	Backend string
 	// Requested is what the server was asked for.
 	Requested string
 	// Reason says why Backend differs from Requested ("" when it does not):
-	// auto's pick, or the failed check that made the model fall back.
+	// auto's pick, or the failure that made the model fall back.
 	Reason string
 }
 
-// Choose picks the backend for model m. auto takes the first available
-// backend of its order; a backend whose Check refuses the model falls
-// back to ort-cpu. An unknown name, or an unavailable explicitly
-// requested backend, is an error.
-func Choose(ctx context.Context, requested string, m *modelrepo.Model, opts Options) (Choice, error) {
-	c := Choice{Requested: requested}
-	name := requested
+// Resolve turns a requested name into a backend that can run here: auto
+// takes the first available backend of its order. An unknown name, or an
+// unavailable explicitly requested backend, is an error.
+func Resolve(requested string) (Choice, error) {
+	c := Choice{Requested: requested, Backend: requested}
 	if requested == Auto {
 		var why []error
 		for _, n := range autoOrder {
@@ -125,54 +121,69 @@ func Choose(ctx context.Context, requested string, m *modelrepo.Model, opts Opti
 					continue
 				}
 			}
-			name = n
+			c.Backend = n
 			break
 		}
-		if name == Auto {
+		if c.Backend == Auto {
 			return c, fmt.Errorf("backend auto: nothing available: %w", errors.Join(why...))
 		}
-		c.Reason = "auto picked " + name
+		c.Reason = "auto picked " + c.Backend
 		if len(why) > 0 {
 			c.Reason += " (" + errors.Join(why...).Error() + ")"
 		}
+		return c, nil
 	}
-	f, ok := factory(name)
+	f, ok := factory(requested)
 	if !ok {
-		return c, fmt.Errorf("unknown backend %q (want one of %v)", name, Names())
+		return c, fmt.Errorf("unknown backend %q (want one of %v)", requested, Names())
 	}
 	if f.Available != nil {
 		if err := f.Available(); err != nil {
-			return c, fmt.Errorf("backend %s: %w", name, err)
-		}
-	}
-	c.Backend = name
-	if f.Check != nil && name != fallback {
-		if err := f.Check(ctx, m, opts); err != nil {
-			if ctx.Err() != nil {
-				return c, ctx.Err()
-			}
-			c.Backend = fallback
-			c.Reason = fmt.Sprintf("%s cannot serve model %q, falling back to %s: %v", name, m.Name, fallback, err)
+			return c, fmt.Errorf("backend %s: %w", requested, err)
 		}
 	}
 	return c, nil
 }
 
-// New loads one engine instance of m on the named backend (a Choice's
-// Backend, never auto).
-func New(name string, m *modelrepo.Model, opts Options) (pipeline.Engine, error) {
+// Load builds n engine instances of m on the requested backend. When the
+// backend cannot serve the model at all (its first instance fails to
+// load, an OpenCV probe child dying on the graph, say), the model falls
+// back to ort-cpu and Choice.Reason says why. On error no engine is left
+// open.
+func Load(ctx context.Context, requested string, m *modelrepo.Model, opts Options, n int) ([]pipeline.Engine, Choice, error) {
+	c, err := Resolve(requested)
+	if err != nil {
+		return nil, c, fmt.Errorf("model %q: %w", m.Name, err)
+	}
+	engines, err := load(ctx, c.Backend, m, opts, n)
+	if err != nil && c.Backend != fallback && len(engines) == 0 && ctx.Err() == nil {
+		c.Reason = fmt.Sprintf("%s cannot serve model %q, falling back to %s: %v", c.Backend, m.Name, fallback, err)
+		c.Backend = fallback
+		engines, err = load(ctx, fallback, m, opts, n)
+	}
+	if err != nil {
+		for _, e := range engines {
+			_ = e.Close()
+		}
+		return nil, c, err
+	}
+	return engines, c, nil
+}
+
+// load builds n instances on one backend; on error it returns the
+// instances already built, for the caller to close.
+func load(ctx context.Context, name string, m *modelrepo.Model, opts Options, n int) ([]pipeline.Engine, error) {
 	f, ok := factory(name)
 	if !ok {
 		return nil, fmt.Errorf("unknown backend %q (want one of %v)", name, Names())
 	}
-	if f.Available != nil {
-		if err := f.Available(); err != nil {
-			return nil, fmt.Errorf("backend %s: %w", name, err)
+	var engines []pipeline.Engine
+	for i := range max(n, 1) {
+		e, err := f.New(ctx, m, opts, i)
+		if err != nil {
+			return engines, fmt.Errorf("loading model %q on %s: %w", m.Name, name, err)
 		}
+		engines = append(engines, e)
 	}
-	e, err := f.New(m, opts)
-	if err != nil {
-		return nil, fmt.Errorf("loading model %q on %s: %w", m.Name, name, err)
-	}
-	return e, nil
+	return engines, nil
 }

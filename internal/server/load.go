@@ -61,27 +61,15 @@ func LoadModels(ctx context.Context, repo *modelrepo.Repo, reg *Registry, opts L
 
 // loadModel picks the backend of m and builds its engines and runner.
 func loadModel(ctx context.Context, m *modelrepo.Model, opts LoadOptions) (Runner, backend.Choice, error) {
-	choice, err := backend.Choose(ctx, opts.Backend, m, opts.Engine)
+	engines, choice, err := backend.Load(ctx, opts.Backend, m, opts.Engine, m.Batching.Instances)
 	if err != nil {
-		return nil, choice, fmt.Errorf("model %q: %w", m.Name, err)
-	}
-	engines := make([]pipeline.Engine, 0, m.Batching.Instances)
-	closeEngines := func() {
-		for _, e := range engines {
-			_ = e.Close()
-		}
-	}
-	for range m.Batching.Instances {
-		e, err := backend.New(choice.Backend, m, opts.Engine)
-		if err != nil {
-			closeEngines()
-			return nil, choice, err
-		}
-		engines = append(engines, e)
+		return nil, choice, err
 	}
 	r, err := NewPipelineRunner(m, engines, opts.Runner)
 	if err != nil {
-		closeEngines()
+		for _, e := range engines {
+			_ = e.Close()
+		}
 		return nil, choice, err
 	}
 	return r, choice, nil
