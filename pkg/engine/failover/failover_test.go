@@ -18,10 +18,10 @@ func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
 // fakeEngine is an engine that fails on demand.
 type fakeEngine struct {
-	name string
-	mu   sync.Mutex
-	fail error // returned by Run while set
-	runs int
+	name   string
+	mu     sync.Mutex
+	fail   error // returned by Run while set
+	runs   int
 	closed bool
 }
 
