@@ -15,9 +15,11 @@ type fakeEngine struct {
 	closed *int
 }
 
-func (e *fakeEngine) Run(context.Context, *pipeline.Batch) ([]pipeline.Tensor, error) { return nil, nil }
-func (e *fakeEngine) Backend() string                                                 { return e.name }
-func (e *fakeEngine) Close() error                                                    { *e.closed++; return nil }
+func (e *fakeEngine) Run(context.Context, *pipeline.Batch) ([]pipeline.Tensor, error) {
+	return nil, nil
+}
+func (e *fakeEngine) Backend() string { return e.name }
+func (e *fakeEngine) Close() error    { *e.closed++; return nil }
 
 func TestResolve(t *testing.T) {
 	c, err := Resolve(Auto)

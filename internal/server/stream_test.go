@@ -74,7 +74,9 @@ func TestStreamInOrderEveryFrameAnswered(t *testing.T) {
 }
 
 func TestStreamKeepsNewestFrameAndReportsDrops(t *testing.T) {
-	e := newEnv(t, func(c *envConfig) { c.det = &fakeEngine{classes: 3, detect: true, anchors: 84, delay: 300 * time.Millisecond} })
+	e := newEnv(t, func(c *envConfig) {
+		c.det = &fakeEngine{classes: 3, detect: true, anchors: 84, delay: 300 * time.Millisecond}
+	})
 	st, err := e.vision.StreamDetect(ctxT(t))
 	if err != nil {
 		t.Fatal(err)
