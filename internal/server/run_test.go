@@ -1,0 +1,182 @@
+package server
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"slices"
+	"syscall"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+
+	"github.com/visionserve/visionserve/internal/config"
+	"github.com/visionserve/visionserve/internal/server/servertest"
+	"github.com/visionserve/visionserve/pkg/engine/onnxrt"
+	"github.com/visionserve/visionserve/pkg/modelrepo"
+	"github.com/visionserve/visionserve/pkg/pipeline"
+	"github.com/visionserve/visionserve/proto/inference"
+	visionv1 "github.com/visionserve/visionserve/proto/visionserve/v1"
+)
+
+// realServer runs Run on a repository of the real shared models with the
+// given backend and returns a client connection once it reports SERVING.
+func realServer(t *testing.T, backendName string) (*grpc.ClientConn, string, chan<- os.Signal, <-chan error) {
+	t.Helper()
+	repo := servertest.Repo(t, servertest.MobileNetV2, servertest.YOLOv8n)
+	if _, err := onnxrt.ResolveLibPath(""); err != nil {
+		t.Skipf("ONNX Runtime missing (run scripts/setup.sh): %v", err)
+	}
+	cfg := config.Default()
+	cfg.ModelRepo, cfg.Backend = repo, backendName
+	cfg.GRPCAddr, cfg.HTTPAddr = "127.0.0.1:0", "127.0.0.1:0"
+	cfg.GracePeriod = 10 * time.Second
+	stop := make(chan os.Signal, 1)
+	addrs := make(chan net.Addr, 1)
+	done := make(chan error, 1)
+	go func() {
+		done <- Run(context.Background(), cfg, RunOptions{
+			Logger:   slog.New(slog.NewTextHandler(io.Discard, nil)),
+			Stop:     stop,
+			OnListen: func(g, _ net.Addr) { addrs <- g },
+		})
+	}()
+	var addr string
+	select {
+	case a := <-addrs:
+		addr = a.String()
+	case err := <-done:
+		t.Fatalf("Run: %v", err)
+	case <-time.After(2 * time.Minute):
+		t.Fatal("server did not listen")
+	}
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	health := healthpb.NewHealthClient(conn)
+	deadline := time.Now().Add(3 * time.Minute)
+	for {
+		r, err := health.Check(ctxT(t), &healthpb.HealthCheckRequest{Service: VisionServiceName})
+		if err == nil && r.Status == healthpb.HealthCheckResponse_SERVING {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("not SERVING after warm-up: %v %v", r, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return conn, repo, stop, done
+}
+
+// TestRunRealModels serves the real int8 models. With auto (OpenCV on a
+// machine without GPU) both models fail OpenCV's probe in a child process
+// and fall back to ONNX Runtime, which must not end this process.
+func TestRunRealModels(t *testing.T) {
+	conn, repo, stop, done := realServer(t, "auto")
+	vision := visionv1.NewVisionServiceClient(conn)
+	ctx := ctxT(t)
+
+	info, err := vision.ModelInfo(ctx, &visionv1.ModelInfoRequest{Model: servertest.MobileNetV2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.Backend != "ort-cpu" || info.LabelsCount != 1000 || info.InputWidth != 224 {
+		t.Errorf("mobilenetv2 info: %v", info)
+	}
+
+	cls, err := vision.Classify(ctx, &visionv1.ClassifyRequest{Model: servertest.MobileNetV2, Images: []*visionv1.Image{encoded(servertest.Image(t, "dog.jpg"))}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	top := cls.Results[0].Classes[0]
+	if top.Label != "Samoyed" || top.Score < 0.75 || top.Score > 0.95 {
+		t.Errorf("dog.jpg top-1 %q %.3f, want Samoyed ~0.87", top.Label, top.Score)
+	}
+	if r := cls.Results[0]; r.Width != 1546 || r.Height != 1213 || r.Backend != "ort-cpu" {
+		t.Errorf("dog.jpg result %dx%d on %s", r.Width, r.Height, r.Backend)
+	}
+
+	det, err := vision.Detect(ctx, &visionv1.DetectRequest{Model: servertest.YOLOv8n, Images: []*visionv1.Image{
+		encoded(servertest.Image(t, "bus.jpg")), encoded(servertest.Image(t, "zidane.jpg")),
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	count := func(r *visionv1.ImageResult, label string, minScore float32) int {
+		n := 0
+		for _, d := range r.Detections {
+			if d.Label == label && d.Score >= minScore {
+				n++
+				if d.Box.X1 < 0 || d.Box.Y1 < 0 || d.Box.X2 > float32(r.Width) || d.Box.Y2 > float32(r.Height) || d.Box.X2 <= d.Box.X1 {
+					t.Errorf("box outside the %dx%d image: %v", r.Width, r.Height, d.Box)
+				}
+			}
+		}
+		return n
+	}
+	if bus := det.Results[0]; count(bus, "bus", 0.7) != 1 || count(bus, "person", 0.8) < 3 || bus.Width != 810 || bus.Height != 1080 {
+		t.Errorf("bus.jpg: %v", bus.Detections)
+	}
+	if z := det.Results[1]; count(z, "person", 0.7) != 2 {
+		t.Errorf("zidane.jpg: %v", z.Detections)
+	}
+
+	// OIP on preprocessed FP32 input equals the engine's own output for
+	// the same batch, bit for bit.
+	m, err := modelrepo.Load(repo, servertest.MobileNetV2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	eng, err := onnxrt.NewForModel(m, onnxrt.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer eng.Close()
+	pre, err := pipeline.NewPreprocessor(m, pipeline.PreprocessOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := pre.Prepare(servertest.Image(t, "dog.jpg"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	batch := pipeline.NewBatch(1, 3, 224, 224)
+	batch.N = 1
+	if err := p.Fill(batch.Slot(0)); err != nil {
+		t.Fatal(err)
+	}
+	p.Close()
+	outs, err := eng.Run(ctx, batch)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := fp32Raw(outs[0].Data)
+	resp, err := inference.NewGRPCInferenceServiceClient(conn).ModelInfer(ctx, &inference.ModelInferRequest{
+		ModelName:        servertest.MobileNetV2,
+		Inputs:           []*inferInput{{Name: m.Input.Name, Datatype: "FP32", Shape: []int64{1, 3, 224, 224}}},
+		RawInputContents: [][]byte{fp32Raw(batch.Input())},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(resp.Outputs[0].Shape, []int64{1, 1000}) || !slices.Equal(resp.RawOutputContents[0], want) {
+		t.Errorf("OIP raw output (shape %v) differs from the engine's", resp.Outputs[0].Shape)
+	}
+
+	stop <- syscall.SIGTERM
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("Run after SIGTERM: %v", err)
+		}
+	case <-time.After(time.Minute):
+		t.Fatal("Run did not return after SIGTERM")
+	}
+}
