@@ -46,6 +46,11 @@ func tinyModel(g *onnx.GraphProto) ([]byte, error) {
 	return proto.Marshal(m)
 }
 
+// ProbeModel returns the serialized one-node model provider probes run:
+// y = x + x with x and y of shape [1,1,2,2]. Other packages' tests load it
+// to exercise engines without a model file.
+func ProbeModel() ([]byte, error) { return probeModel() }
+
 // probeModel is the one-node model a provider probe runs: y = x + x on a
 // [1,1,2,2] input, small enough to load in milliseconds on any provider,
 // real enough that a broken driver or missing library fails it.
