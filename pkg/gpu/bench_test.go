@@ -1,0 +1,73 @@
+package gpu
+
+import (
+	"context"
+	"os/exec"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+)
+
+// BenchmarkBindingCPU measures the IoBinding path on its CPU twin with the
+// small conv model: the overhead the binding adds per batch, not a model
+// speed (the GPU benchmarks are behind the gpu build tag).
+func BenchmarkBindingCPU(b *testing.B) {
+	initRuntime(b)
+	path := convModel(b)
+	s, err := OpenSession(path, SessionOptions{Provider: ProviderCPU, IntraOpThreads: 1})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer s.Close()
+	e, err := NewEngine(s, EngineOptions{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer e.Close()
+	const n, c, h, w = 8, 3, 8, 8
+	data, free, err := e.AllocBatch(n, c, h, w)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer free()
+	copy(data, randomInput(3, len(data)))
+	ctx := context.Background()
+	lat := make([]time.Duration, 0, b.N)
+	b.ReportAllocs()
+	b.ResetTimer()
+	for range b.N {
+		t0 := time.Now()
+		if _, err := e.Run(ctx, data, n, c, h, w); err != nil {
+			b.Fatal(err)
+		}
+		lat = append(lat, time.Since(t0))
+	}
+	b.StopTimer()
+	slices.Sort(lat)
+	var total time.Duration
+	for _, d := range lat {
+		total += d
+	}
+	b.ReportMetric(float64(n*len(lat))/total.Seconds(), "images/s")
+	b.ReportMetric(float64(lat[len(lat)/2])/1e6, "p50_ms")
+	b.ReportMetric(float64(lat[min(len(lat)-1, len(lat)*99/100)])/1e6, "p99_ms")
+}
+
+// TestNoOpenCVDependency keeps package gpu runnable where OpenCV is absent:
+// nothing it imports, tests included, may pull in gocv.
+func TestNoOpenCVDependency(t *testing.T) {
+	goTool, err := exec.LookPath("go")
+	if err != nil {
+		t.Skip("go tool not on PATH (a GPU machine runs the prebuilt test binary)")
+	}
+	out, err := exec.Command(goTool, "list", "-test", "-deps", ".").CombinedOutput()
+	if err != nil {
+		t.Fatalf("go list: %v\n%s", err, out)
+	}
+	for _, dep := range strings.Fields(string(out)) {
+		if strings.Contains(dep, "gocv") || strings.HasSuffix(dep, "/pkg/pipeline") {
+			t.Errorf("package gpu depends on %s; GPU binaries must build and run without OpenCV", dep)
+		}
+	}
+}
