@@ -6,6 +6,10 @@
 // (TrainingInfoProto, DeviceConfigurationProto, ...) are omitted: protobuf
 // keeps their bytes as unknown fields, so a read/write round trip is lossless.
 //
+// Where ONNX's proto2 schema relies on field presence for scalars that can
+// legitimately be zero (AttributeProto f, i, s), the fields are declared
+// `optional` so they keep presence in proto3.
+//
 // Regenerate onnx.pb.go with `go generate ./internal/onnx` (needs protoc and
 // protoc-gen-go v1.36.12 on PATH).
 
@@ -354,25 +358,28 @@ func (TensorProto_DataLocation) EnumDescriptor() ([]byte, []int) {
 
 // AttributeProto is a named attribute of a node (or function).
 type AttributeProto struct {
-	state         protoimpl.MessageState       `protogen:"open.v1"`
-	Name          string                       `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	RefAttrName   string                       `protobuf:"bytes,21,opt,name=ref_attr_name,json=refAttrName,proto3" json:"ref_attr_name,omitempty"`
-	DocString     string                       `protobuf:"bytes,13,opt,name=doc_string,json=docString,proto3" json:"doc_string,omitempty"`
-	Type          AttributeProto_AttributeType `protobuf:"varint,20,opt,name=type,proto3,enum=onnx.AttributeProto_AttributeType" json:"type,omitempty"`
-	F             float32                      `protobuf:"fixed32,2,opt,name=f,proto3" json:"f,omitempty"`
-	I             int64                        `protobuf:"varint,3,opt,name=i,proto3" json:"i,omitempty"`
-	S             []byte                       `protobuf:"bytes,4,opt,name=s,proto3" json:"s,omitempty"`
-	T             *TensorProto                 `protobuf:"bytes,5,opt,name=t,proto3" json:"t,omitempty"`
-	G             *GraphProto                  `protobuf:"bytes,6,opt,name=g,proto3" json:"g,omitempty"`
-	SparseTensor  *SparseTensorProto           `protobuf:"bytes,22,opt,name=sparse_tensor,json=sparseTensor,proto3" json:"sparse_tensor,omitempty"`
-	Tp            *TypeProto                   `protobuf:"bytes,14,opt,name=tp,proto3" json:"tp,omitempty"`
-	Floats        []float32                    `protobuf:"fixed32,7,rep,packed,name=floats,proto3" json:"floats,omitempty"`
-	Ints          []int64                      `protobuf:"varint,8,rep,packed,name=ints,proto3" json:"ints,omitempty"`
-	Strings       [][]byte                     `protobuf:"bytes,9,rep,name=strings,proto3" json:"strings,omitempty"`
-	Tensors       []*TensorProto               `protobuf:"bytes,10,rep,name=tensors,proto3" json:"tensors,omitempty"`
-	Graphs        []*GraphProto                `protobuf:"bytes,11,rep,name=graphs,proto3" json:"graphs,omitempty"`
-	SparseTensors []*SparseTensorProto         `protobuf:"bytes,23,rep,name=sparse_tensors,json=sparseTensors,proto3" json:"sparse_tensors,omitempty"`
-	TypeProtos    []*TypeProto                 `protobuf:"bytes,15,rep,name=type_protos,json=typeProtos,proto3" json:"type_protos,omitempty"`
+	state       protoimpl.MessageState       `protogen:"open.v1"`
+	Name        string                       `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	RefAttrName string                       `protobuf:"bytes,21,opt,name=ref_attr_name,json=refAttrName,proto3" json:"ref_attr_name,omitempty"`
+	DocString   string                       `protobuf:"bytes,13,opt,name=doc_string,json=docString,proto3" json:"doc_string,omitempty"`
+	Type        AttributeProto_AttributeType `protobuf:"varint,20,opt,name=type,proto3,enum=onnx.AttributeProto_AttributeType" json:"type,omitempty"`
+	// The scalar values carry explicit presence (as in the proto2 original):
+	// OpenCV's importer tells an attribute's kind by has_i()/has_f()/has_s(),
+	// so a zero value such as ceil_mode=0 must still be written.
+	F             *float32             `protobuf:"fixed32,2,opt,name=f,proto3,oneof" json:"f,omitempty"`
+	I             *int64               `protobuf:"varint,3,opt,name=i,proto3,oneof" json:"i,omitempty"`
+	S             []byte               `protobuf:"bytes,4,opt,name=s,proto3,oneof" json:"s,omitempty"`
+	T             *TensorProto         `protobuf:"bytes,5,opt,name=t,proto3" json:"t,omitempty"`
+	G             *GraphProto          `protobuf:"bytes,6,opt,name=g,proto3" json:"g,omitempty"`
+	SparseTensor  *SparseTensorProto   `protobuf:"bytes,22,opt,name=sparse_tensor,json=sparseTensor,proto3" json:"sparse_tensor,omitempty"`
+	Tp            *TypeProto           `protobuf:"bytes,14,opt,name=tp,proto3" json:"tp,omitempty"`
+	Floats        []float32            `protobuf:"fixed32,7,rep,packed,name=floats,proto3" json:"floats,omitempty"`
+	Ints          []int64              `protobuf:"varint,8,rep,packed,name=ints,proto3" json:"ints,omitempty"`
+	Strings       [][]byte             `protobuf:"bytes,9,rep,name=strings,proto3" json:"strings,omitempty"`
+	Tensors       []*TensorProto       `protobuf:"bytes,10,rep,name=tensors,proto3" json:"tensors,omitempty"`
+	Graphs        []*GraphProto        `protobuf:"bytes,11,rep,name=graphs,proto3" json:"graphs,omitempty"`
+	SparseTensors []*SparseTensorProto `protobuf:"bytes,23,rep,name=sparse_tensors,json=sparseTensors,proto3" json:"sparse_tensors,omitempty"`
+	TypeProtos    []*TypeProto         `protobuf:"bytes,15,rep,name=type_protos,json=typeProtos,proto3" json:"type_protos,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -436,15 +443,15 @@ func (x *AttributeProto) GetType() AttributeProto_AttributeType {
 }
 
 func (x *AttributeProto) GetF() float32 {
-	if x != nil {
-		return x.F
+	if x != nil && x.F != nil {
+		return *x.F
 	}
 	return 0
 }
 
 func (x *AttributeProto) GetI() int64 {
-	if x != nil {
-		return x.I
+	if x != nil && x.I != nil {
+		return *x.I
 	}
 	return 0
 }
@@ -2031,16 +2038,16 @@ var File_onnx_proto protoreflect.FileDescriptor
 const file_onnx_proto_rawDesc = "" +
 	"\n" +
 	"\n" +
-	"onnx.proto\x12\x04onnx\"\xe3\x06\n" +
+	"onnx.proto\x12\x04onnx\"\x84\a\n" +
 	"\x0eAttributeProto\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\"\n" +
 	"\rref_attr_name\x18\x15 \x01(\tR\vrefAttrName\x12\x1d\n" +
 	"\n" +
 	"doc_string\x18\r \x01(\tR\tdocString\x126\n" +
-	"\x04type\x18\x14 \x01(\x0e2\".onnx.AttributeProto.AttributeTypeR\x04type\x12\f\n" +
-	"\x01f\x18\x02 \x01(\x02R\x01f\x12\f\n" +
-	"\x01i\x18\x03 \x01(\x03R\x01i\x12\f\n" +
-	"\x01s\x18\x04 \x01(\fR\x01s\x12\x1f\n" +
+	"\x04type\x18\x14 \x01(\x0e2\".onnx.AttributeProto.AttributeTypeR\x04type\x12\x11\n" +
+	"\x01f\x18\x02 \x01(\x02H\x00R\x01f\x88\x01\x01\x12\x11\n" +
+	"\x01i\x18\x03 \x01(\x03H\x01R\x01i\x88\x01\x01\x12\x11\n" +
+	"\x01s\x18\x04 \x01(\fH\x02R\x01s\x88\x01\x01\x12\x1f\n" +
 	"\x01t\x18\x05 \x01(\v2\x11.onnx.TensorProtoR\x01t\x12\x1e\n" +
 	"\x01g\x18\x06 \x01(\v2\x10.onnx.GraphProtoR\x01g\x12<\n" +
 	"\rsparse_tensor\x18\x16 \x01(\v2\x17.onnx.SparseTensorProtoR\fsparseTensor\x12\x1f\n" +
@@ -2075,7 +2082,10 @@ const file_onnx_proto_rawDesc = "" +
 	"\x06GRAPHS\x10\n" +
 	"\x12\x12\n" +
 	"\x0eSPARSE_TENSORS\x10\f\x12\x0f\n" +
-	"\vTYPE_PROTOS\x10\x0eJ\x04\b\f\x10\rJ\x04\b\x10\x10\x14R\x01v\"\xad\x01\n" +
+	"\vTYPE_PROTOS\x10\x0eB\x04\n" +
+	"\x02_fB\x04\n" +
+	"\x02_iB\x04\n" +
+	"\x02_sJ\x04\b\f\x10\rJ\x04\b\x10\x10\x14R\x01v\"\xad\x01\n" +
 	"\x0eValueInfoProto\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12#\n" +
 	"\x04type\x18\x02 \x01(\v2\x0f.onnx.TypeProtoR\x04type\x12\x1d\n" +
@@ -2369,6 +2379,7 @@ func file_onnx_proto_init() {
 	if File_onnx_proto != nil {
 		return
 	}
+	file_onnx_proto_msgTypes[0].OneofWrappers = []any{}
 	file_onnx_proto_msgTypes[10].OneofWrappers = []any{
 		(*TypeProto_TensorType)(nil),
 		(*TypeProto_SequenceType)(nil),

@@ -198,7 +198,7 @@ func headGraph() *ModelProto {
 		return &NodeProto{OpType: op, Name: name, Input: in, Output: out, Attribute: attrs}
 	}
 	axis := func(v int64) *AttributeProto {
-		return &AttributeProto{Name: "axis", Type: AttributeProto_INT, I: v}
+		return &AttributeProto{Name: "axis", Type: AttributeProto_INT, I: proto.Int64(v)}
 	}
 	f := func(name string) *ValueInfoProto {
 		return &ValueInfoProto{Name: name, Type: &TypeProto{Value: &TypeProto_TensorType{TensorType: &TypeProto_Tensor{ElemType: int32(TensorProto_FLOAT)}}}}
@@ -242,7 +242,7 @@ func TestDetectHeadOutputs(t *testing.T) {
 		t.Errorf("head outputs = %v, want %v", got, want)
 	}
 	// Break the pattern: the level concat along the wrong axis.
-	m.GetGraph().GetNode()[2].Attribute[0].I = 2
+	m.GetGraph().GetNode()[2].Attribute[0].I = proto.Int64(2)
 	if got, err := DetectHeadOutputs(m.GetGraph()); err == nil {
 		t.Errorf("broken pattern matched: %v", got)
 	}
@@ -309,6 +309,10 @@ func TestExtract(t *testing.T) {
 // including oneof dims and typed attributes.
 func TestRoundTrip(t *testing.T) {
 	m := headGraph()
+	// A zero-valued INT attribute must still be written: OpenCV decides
+	// an attribute's kind by has_i().
+	m.GetGraph().GetNode()[0].Attribute = append(m.GetGraph().GetNode()[0].Attribute,
+		&AttributeProto{Name: "ceil_mode", Type: AttributeProto_INT, I: proto.Int64(0)})
 	m.GetGraph().GetInput()[0].GetType().GetTensorType().Shape = &TensorShapeProto{Dim: []*TensorShapeProto_Dimension{
 		{Value: &TensorShapeProto_Dimension_DimParam{DimParam: "N"}},
 		{Value: &TensorShapeProto_Dimension_DimValue{DimValue: 3}},
@@ -327,6 +331,9 @@ func TestRoundTrip(t *testing.T) {
 	}
 	if !proto.Equal(m, back) {
 		t.Errorf("round trip changed the model")
+	}
+	if a := Attr(back.GetGraph().GetNode()[0], "ceil_mode"); a == nil || a.I == nil {
+		t.Errorf("zero INT attribute lost its presence: %v", a)
 	}
 	if got := Shape(back.GetGraph().GetInput()[0]); !reflect.DeepEqual(got, []int64{-1, 3}) {
 		t.Errorf("shape = %v, want [-1 3]", got)
