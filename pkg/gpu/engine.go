@@ -275,37 +275,44 @@ func (e *Engine) Run(ctx context.Context, data []float32, n, c, h, w int) ([]Ten
 	if e.closed {
 		return nil, errors.New("gpu engine: closed")
 	}
-	b, err := e.bindingLocked(n)
-	if err != nil {
-		return nil, err
-	}
 	ptr := unsafe.Pointer(&data[0])
 	if buf, ok := e.owned[ptr]; !ok || buf.n < size {
+		var err error
 		if ptr, err = e.stageLocked(data[:size]); err != nil {
 			return nil, err
 		}
 		e.stats.CopiedBatches++
 	}
-	// Bind on every run: for a GPU session BindInput is where ONNX Runtime
-	// copies the input to the device, so a binding kept from an earlier run
-	// would feed the model stale data.
-	if err := e.bindInputLocked(b, ptr, n, c, h, w); err != nil {
-		if e.memInfo != e.pinned || e.stats.Batches > 0 {
-			return nil, err
-		}
-		// This runtime build does not take CUDA-pinned memory info: bind
-		// the same pinned buffers as plain CPU memory, which the driver
-		// still copies by DMA, and say so in Stats.
+	out, err := e.runLocked(ctx, ptr, n, c, h, w)
+	if err != nil && e.memInfo == e.pinned && e.stats.Batches == 0 && ctx.Err() == nil {
+		// The first run with buffers bound as CUDA-pinned memory failed:
+		// bind the same pinned buffers as plain CPU memory, which the
+		// driver still copies by DMA, and say so in Stats. Later failures
+		// are the model's or the device's and are returned as they are.
 		e.dropBindingsLocked()
 		e.memInfo = e.cpuInfo
 		e.stats.BindPinned = false
 		e.stats.PinnedBindError = err.Error()
-		if b, err = e.bindingLocked(n); err != nil {
-			return nil, err
-		}
-		if err := e.bindInputLocked(b, ptr, n, c, h, w); err != nil {
-			return nil, err
-		}
+		out, err = e.runLocked(ctx, ptr, n, c, h, w)
+	}
+	if err != nil {
+		return nil, err
+	}
+	e.stats.Batches++
+	return out, nil
+}
+
+// runLocked binds the input at ptr to the binding of batch size n and runs.
+func (e *Engine) runLocked(ctx context.Context, ptr unsafe.Pointer, n, c, h, w int) ([]Tensor, error) {
+	b, err := e.bindingLocked(n)
+	if err != nil {
+		return nil, err
+	}
+	// Bind on every run: for a GPU session BindInput is where ONNX Runtime
+	// copies the input to the device, so a binding kept from an earlier run
+	// would feed the model stale data.
+	if err := e.bindInputLocked(b, ptr, n, c, h, w); err != nil {
+		return nil, err
 	}
 	stop := e.terminateOnCancelLocked(ctx)
 	err = cerr(C.vs_run_binding(e.cs, e.ro, b.b))
@@ -316,7 +323,6 @@ func (e *Engine) Run(ctx context.Context, data []float32, n, c, h, w int) ([]Ten
 		}
 		return nil, fmt.Errorf("gpu engine: running %s on %s: %w", e.sess.path, e.backend, err)
 	}
-	e.stats.Batches++
 	return b.result, nil
 }
 

@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"go.uber.org/goleak"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/visionserve/visionserve/internal/onnx"
 )
@@ -58,7 +59,7 @@ func convModel(t testing.TB) string {
 			{OpType: "GlobalAveragePool", Name: "gap", Input: []string{"features"}, Output: []string{"pooled"}},
 			{OpType: "Flatten", Name: "flat", Input: []string{"pooled"}, Output: []string{"flat"}},
 			{OpType: "Gemm", Name: "fc", Input: []string{"flat", "fc_w", "fc_b"}, Output: []string{"logits"},
-				Attribute: []*onnx.AttributeProto{{Name: "transB", Type: onnx.AttributeProto_INT, I: 1}}},
+				Attribute: []*onnx.AttributeProto{{Name: "transB", Type: onnx.AttributeProto_INT, I: proto.Int64(1)}}},
 		},
 		Input:  []*onnx.ValueInfoProto{tinyValue("images", -1, 3, 8, 8)},
 		Output: []*onnx.ValueInfoProto{tinyValue("features", -1, 4, 8, 8), tinyValue("logits", -1, 10)},
