@@ -226,4 +226,3 @@ func TestErrors(t *testing.T) {
 		}
 	}
 }
-
