@@ -321,3 +321,39 @@ func TestResolveLibPathMissing(t *testing.T) {
 		t.Errorf("ResolveLibPath with a missing library: %v", err)
 	}
 }
+
+// TestORTGoConfigure checks the onnxruntime_go hook: the CPU provider adds
+// nothing, bad options are refused before any native call, and asking a
+// CPU-only runtime for CUDA is an error, not a crash.
+func TestORTGoConfigure(t *testing.T) {
+	lib := initRuntime(t)
+	if !ort.IsInitialized() {
+		ort.SetSharedLibraryPath(lib)
+		if err := ort.InitializeEnvironment(ort.WithLogLevelError()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	so, err := ort.NewSessionOptions()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer so.Destroy()
+	if err := ORTGoConfigure(SessionOptions{Provider: ProviderCPU})(so); err != nil {
+		t.Errorf("cpu: %v", err)
+	}
+	err = ORTGoConfigure(SessionOptions{Provider: ProviderCUDA, CUDA: CUDAOptions{ConvAlgoSearch: "BEST"}})(so)
+	if err == nil || !strings.Contains(err.Error(), "conv algorithm search") {
+		t.Errorf("bad conv search: %v", err)
+	}
+	if Discover(nil).Available {
+		return
+	}
+	var hookErr error
+	restored, err := WithGoSignals(func() error {
+		hookErr = ORTGoConfigure(SessionOptions{Provider: ProviderCUDA})(so)
+		return hookErr
+	})
+	if err == nil || err != hookErr {
+		t.Errorf("CUDA on a runtime without it: %v (restored %v)", err, restored)
+	}
+}
