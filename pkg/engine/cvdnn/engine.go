@@ -25,6 +25,7 @@ import (
 	"time"
 
 	"gocv.io/x/gocv"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/visionserve/visionserve/internal/onnx"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
@@ -50,8 +51,11 @@ type Options struct {
 	CacheDir string
 	// MaxBatch, when above 1, is also probed and bounds Run's batch size.
 	MaxBatch int
-	// SkipProbe loads the model in-process without probing it first. Only
-	// for models already probed by this binary's build of OpenCV.
+	// SkipProbe loads the model in-process without probing it first, when
+	// this process has not probed it already. Probe results are cached per
+	// process (by file, size, modification time, input, outputs and batch
+	// sizes), so further instances of a model never need this; a cached
+	// result, failure included, always applies.
 	SkipProbe bool
 	// ProbeTimeout bounds the probe (default DefaultProbeTimeout).
 	ProbeTimeout time.Duration
@@ -70,6 +74,11 @@ type Engine struct {
 	outputs    []string
 	head       *DetectHead // nil unless the graph was cut
 	maxBatch   int
+	// perImage is set when OpenCV runs the graph at batch 1 but not at
+	// MaxBatch (OpenCV 4.6 mis-broadcasts some [N,C,1,1]×[N,C,H,W]
+	// products, as in MobileNetV3's squeeze-excite): Run then runs the
+	// images of a batch one by one.
+	perImage bool
 
 	mu     sync.Mutex // guards the fields below
 	closed bool
@@ -108,9 +117,13 @@ func NewForModel(ctx context.Context, m *modelrepo.Model, opts Options) (*Engine
 // YOLOv8 head, probes the result in a child process and only then loads it
 // in this one. ctx bounds the probe.
 func New(ctx context.Context, path string, opts Options) (*Engine, error) {
-	m, err := onnx.ReadModel(path)
+	raw, err := os.ReadFile(path)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("reading onnx model: %w", err)
+	}
+	m := &onnx.ModelProto{}
+	if err := proto.Unmarshal(raw, m); err != nil {
+		return nil, fmt.Errorf("parsing onnx model %s: %w", path, err)
 	}
 	io, err := graphIO(m)
 	if err != nil {
@@ -134,38 +147,36 @@ func New(ctx context.Context, path string, opts Options) (*Engine, error) {
 		e.outputs = slices.Clone(opts.OutputNames)
 	}
 	e.netOutputs = e.outputs
-	if !opts.FullGraph && len(e.outputs) == 1 {
-		if _, err := FindDetectHead(m, e.outputs[0]); err == nil {
-			dir := opts.CacheDir
-			if dir == "" {
-				dir = defaultCacheDir()
-			}
-			cut, head, err := CutModelFile(path, e.outputs[0], dir)
-			if err != nil {
-				return nil, fmt.Errorf("model %s: %w", path, err)
-			}
-			e.path, e.head, e.netOutputs = cut, head, head.Outputs()
-		}
+	dir := opts.CacheDir
+	if dir == "" {
+		dir = defaultCacheDir()
 	}
-	if !opts.SkipProbe {
-		batches := []int{1}
-		if e.batch > 0 {
-			batches = []int{e.batch}
-		} else if opts.MaxBatch > 1 {
-			batches = append(batches, opts.MaxBatch)
+	cut := false
+	if !opts.FullGraph && len(e.outputs) == 1 {
+		_, err := FindDetectHead(m, e.outputs[0])
+		cut = err == nil
+	}
+	runPath, head, err := prepareForOpenCV(path, raw, m, cut, e.outputs[0], dir)
+	if err != nil {
+		return nil, fmt.Errorf("model %s: %w", path, err)
+	}
+	e.path = runPath
+	if head != nil {
+		e.head, e.netOutputs = head, head.Outputs()
+	}
+	if opts.ProbeTimeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, opts.ProbeTimeout)
+		defer cancel()
+	}
+	if err := e.probeCached(ctx, opts.MaxBatch, opts.SkipProbe); err != nil {
+		if e.head != nil {
+			return nil, fmt.Errorf("model %s (cut at its detect head): %w", path, err)
 		}
-		if opts.ProbeTimeout > 0 {
-			var cancel context.CancelFunc
-			ctx, cancel = context.WithTimeout(ctx, opts.ProbeTimeout)
-			defer cancel()
+		if e.path != path {
+			return nil, fmt.Errorf("model %s (rewritten for OpenCV): %w", path, err)
 		}
-		spec := ProbeSpec{Model: e.path, Input: e.input, Shape: e.shape, Outputs: e.netOutputs, Batches: batches}
-		if _, err := probeChild(ctx, spec); err != nil {
-			if e.path != path {
-				return nil, fmt.Errorf("model %s (cut at its detect head): %w", path, err)
-			}
-			return nil, err
-		}
+		return nil, err
 	}
 	e.net, err = readNet(e.path)
 	if err != nil {
@@ -173,6 +184,83 @@ func New(ctx context.Context, path string, opts Options) (*Engine, error) {
 	}
 	return e, nil
 }
+
+// probeCache remembers probe outcomes for the life of the process: a
+// second instance of a model neither spawns a child nor skips what the
+// first one learnt (that it must run image by image).
+var probeCache struct {
+	mu sync.Mutex // guards m
+	m  map[string]probeOutcome
+}
+
+type probeOutcome struct {
+	perImage bool
+	err      error
+}
+
+func (e *Engine) probeKey(maxBatch int) (string, error) {
+	fi, err := os.Stat(e.path)
+	if err != nil {
+		return "", err
+	}
+	return fmt.Sprintf("%s|%d|%d|%s|%v|%v|%d|%d", e.path, fi.Size(), fi.ModTime().UnixNano(), e.input, e.shape, e.netOutputs, e.batch, maxBatch), nil
+}
+
+// probeCached applies a cached probe outcome, or probes (unless skip) and
+// caches the outcome.
+func (e *Engine) probeCached(ctx context.Context, maxBatch int, skip bool) error {
+	key, err := e.probeKey(maxBatch)
+	if err != nil {
+		return err
+	}
+	probeCache.mu.Lock()
+	out, ok := probeCache.m[key]
+	probeCache.mu.Unlock()
+	if !ok {
+		if skip {
+			return nil
+		}
+		err := e.probe(ctx, maxBatch)
+		if ctx.Err() != nil {
+			return err // a cut-short probe says nothing about the model
+		}
+		out = probeOutcome{perImage: e.perImage, err: err}
+		probeCache.mu.Lock()
+		if probeCache.m == nil {
+			probeCache.m = map[string]probeOutcome{}
+		}
+		probeCache.m[key] = out
+		probeCache.mu.Unlock()
+	}
+	e.perImage = out.perImage
+	return out.err
+}
+
+// probe runs the model in a child process at batch 1 and maxBatch. When
+// only batch 1 works the engine runs images one by one.
+func (e *Engine) probe(ctx context.Context, maxBatch int) error {
+	spec := ProbeSpec{Model: e.path, Input: e.input, Shape: e.shape, Outputs: e.netOutputs, Batches: []int{1}}
+	switch {
+	case e.batch > 0:
+		spec.Batches = []int{e.batch}
+	case maxBatch > 1:
+		spec.Batches = []int{1, maxBatch}
+	}
+	_, err := probeChild(ctx, spec)
+	if err == nil || len(spec.Batches) < 2 {
+		return err
+	}
+	spec.Batches = []int{1}
+	if _, err1 := probeChild(ctx, spec); err1 != nil {
+		return err1
+	}
+	e.perImage = true
+	return nil
+}
+
+// PerImage reports whether the engine runs a batch image by image because
+// OpenCV failed the model at the maximum batch size.
+func (e *Engine) PerImage() bool { return e.perImage }
 
 func defaultCacheDir() string {
 	if d, err := os.UserCacheDir(); err == nil {
@@ -230,17 +318,30 @@ func (e *Engine) Run(ctx context.Context, b *pipeline.Batch) ([]pipeline.Tensor,
 		bufs = &runBuffers{net: make([][]float32, len(e.netOutputs)), shapes: make([][]int, len(e.netOutputs))}
 		e.bufs[b.N] = bufs
 	}
-	shape := [4]int{b.N, b.C, b.H, b.W}
-	err := forward(&e.net, e.input, b.Input(), shape, e.netOutputs, func(i int, s []int, v []float32) error {
-		if len(s) == 0 || s[0] != b.N {
-			return fmt.Errorf("opencv: output %q has shape %v, want batch %d first", e.netOutputs[i], s, b.N)
+	chunk := b.N
+	if e.perImage {
+		chunk = 1
+	}
+	slot := b.SlotSize()
+	for first := 0; first < b.N; first += chunk {
+		shape := [4]int{chunk, b.C, b.H, b.W}
+		err := forward(&e.net, e.input, b.Data[first*slot:(first+chunk)*slot], shape, e.netOutputs, func(i int, s []int, v []float32) error {
+			if len(s) == 0 || s[0] != chunk {
+				return fmt.Errorf("opencv: output %q has shape %v, want batch %d first", e.netOutputs[i], s, chunk)
+			}
+			if first == 0 {
+				bufs.net[i] = bufs.net[i][:0]
+				bufs.shapes[i] = append(bufs.shapes[i][:0], s...)
+				bufs.shapes[i][0] = b.N
+			} else if !slices.Equal(s[1:], bufs.shapes[i][1:]) {
+				return fmt.Errorf("opencv: output %q has shape %v for image %d, %v before", e.netOutputs[i], s, first, bufs.shapes[i])
+			}
+			bufs.net[i] = append(bufs.net[i], v...)
+			return nil
+		})
+		if err != nil {
+			return nil, fmt.Errorf("running %s: %w", e.path, err)
 		}
-		bufs.net[i] = append(bufs.net[i][:0], v...)
-		bufs.shapes[i] = append(bufs.shapes[i][:0], s...)
-		return nil
-	})
-	if err != nil {
-		return nil, fmt.Errorf("running %s: %w", e.path, err)
 	}
 	if e.head == nil {
 		if bufs.result == nil {

@@ -213,3 +213,77 @@ func TestEngineErrors(t *testing.T) {
 		t.Fatalf("Run after Close: %v", err)
 	}
 }
+
+// OpenCV 4.6 fails a squeeze-excite product above batch 1; the engine
+// finds that out in the probe and runs such batches image by image, with
+// the same results as ONNX Runtime. A second instance takes the probe
+// outcome from the cache even when told to skip probing.
+func TestPerImageFallback(t *testing.T) {
+	path := writeModel(t, squeezeExcite(), "tiny_se.onnx")
+	for instance := range 2 {
+		e, err := New(context.Background(), path, Options{MaxBatch: 3, SkipProbe: instance > 0})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer e.Close()
+		if !e.PerImage() {
+			t.Fatalf("instance %d: PerImage() = false; the probe should have found batch 3 failing", instance)
+		}
+		b := pipeline.NewBatch(3, 3, 16, 16)
+		b.N = 3
+		for i := range 3 {
+			fillPattern(b.Slot(i), uint32(10+i))
+		}
+		got, err := e.Run(context.Background(), b)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !equal64(got[0].Shape, []int64{3, 4}) {
+			t.Fatalf("shape %v, want [3 4]", got[0].Shape)
+		}
+		want := ortReference(t, path, nil, b)
+		if d := maxDiff(got[0].Data, want[0]); d > 1e-4 {
+			t.Errorf("instance %d: OpenCV per image and ONNX Runtime batched differ by %g", instance, d)
+		}
+	}
+}
+
+// A model whose zero-valued attributes carry no value (a proto3 writer's)
+// would abort OpenCV's importer; the engine rewrites it with the values
+// and runs it.
+func TestAttributesWithoutPresence(t *testing.T) {
+	path := writeModel(t, withoutPresence(maxPoolNet()), "tiny_pool.onnx")
+	if err := Probe(context.Background(), path); err == nil || !strings.Contains(err.Error(), "ceil_mode") {
+		t.Fatalf("OpenCV on the model as written: %v, want the ceil_mode import failure this test is about", err)
+	}
+	cache := t.TempDir()
+	e, err := New(context.Background(), path, Options{CacheDir: cache})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	if e.path == path {
+		t.Error("the model was not rewritten for OpenCV")
+	}
+	b := pipeline.NewBatch(1, 3, 16, 16)
+	b.N = 1
+	fillPattern(b.Data, 5)
+	got, err := e.Run(context.Background(), b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := ortReference(t, path, nil, b)
+	if d := maxDiff(got[0].Data, want[0]); d > 1e-4 {
+		t.Errorf("OpenCV and ONNX Runtime differ by %g", d)
+	}
+	// A model that carries its values is loaded as it is.
+	plain := writeModel(t, maxPoolNet(), "plain.onnx")
+	e2, err := New(context.Background(), plain, Options{CacheDir: cache})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e2.Close()
+	if e2.path != plain {
+		t.Errorf("a well-formed model was rewritten to %s", e2.path)
+	}
+}

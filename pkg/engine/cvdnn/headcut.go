@@ -5,7 +5,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"slices"
@@ -363,47 +362,78 @@ func CutDetectHead(m *onnx.ModelProto, head *DetectHead) (*onnx.ModelProto, erro
 // cut model into cacheDir (named by a hash of the model, so it is written
 // once and never mixed up) and returns its path and the head.
 func CutModelFile(path, output, cacheDir string) (string, *DetectHead, error) {
-	f, err := os.Open(path)
+	p, head, err := openCVModelFile(path, true, output, cacheDir)
+	if err == nil && head == nil {
+		err = fmt.Errorf("model %s has no detect head", path)
+	}
+	return p, head, err
+}
+
+// openCVModelFile returns the file OpenCV should load for the model at
+// path: the model cut at its detect head when cut is set and it has one,
+// with zero-valued attributes made explicit (explicitZeroAttributes). It
+// returns path itself when nothing needs changing. Rewritten models go to
+// cacheDir, named by a hash of the source, so each is written once.
+func openCVModelFile(path string, cut bool, output, cacheDir string) (string, *DetectHead, error) {
+	raw, err := os.ReadFile(path)
 	if err != nil {
 		return "", nil, err
 	}
+	m := &onnx.ModelProto{}
+	if err := proto.Unmarshal(raw, m); err != nil {
+		return "", nil, fmt.Errorf("parsing onnx model %s: %w", path, err)
+	}
+	return prepareForOpenCV(path, raw, m, cut, output, cacheDir)
+}
+
+// prepareForOpenCV is openCVModelFile on a model already read (raw) and
+// parsed (m, which it may modify).
+func prepareForOpenCV(path string, raw []byte, m *onnx.ModelProto, cut bool, output, cacheDir string) (string, *DetectHead, error) {
+	var err error
 	h := sha256.New()
-	_, err = io.Copy(h, f)
-	f.Close()
-	if err != nil {
-		return "", nil, fmt.Errorf("hashing %s: %w", path, err)
+	kind := "opencv"
+	var head *DetectHead
+	if cut {
+		if head, err = FindDetectHead(m, output); err != nil {
+			return "", nil, err
+		}
+		if m, err = CutDetectHead(m, head); err != nil {
+			return "", nil, err
+		}
+		kind = "head"
+		h.Write([]byte(fmt.Sprint(head.Outputs())))
 	}
-	m, err := onnx.ReadModel(path)
-	if err != nil {
-		return "", nil, err
+	if !explicitZeroAttributes(m.GetGraph()) && head == nil {
+		return path, nil, nil
 	}
-	head, err := FindDetectHead(m, output)
-	if err != nil {
-		return "", nil, err
-	}
-	h.Write([]byte(fmt.Sprint(head.Outputs())))
-	name := fmt.Sprintf("%s.head-%s.onnx", trimExt(filepath.Base(path)), hex.EncodeToString(h.Sum(nil))[:16])
+	h.Write(raw)
+	name := fmt.Sprintf("%s.%s-%s.onnx", trimExt(filepath.Base(path)), kind, hex.EncodeToString(h.Sum(nil))[:16])
 	dst := filepath.Join(cacheDir, name)
 	if _, err := os.Stat(dst); err == nil {
 		return dst, head, nil
 	}
-	cut, err := CutDetectHead(m, head)
+	out, err := proto.Marshal(m)
 	if err != nil {
+		return "", nil, fmt.Errorf("encoding model for OpenCV: %w", err)
+	}
+	if err := writeAtomic(dst, out); err != nil {
 		return "", nil, err
 	}
-	raw, err := proto.Marshal(cut)
+	return dst, head, nil
+}
+
+// writeAtomic writes then renames, so a concurrent loader never reads half
+// a file.
+func writeAtomic(dst string, data []byte) error {
+	dir := filepath.Dir(dst)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return fmt.Errorf("model cache: %w", err)
+	}
+	tmp, err := os.CreateTemp(dir, filepath.Base(dst)+".tmp*")
 	if err != nil {
-		return "", nil, fmt.Errorf("encoding cut model: %w", err)
+		return fmt.Errorf("model cache: %w", err)
 	}
-	if err := os.MkdirAll(cacheDir, 0o755); err != nil {
-		return "", nil, fmt.Errorf("cut model cache: %w", err)
-	}
-	// Write then rename, so a concurrent loader never reads half a file.
-	tmp, err := os.CreateTemp(cacheDir, name+".tmp*")
-	if err != nil {
-		return "", nil, fmt.Errorf("cut model cache: %w", err)
-	}
-	_, err = tmp.Write(raw)
+	_, err = tmp.Write(data)
 	if cerr := tmp.Close(); err == nil {
 		err = cerr
 	}
@@ -412,9 +442,9 @@ func CutModelFile(path, output, cacheDir string) (string, *DetectHead, error) {
 	}
 	if err != nil {
 		os.Remove(tmp.Name())
-		return "", nil, fmt.Errorf("writing cut model %s: %w", dst, err)
+		return fmt.Errorf("writing %s: %w", dst, err)
 	}
-	return dst, head, nil
+	return nil
 }
 
 func trimExt(s string) string {

@@ -197,11 +197,30 @@ func probeChild(ctx context.Context, spec ProbeSpec) (string, error) {
 			what += fmt.Sprintf(" (%v)", ctx.Err())
 		}
 	}
-	tail := strings.TrimSpace(stderr.String())
+	tail := childMessage(stderr.String())
 	if tail == "" {
 		tail = "no stderr"
 	}
 	return "", fmt.Errorf("probing model %s with OpenCV: child process failed: %s: %s", spec.Model, what, tail)
+}
+
+// childMessage keeps what explains a child's death: OpenCV's exception
+// and the signal, without the Go runtime's goroutine and register dump that
+// follows a crash in cgo.
+func childMessage(stderr string) string {
+	var keep []string
+	for _, line := range strings.Split(stderr, "\n") {
+		if strings.HasPrefix(line, "goroutine ") {
+			break
+		}
+		if strings.HasPrefix(line, "PC=") || strings.HasPrefix(line, "signal arrived during") {
+			continue
+		}
+		if line = strings.TrimSpace(line); line != "" && line != ">" {
+			keep = append(keep, line)
+		}
+	}
+	return strings.Join(keep, " | ")
 }
 
 // headTailWriter keeps the first and the last max bytes written: a

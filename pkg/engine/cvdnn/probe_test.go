@@ -53,3 +53,24 @@ func TestProbe(t *testing.T) {
 		})
 	}
 }
+
+func TestChildMessage(t *testing.T) {
+	crash := "[ERROR:0@0.1] global onnx_importer.cpp (1018) handleNode DNN/ONNX: ERROR during processing node [MaxPool]\n" +
+		"terminate called after throwing an instance of 'cv::Exception'\n  what():  OpenCV(4.6.0) error: unsupported attribute format\n> \n" +
+		"SIGABRT: abort\nPC=0x7f20566a8eec m=0 sigcode=18446744073709551610\nsignal arrived during cgo execution\n\n" +
+		"goroutine 1 gp=0xe178ce5e1e0 m=0 [syscall]:\nruntime.cgocall(0x6c2d50, 0xe178cfdfb08)\nrax    0x0\n"
+	got := childMessage(crash)
+	for _, want := range []string{"[MaxPool]", "what():  OpenCV(4.6.0) error: unsupported attribute format", "SIGABRT: abort"} {
+		if !strings.Contains(got, want) {
+			t.Errorf("childMessage lost %q: %q", want, got)
+		}
+	}
+	for _, noise := range []string{"goroutine", "cgocall", "PC=", "rax"} {
+		if strings.Contains(got, noise) {
+			t.Errorf("childMessage kept %q: %q", noise, got)
+		}
+	}
+	if got := childMessage("cvdnn-probe: opencv: output \"x\" is empty\n"); got != `cvdnn-probe: opencv: output "x" is empty` {
+		t.Errorf("plain error: %q", got)
+	}
+}

@@ -45,7 +45,7 @@ func (b *graphBuilder) ints(name string, v ...int64) string {
 }
 
 func intAttr(name string, v int64) *onnx.AttributeProto {
-	return &onnx.AttributeProto{Name: name, Type: onnx.AttributeProto_INT, I: v}
+	return &onnx.AttributeProto{Name: name, Type: onnx.AttributeProto_INT, I: proto.Int64(v)}
 }
 
 func intsAttr(name string, v ...int64) *onnx.AttributeProto {
@@ -153,5 +153,47 @@ func unsupportedModel() *onnx.ModelProto {
 	b.g.Input = []*onnx.ValueInfoProto{valueInfo("x", 1, 3, 8, 8)}
 	b.node("VisionserveNoSuchOp", "y", []string{"x"})
 	b.g.Output = []*onnx.ValueInfoProto{valueInfo("y", 1, 3, 8, 8)}
+	return b.model()
+}
+
+// squeezeExcite is a conv net with a squeeze-excite product, [N,4,1,1] ×
+// [N,4,16,16], which OpenCV 4.6 runs at batch 1 but not above.
+func squeezeExcite() *onnx.ModelProto {
+	b := newGraph("tiny_se")
+	b.g.Input = []*onnx.ValueInfoProto{valueInfo("x", -1, 3, 16, 16)}
+	c := b.node("Conv", "conv", []string{"x", b.weights("conv.w", 4, 3, 3, 3), b.weights("conv.b", 4)}, intsAttr("kernel_shape", 3, 3), intsAttr("pads", 1, 1, 1, 1))
+	sq := b.node("GlobalAveragePool", "squeeze", []string{c})
+	fc := b.node("Conv", "fc", []string{sq, b.weights("fc.w", 4, 4, 1, 1), b.weights("fc.b", 4)}, intsAttr("kernel_shape", 1, 1))
+	gate := b.node("Sigmoid", "gate", []string{fc})
+	ex := b.node("Mul", "excite", []string{gate, c})
+	p := b.node("GlobalAveragePool", "pool", []string{ex})
+	b.node("Flatten", "out", []string{p}, intAttr("axis", 1))
+	b.g.Output = []*onnx.ValueInfoProto{valueInfo("out", -1, 4)}
+	return b.model()
+}
+
+// withoutPresence drops the value of every zero INT attribute, as a proto3
+// writer without explicit presence does.
+func withoutPresence(m *onnx.ModelProto) *onnx.ModelProto {
+	for _, n := range m.GetGraph().GetNode() {
+		for _, a := range n.GetAttribute() {
+			if a.GetType() == onnx.AttributeProto_INT && a.GetI() == 0 {
+				a.I = nil
+			}
+		}
+	}
+	return m
+}
+
+// maxPoolNet has a MaxPool with ceil_mode=0: an attribute whose zero value
+// a proto3 writer may leave out.
+func maxPoolNet() *onnx.ModelProto {
+	b := newGraph("tiny_pool")
+	b.g.Input = []*onnx.ValueInfoProto{valueInfo("x", -1, 3, 16, 16)}
+	c := b.node("Conv", "conv", []string{"x", b.weights("conv.w", 4, 3, 3, 3), b.weights("conv.b", 4)}, intsAttr("kernel_shape", 3, 3), intsAttr("pads", 1, 1, 1, 1))
+	p := b.node("MaxPool", "pool", []string{c}, intsAttr("kernel_shape", 2, 2), intsAttr("strides", 2, 2), intAttr("ceil_mode", 0))
+	g := b.node("GlobalAveragePool", "gap", []string{p})
+	b.node("Flatten", "out", []string{g}, intAttr("axis", 1))
+	b.g.Output = []*onnx.ValueInfoProto{valueInfo("out", -1, 4)}
 	return b.model()
 }

@@ -20,17 +20,24 @@ func iou(a, b pipeline.Box) float64 {
 
 // compareDetections matches every detection of want to a distinct one of
 // got with the same class and the best IoU, and requires IoU >= minIoU and
-// scores within scoreTol. Detections within scoreTol of the confidence
-// threshold may appear on one side only; the caller sets the threshold
-// well away from the scores that matter, so counts must be equal.
-func compareDetections(t *testing.T, got, want []pipeline.Detection, minIoU, scoreTol float64) {
+// scores within scoreTol. A detection whose score is within scoreTol of
+// the confidence threshold conf may be on one side only (two runtimes
+// round differently); any other unmatched detection is an error.
+func compareDetections(t *testing.T, got, want []pipeline.Detection, conf float32, minIoU, scoreTol float64) {
 	t.Helper()
-	if len(got) != len(want) {
-		t.Errorf("%d detections, want %d\ngot  %v\nwant %v", len(got), len(want), got, want)
-	}
+	nearThreshold := func(d pipeline.Detection) bool { return float64(d.Score-conf) <= scoreTol }
 	used := make([]bool, len(got))
+	defer func() {
+		for i, g := range got {
+			if !used[i] && !nearThreshold(g) {
+				t.Errorf("extra detection %+v", g)
+			}
+		}
+	}()
 	worstIoU, worstScore := 1.0, 0.0
-	defer func() { t.Logf("%d detections matched: worst IoU %.4f, worst score difference %.2g", len(want), worstIoU, worstScore) }()
+	defer func() {
+		t.Logf("%d detections matched: worst IoU %.4f, worst score difference %.2g", len(want), worstIoU, worstScore)
+	}()
 	for _, w := range want {
 		best, bestIoU := -1, 0.0
 		for i, g := range got {
@@ -42,7 +49,9 @@ func compareDetections(t *testing.T, got, want []pipeline.Detection, minIoU, sco
 			}
 		}
 		if best < 0 {
-			t.Errorf("no %s detection matches %+v", w.Label, w)
+			if !nearThreshold(w) {
+				t.Errorf("no %s detection matches %+v", w.Label, w)
+			}
 			continue
 		}
 		used[best] = true

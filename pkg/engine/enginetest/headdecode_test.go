@@ -81,9 +81,9 @@ func TestRealYOLOv8nCutDecodeMatchesFullGraph(t *testing.T) {
 			}
 			// The export quantises its DFL softmax to 8 bits, the host
 			// decode does not: boxes move by a fraction of a stride, which
-			// on these large objects keeps IoU above 0.95. Scores are the
+			// on these large objects keeps IoU above 0.98 (0.99 measured). Scores are the
 			// same float sigmoid on both sides.
-			compareDetections(t, got[0].Detections, want[0].Detections, 0.95, 1e-4)
+			compareDetections(t, got[0].Detections, want[0].Detections, 0, 0.98, 1e-4)
 		})
 	}
 }

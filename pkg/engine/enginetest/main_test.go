@@ -43,8 +43,9 @@ func initORT(t testing.TB) {
 	}
 }
 
-// generated loads a model that cmd/modelgen writes into models/, skipping
-// when it has not been generated.
+// generated loads a model that cmd/modelgen writes into models/ (or the
+// repository in $VISIONSERVE_MODELS, for models generated elsewhere),
+// skipping when it has not been generated.
 func generated(t testing.TB, name string) *modelrepo.Model {
 	t.Helper()
 	root, err := RepoRoot()
@@ -52,6 +53,9 @@ func generated(t testing.TB, name string) *modelrepo.Model {
 		t.Fatal(err)
 	}
 	dir := filepath.Join(root, "models")
+	if d := os.Getenv("VISIONSERVE_MODELS"); d != "" {
+		dir = d
+	}
 	if _, err := os.Stat(filepath.Join(dir, name, "model.onnx")); err != nil {
 		t.Skipf("models/%s/model.onnx missing: run make models (go run ./cmd/modelgen -out models)", name)
 	}

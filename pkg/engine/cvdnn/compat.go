@@ -1,0 +1,81 @@
+package cvdnn
+
+import (
+	"google.golang.org/protobuf/encoding/protowire"
+
+	"github.com/visionserve/visionserve/internal/onnx"
+)
+
+// Field numbers of onnx.proto's AttributeProto scalar values.
+const (
+	attrFieldF = 2
+	attrFieldI = 3
+)
+
+// explicitZeroAttributes makes every INT and FLOAT attribute of value zero
+// carry its value on the wire, and reports whether it changed anything.
+//
+// ONNX is a proto2 schema: an attribute's value is "present" only when
+// written. A proto3 writer without explicit presence (internal/onnx before
+// it made f/i/s optional, and other tools) never writes a zero scalar, so
+// its models have attributes such as MaxPool ceil_mode=0 or Concat axis=0
+// with no value at all. ONNX Runtime reads those as zero; OpenCV 4.6 asks
+// has_i() and throws "unsupported attribute format", which through gocv
+// aborts the process. Writing the zero as an unknown field of the same
+// number puts it back on the wire. Models that carry their values are left
+// alone, so they are not copied.
+func explicitZeroAttributes(g *onnx.GraphProto) bool {
+	changed := false
+	for _, n := range g.GetNode() {
+		for _, a := range n.GetAttribute() {
+			var field protowire.Number
+			var typ protowire.Type
+			switch a.GetType() {
+			case onnx.AttributeProto_INT:
+				field, typ = attrFieldI, protowire.VarintType
+			case onnx.AttributeProto_FLOAT:
+				field, typ = attrFieldF, protowire.Fixed32Type
+			default:
+				continue
+			}
+			r := a.ProtoReflect()
+			if r.Has(r.Descriptor().Fields().ByNumber(field)) || hasField(r.GetUnknown(), field) {
+				continue // the value is on the wire
+			}
+			raw := protowire.AppendTag(append([]byte(nil), r.GetUnknown()...), field, typ)
+			if typ == protowire.VarintType {
+				raw = protowire.AppendVarint(raw, 0)
+			} else {
+				raw = protowire.AppendFixed32(raw, 0)
+			}
+			r.SetUnknown(raw)
+			changed = true
+		}
+		for _, a := range n.GetAttribute() {
+			if a.GetG() != nil && explicitZeroAttributes(a.GetG()) {
+				changed = true
+			}
+		}
+	}
+	return changed
+}
+
+// hasField reports whether raw (unknown fields) holds field num.
+func hasField(raw []byte, num protowire.Number) bool {
+	for len(raw) > 0 {
+		n, typ, k := protowire.ConsumeTag(raw)
+		if k < 0 {
+			return false
+		}
+		if n == num {
+			return true
+		}
+		raw = raw[k:]
+		k = protowire.ConsumeFieldValue(n, typ, raw)
+		if k < 0 {
+			return false
+		}
+		raw = raw[k:]
+	}
+	return false
+}
