@@ -3,6 +3,8 @@ package gpu
 import (
 	"context"
 	"math"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -355,5 +357,51 @@ func TestORTGoConfigure(t *testing.T) {
 	})
 	if err == nil || err != hookErr {
 		t.Errorf("CUDA on a runtime without it: %v (restored %v)", err, restored)
+	}
+}
+
+// TestRealModelsBindingMatchesPlainSession repeats the bit-exact check on
+// the real int8 exports of the shared test data (Ultralytics YOLOv8n with a
+// fixed batch of 1, ONNX zoo MobileNetV2 with a dynamic batch).
+func TestRealModelsBindingMatchesPlainSession(t *testing.T) {
+	lib := initRuntime(t)
+	dir := filepath.Join("..", "..", "..", "shared", "testdata", "models")
+	if _, err := os.Stat(dir); err != nil {
+		t.Skipf("../shared/testdata/models missing: %v", err)
+	}
+	tests := []struct {
+		file       string
+		n, c, h, w int
+	}{
+		{"yolov8n_int8.onnx", 1, 3, 640, 640},
+		{"mobilenetv2-12-int8.onnx", 3, 3, 224, 224},
+	}
+	for _, tt := range tests {
+		t.Run(tt.file, func(t *testing.T) {
+			path := filepath.Join(dir, tt.file)
+			_, e := newCPUEngine(t, path)
+			buf, free, err := e.AllocBatch(tt.n, tt.c, tt.h, tt.w)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer free()
+			input := randomInput(11, tt.n*tt.c*tt.h*tt.w)
+			for i := range input {
+				input[i] = (input[i] + 1) / 2 // images are in [0,1] after scaling
+			}
+			copy(buf, input)
+			got, err := e.Run(context.Background(), buf, tt.n, tt.c, tt.h, tt.w)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var names []string
+			for _, o := range e.Outputs() {
+				names = append(names, o.Name)
+			}
+			want := plainRun(t, lib, path, input, []int64{int64(tt.n), int64(tt.c), int64(tt.h), int64(tt.w)}, names)
+			for i := range names {
+				sameBits(t, names[i], got[i].Data, want[i])
+			}
+		})
 	}
 }
