@@ -2,7 +2,7 @@ package server
 
 import (
 	"context"
-	"io"
+	"strings"
 	"log/slog"
 	"net"
 	"os"
@@ -15,6 +15,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
+	"github.com/visionserve/visionserve/internal/backend"
 	"github.com/visionserve/visionserve/internal/config"
 	"github.com/visionserve/visionserve/internal/server/servertest"
 	"github.com/visionserve/visionserve/pkg/engine/onnxrt"
@@ -41,7 +42,7 @@ func realServer(t *testing.T, backendName string) (*grpc.ClientConn, string, cha
 	done := make(chan error, 1)
 	go func() {
 		done <- Run(context.Background(), cfg, RunOptions{
-			Logger:   slog.New(slog.NewTextHandler(io.Discard, nil)),
+			Logger:   slog.New(slog.NewTextHandler(testLogWriter{t}, nil)),
 			Stop:     stop,
 			OnListen: func(g, _ net.Addr) { addrs <- g },
 		})
@@ -75,11 +76,21 @@ func realServer(t *testing.T, backendName string) (*grpc.ClientConn, string, cha
 	return conn, repo, stop, done
 }
 
-// TestRunRealModels serves the real int8 models. With auto (OpenCV on a
-// machine without GPU) both models fail OpenCV's probe in a child process
-// and fall back to ONNX Runtime, which must not end this process.
+// TestRunRealModels serves the real int8 models through Run. With auto
+// (OpenCV on a machine without GPU) yolov8n_int8, whose ConvInteger
+// OpenCV 4.6 cannot import, fails the probe in a child process and falls
+// back to ONNX Runtime, which must not end this process.
 func TestRunRealModels(t *testing.T) {
-	conn, repo, stop, done := realServer(t, "auto")
+	for _, tt := range []struct{ backend, mobilenet, yolo string }{
+		{"auto", "", "ort-cpu"},
+		{"ort-cpu", "ort-cpu", "ort-cpu"},
+	} {
+		t.Run(tt.backend, func(t *testing.T) { testRealModels(t, tt.backend, tt.mobilenet, tt.yolo) })
+	}
+}
+
+func testRealModels(t *testing.T, backendName, wantMobileNet, wantYOLO string) {
+	conn, repo, stop, done := realServer(t, backendName)
 	vision := visionv1.NewVisionServiceClient(conn)
 	ctx := ctxT(t)
 
@@ -87,8 +98,15 @@ func TestRunRealModels(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if info.Backend != "ort-cpu" || info.LabelsCount != 1000 || info.InputWidth != 224 {
+	if (wantMobileNet != "" && info.Backend != wantMobileNet) || info.LabelsCount != 1000 || info.InputWidth != 224 {
 		t.Errorf("mobilenetv2 info: %v", info)
+	}
+	yinfo, err := vision.ModelInfo(ctx, &visionv1.ModelInfoRequest{Model: servertest.YOLOv8n})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if yinfo.Backend != wantYOLO {
+		t.Errorf("yolov8n served on %s, want %s", yinfo.Backend, wantYOLO)
 	}
 
 	cls, err := vision.Classify(ctx, &visionv1.ClassifyRequest{Model: servertest.MobileNetV2, Images: []*visionv1.Image{encoded(servertest.Image(t, "dog.jpg"))}})
@@ -99,7 +117,7 @@ func TestRunRealModels(t *testing.T) {
 	if top.Label != "Samoyed" || top.Score < 0.75 || top.Score > 0.95 {
 		t.Errorf("dog.jpg top-1 %q %.3f, want Samoyed ~0.87", top.Label, top.Score)
 	}
-	if r := cls.Results[0]; r.Width != 1546 || r.Height != 1213 || r.Backend != "ort-cpu" {
+	if r := cls.Results[0]; r.Width != 1546 || r.Height != 1213 || r.Backend != info.Backend {
 		t.Errorf("dog.jpg result %dx%d on %s", r.Width, r.Height, r.Backend)
 	}
 
@@ -128,16 +146,17 @@ func TestRunRealModels(t *testing.T) {
 		t.Errorf("zidane.jpg: %v", z.Detections)
 	}
 
-	// OIP on preprocessed FP32 input equals the engine's own output for
-	// the same batch, bit for bit.
+	// OIP on preprocessed FP32 input equals, bit for bit, the output of
+	// an engine of the same backend run directly on the same batch.
 	m, err := modelrepo.Load(repo, servertest.MobileNetV2)
 	if err != nil {
 		t.Fatal(err)
 	}
-	eng, err := onnxrt.NewForModel(m, onnxrt.Options{})
+	engines, _, err := backend.Load(ctx, info.Backend, m, backend.Options{}, 1)
 	if err != nil {
 		t.Fatal(err)
 	}
+	eng := engines[0]
 	defer eng.Close()
 	pre, err := pipeline.NewPreprocessor(m, pipeline.PreprocessOptions{})
 	if err != nil {
@@ -179,4 +198,11 @@ func TestRunRealModels(t *testing.T) {
 	case <-time.After(time.Minute):
 		t.Fatal("Run did not return after SIGTERM")
 	}
+}
+
+type testLogWriter struct{ t *testing.T }
+
+func (w testLogWriter) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimSpace(string(p)))
+	return len(p), nil
 }
