@@ -39,6 +39,11 @@ type EngineOptions struct {
 	InputMemory MemoryKind
 	// Backend is what Backend reports; "" means the provider's name.
 	Backend string
+
+	// pinnedInfoOnCPU binds pinned buffers with the CUDA-pinned memory
+	// info even on the CPU provider, so tests reach that path (and its
+	// fallback) without a GPU.
+	pinnedInfoOnCPU bool
 }
 
 // EngineStats counts what an engine did.
@@ -147,7 +152,7 @@ func NewEngine(s *Session, opts EngineOptions) (*Engine, error) {
 	if err = cerr(C.vs_memory_info_cpu(&e.cpuInfo)); err == nil {
 		err = cerr(C.vs_run_options_new(&e.ro))
 	}
-	if err == nil && e.alloc.Kind() == MemoryPinned && s.opts.Provider != ProviderCPU {
+	if err == nil && e.alloc.Kind() == MemoryPinned && (s.opts.Provider != ProviderCPU || opts.pinnedInfoOnCPU) {
 		err = cerr(C.vs_memory_info_pinned(C.int(s.opts.Device), &e.pinned))
 	}
 	if err != nil {

@@ -9,6 +9,7 @@ import "C"
 import (
 	"errors"
 	"fmt"
+	"os"
 	"sync"
 	"unsafe"
 )
@@ -40,10 +41,20 @@ var (
 	cudaErr  error
 )
 
-// loadCUDARuntime dlopens libcudart once; it is the only way package gpu
+// EnvCUDARuntime names the environment variable that points at the CUDA
+// runtime library (libcudart) when it is not on the loader's path, as in a
+// PyTorch environment.
+const EnvCUDARuntime = "VISIONSERVE_CUDART_LIB"
+
+// loadCUDARuntime dlopens libcudart once ($VISIONSERVE_CUDART_LIB, else
+// libcudart.so.13, .12 or unversioned); it is the only way package gpu
 // reaches CUDA, so binaries run where CUDA is absent.
 func loadCUDARuntime() error {
-	cudaOnce.Do(func() { cudaErr = cerr(C.vs_cuda_load()) })
+	cudaOnce.Do(func() {
+		path := C.CString(os.Getenv(EnvCUDARuntime))
+		defer C.free(unsafe.Pointer(path))
+		cudaErr = cerr(C.vs_cuda_load(path))
+	})
 	return cudaErr
 }
 

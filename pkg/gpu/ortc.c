@@ -272,12 +272,17 @@ static cuda_host_alloc_fn cuda_host_alloc = NULL;
 static cuda_free_host_fn cuda_free_host = NULL;
 static cuda_error_string_fn cuda_error_string = NULL;
 
-char *vs_cuda_load(void) {
+char *vs_cuda_load(const char *path) {
   if (cuda_host_alloc) return NULL;
   const char *names[] = {"libcudart.so.13", "libcudart.so.12", "libcudart.so"};
+  size_t nnames = sizeof(names) / sizeof(names[0]);
+  if (path && path[0]) {
+    names[0] = path;
+    nnames = 1;
+  }
   void *h = NULL;
   char tried[1024] = "";
-  for (size_t i = 0; i < sizeof(names) / sizeof(names[0]) && !h; i++) {
+  for (size_t i = 0; i < nnames && !h; i++) {
     h = dlopen(names[i], RTLD_NOW | RTLD_LOCAL);
     if (!h) {
       const char *e = dlerror();

@@ -45,7 +45,7 @@ void vs_run_options_release(OrtRunOptions *ro);
 
 // Pinned host memory through the CUDA runtime, looked up with dlopen so
 // the binary has no link-time CUDA dependency.
-char *vs_cuda_load(void);
+char *vs_cuda_load(const char *path);
 char *vs_cuda_host_alloc(size_t bytes, void **out);
 char *vs_cuda_host_free(void *p);
 char *vs_host_alloc(size_t bytes, void **out);
