@@ -120,6 +120,17 @@ type BatchingConfig struct {
 	QueueSize int `yaml:"queue_size"`
 	// Instances is the number of engine instances running batches at once.
 	Instances int `yaml:"instances"`
+	// AutoTune measures every candidate batch size (1, 2, 4, ... up to
+	// MaxBatchSize) on the model's engine at warm-up and replaces
+	// PreferredBatchSizes and MaxBatchSize with the sizes that measured
+	// fastest per image (see pipeline.ChooseBatchSizes): on a CPU a bigger
+	// batch is often not faster.
+	AutoTune bool `yaml:"auto_tune"`
+	// LatencyTargetP99, when set, is the p99 budget of an image's time in
+	// the batcher (queue wait and batch run): the batch size and queue
+	// delay are then adapted online to the most throughput that keeps it
+	// (see pipeline.LatencyController). It implies AutoTune.
+	LatencyTargetP99 time.Duration `yaml:"latency_target_p99"`
 }
 
 // Limits of what a config may ask for.
@@ -129,6 +140,7 @@ const (
 	MaxInstances     = 64
 	MaxQueueSizeAny  = 1 << 16
 	MaxQueueDelayAny = 10 * time.Second
+	MaxLatencyTarget = time.Minute
 	MaxDetectionsAny = 10000
 	MaxTopKAny       = 1000
 )
@@ -292,6 +304,9 @@ func (c *Config) validate() error {
 	}
 	if b.QueueSize < b.MaxBatchSize || b.QueueSize > MaxQueueSizeAny {
 		bad("batching.queue_size %d out of range (max_batch_size %d..%d)", b.QueueSize, b.MaxBatchSize, MaxQueueSizeAny)
+	}
+	if b.LatencyTargetP99 < 0 || b.LatencyTargetP99 > MaxLatencyTarget {
+		bad("batching.latency_target_p99 %v out of range (0 for none..%v)", b.LatencyTargetP99, MaxLatencyTarget)
 	}
 	if b.Instances < 1 || b.Instances > MaxInstances {
 		bad("batching.instances %d out of range (1..%d)", b.Instances, MaxInstances)
