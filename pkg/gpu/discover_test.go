@@ -205,3 +205,24 @@ func TestForcedCUDAOnThisMachine(t *testing.T) {
 		t.Errorf("auto without a GPU chose %+v, %v; want opencv", auto, err)
 	}
 }
+
+func TestNVMLMemoryReader(t *testing.T) {
+	f := twoH100s()
+	r, closeFn, err := NewNVMLMemoryReader(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if used, err := r.UsedBytes(0); err != nil || used != 1<<30 {
+		t.Errorf("UsedBytes(0) = %d, %v; want the device's 1 GiB", used, err)
+	}
+	f.devErr = map[int]error{5: errors.New("ERROR_INVALID_ARGUMENT")}
+	if _, err := r.UsedBytes(5); err == nil {
+		t.Error("UsedBytes of a missing device succeeded")
+	}
+	if err := closeFn(); err != nil || f.shutdown != 1 {
+		t.Errorf("close: %v, %d shutdowns", err, f.shutdown)
+	}
+	if _, _, err := NewNVMLMemoryReader(&fakeNVML{initErr: ErrNoNVML}); !errors.Is(err, ErrNoNVML) {
+		t.Errorf("reader without NVML: %v", err)
+	}
+}

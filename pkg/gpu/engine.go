@@ -200,7 +200,8 @@ func (e *Engine) AllocBatch(maxN, c, h, w int) ([]float32, func(), error) {
 	if err := e.checkImage(c, h, w); err != nil {
 		return nil, nil, err
 	}
-	if maxN > maxHostFloats/(c*h*w) {
+	size, ok := floatCount(maxN, c, h, w)
+	if !ok {
 		return nil, nil, fmt.Errorf("gpu engine: batch buffer %dx%dx%dx%d too large", maxN, c, h, w)
 	}
 	e.mu.Lock()
@@ -208,7 +209,7 @@ func (e *Engine) AllocBatch(maxN, c, h, w int) ([]float32, func(), error) {
 	if e.closed {
 		return nil, nil, errors.New("gpu engine: closed")
 	}
-	buf, err := e.alloc.Alloc(maxN * c * h * w)
+	buf, err := e.alloc.Alloc(size)
 	if err != nil {
 		return nil, nil, fmt.Errorf("gpu engine: %w", err)
 	}
@@ -242,6 +243,19 @@ func (e *Engine) forgetBufferLocked(buf *HostBuffer) {
 	}
 }
 
+// floatCount is n*c*h*w for positive dimensions, false when the product
+// exceeds the largest buffer (or would overflow an int).
+func floatCount(dims ...int) (int, bool) {
+	p := 1
+	for _, d := range dims {
+		if d < 1 || d > maxHostFloats/p {
+			return 0, false
+		}
+		p *= d
+	}
+	return p, true
+}
+
 func (e *Engine) checkImage(c, h, w int) error {
 	want := e.input.Shape[1:]
 	got := []int64{int64(c), int64(h), int64(w)}
@@ -268,7 +282,10 @@ func (e *Engine) Run(ctx context.Context, data []float32, n, c, h, w int) ([]Ten
 	if e.fixedBatch > 0 && n != e.fixedBatch {
 		return nil, fmt.Errorf("gpu engine: model %s fixes the batch at %d, cannot run %d images", e.sess.path, e.fixedBatch, n)
 	}
-	size := n * c * h * w
+	size, ok := floatCount(n, c, h, w)
+	if !ok {
+		return nil, fmt.Errorf("gpu engine: batch %dx%dx%dx%d too large", n, c, h, w)
+	}
 	if len(data) < size {
 		return nil, fmt.Errorf("gpu engine: buffer holds %d floats, %d images of %dx%dx%d need %d", len(data), n, c, h, w, size)
 	}
@@ -488,7 +505,9 @@ func (e *Engine) terminateOnCancelLocked(ctx context.Context) func() {
 	fired := make(chan struct{})
 	stopAfter := context.AfterFunc(ctx, func() {
 		defer close(fired)
-		C.vs_run_options_terminate(e.ro, 1)
+		if msg := C.vs_run_options_terminate(e.ro, 1); msg != nil {
+			C.free(unsafe.Pointer(msg))
+		}
 	})
 	return func() {
 		if !stopAfter() {

@@ -213,6 +213,7 @@ func TestEngineRejectsBadBatches(t *testing.T) {
 		{"wrong size", context.Background(), buf, 1, 3, 16, 16, "model input is"},
 		{"buffer too small", context.Background(), buf, 3, 3, 8, 8, "need"},
 		{"cancelled", cancelled, buf, 1, 3, 8, 8, "context canceled"},
+		{"overflowing batch", context.Background(), buf, 1 << 62, 3, 8, 8, "too large"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -221,6 +222,9 @@ func TestEngineRejectsBadBatches(t *testing.T) {
 				t.Errorf("Run: %v, want an error containing %q", err, tt.want)
 			}
 		})
+	}
+	if _, _, err := e.AllocBatch(1<<62, 3, 8, 8); err == nil || !strings.Contains(err.Error(), "too large") {
+		t.Errorf("AllocBatch of 2^62 images: %v", err)
 	}
 	if _, _, err := e.AllocBatch(1, 3, 9, 9); err == nil {
 		t.Error("AllocBatch accepted images the model does not take")

@@ -4,7 +4,6 @@ import (
 	"cmp"
 	"errors"
 	"fmt"
-	"os"
 	"slices"
 	"sync"
 
@@ -14,15 +13,13 @@ import (
 // MemoryReader reads the GPU memory in use, so it can be attributed to the
 // model loaded in between two reads.
 type MemoryReader interface {
-	// UsedBytes is the memory this process uses on device, or the device's
-	// whole use when the driver does not report per-process figures.
+	// UsedBytes is the memory in use on device.
 	UsedBytes(device int) (uint64, error)
 }
 
 // nvmlMemory reads memory through NVML.
 type nvmlMemory struct {
-	n   NVML
-	pid int
+	n NVML
 }
 
 // NewNVMLMemoryReader returns a MemoryReader over n (nil: RealNVML), or an
@@ -34,13 +31,16 @@ func NewNVMLMemoryReader(n NVML) (MemoryReader, func() error, error) {
 	if err := n.Init(); err != nil {
 		return nil, nil, err
 	}
-	return nvmlMemory{n: n, pid: os.Getpid()}, n.Shutdown, nil
+	return nvmlMemory{n: n}, n.Shutdown, nil
 }
 
+// UsedBytes reads the device's whole memory use. Per-process figures would
+// exclude other processes, but NVML lists host PIDs, which inside a
+// container never match ours, and a process appears only once it holds a
+// CUDA context: mixing the two would corrupt the before/after difference.
+// Loads are serialised in this process; another process allocating on the
+// same GPU during a load is counted against the model.
 func (m nvmlMemory) UsedBytes(device int) (uint64, error) {
-	if used, ok, err := m.n.ProcessMemory(device, m.pid); err == nil && ok {
-		return used, nil
-	}
 	d, err := m.n.Device(device)
 	if err != nil && d.MemoryTotal == 0 {
 		return 0, fmt.Errorf("reading memory of GPU %d: %w", device, err)
