@@ -147,26 +147,47 @@ func TestBindingMatchesPlainSession(t *testing.T) {
 	}
 }
 
-// TestMobileNetV3BindingMatchesPlainSession repeats the check on a real
-// network when the model generator has written it.
-func TestMobileNetV3BindingMatchesPlainSession(t *testing.T) {
+// TestGeneratedModelsBindingMatchesPlainSession repeats the check on the
+// real networks the model generator writes (the ones the GPU benchmarks
+// run), skipping those not generated yet.
+func TestGeneratedModelsBindingMatchesPlainSession(t *testing.T) {
 	lib := initRuntime(t)
-	path := repoModel(t, "mobilenetv3_large")
-	_, e := newCPUEngine(t, path)
-	const n, c, h, w = 2, 3, 224, 224
-	buf, free, err := e.AllocBatch(n, c, h, w)
-	if err != nil {
-		t.Fatal(err)
+	tests := []struct {
+		model      string
+		n, c, h, w int
+	}{
+		{"mobilenetv3_large", 2, 3, 224, 224},
+		{"resnet50", 1, 3, 224, 224},
+		{"yolov8s", 1, 3, 640, 640},
 	}
-	defer free()
-	input := randomInput(9, n*c*h*w)
-	copy(buf, input)
-	got, err := e.Run(context.Background(), buf, n, c, h, w)
-	if err != nil {
-		t.Fatal(err)
+	for _, tt := range tests {
+		t.Run(tt.model, func(t *testing.T) {
+			if testing.Short() && tt.model != "mobilenetv3_large" {
+				t.Skipf("-short: %s takes seconds on one CPU thread", tt.model)
+			}
+			path := repoModel(t, tt.model)
+			_, e := newCPUEngine(t, path)
+			buf, free, err := e.AllocBatch(tt.n, tt.c, tt.h, tt.w)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer free()
+			input := randomInput(9, tt.n*tt.c*tt.h*tt.w)
+			copy(buf, input)
+			got, err := e.Run(context.Background(), buf, tt.n, tt.c, tt.h, tt.w)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var names []string
+			for _, o := range e.Outputs() {
+				names = append(names, o.Name)
+			}
+			want := plainRun(t, lib, path, input, []int64{int64(tt.n), int64(tt.c), int64(tt.h), int64(tt.w)}, names)
+			for i := range names {
+				sameBits(t, names[i], got[i].Data, want[i])
+			}
+		})
 	}
-	want := plainRun(t, lib, path, input, []int64{n, c, h, w}, []string{e.Outputs()[0].Name})
-	sameBits(t, "logits", got[0].Data, want[0])
 }
 
 func TestRunSteadyStateAllocatesNothing(t *testing.T) {
