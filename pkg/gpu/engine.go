@@ -39,6 +39,10 @@ type EngineOptions struct {
 	InputMemory MemoryKind
 	// Backend is what Backend reports; "" means the provider's name.
 	Backend string
+	// OutputNames are the outputs Run returns, in order; nil means all of
+	// the model's. Only these are bound, so ONNX Runtime computes only
+	// what they need.
+	OutputNames []string
 
 	// pinnedInfoOnCPU binds pinned buffers with the CUDA-pinned memory
 	// info even on the CPU provider, so tests reach that path (and its
@@ -121,7 +125,21 @@ func NewEngine(s *Session, opts EngineOptions) (*Engine, error) {
 	if !in.Float || len(in.Shape) != 4 {
 		return nil, fmt.Errorf("gpu engine: model %s input %q has shape %v, want a float32 NCHW tensor", s.path, in.Name, in.Shape)
 	}
-	for _, o := range s.outputs {
+	outputs := s.outputs
+	if opts.OutputNames != nil {
+		outputs = nil
+		for _, name := range opts.OutputNames {
+			i := slices.IndexFunc(s.outputs, func(o IOInfo) bool { return o.Name == name })
+			if i < 0 {
+				return nil, fmt.Errorf("gpu engine: model %s has no output %q", s.path, name)
+			}
+			outputs = append(outputs, s.outputs[i])
+		}
+		if len(outputs) == 0 {
+			return nil, fmt.Errorf("gpu engine: no outputs asked of model %s", s.path)
+		}
+	}
+	for _, o := range outputs {
 		if !o.Float || len(o.Shape) == 0 || slices.Contains(o.Shape[1:], -1) {
 			return nil, fmt.Errorf("gpu engine: model %s output %q has shape %v, want float32 with every dimension but the batch fixed", s.path, o.Name, o.Shape)
 		}
@@ -131,7 +149,7 @@ func NewEngine(s *Session, opts EngineOptions) (*Engine, error) {
 		want = MemoryPinned
 	}
 	e := &Engine{
-		sess: s, input: in, outputs: s.outputs,
+		sess: s, input: in, outputs: outputs,
 		alloc:   NewHostAllocator(want),
 		backend: opts.Backend,
 		sizes:   map[int]*binding{},

@@ -430,3 +430,35 @@ func TestRealModelsBindingMatchesPlainSession(t *testing.T) {
 		})
 	}
 }
+
+func TestEngineOutputSelection(t *testing.T) {
+	initRuntime(t)
+	path := convModel(t)
+	s, err := OpenSession(path, SessionOptions{Provider: ProviderCPU, IntraOpThreads: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if _, err := NewEngine(s, EngineOptions{OutputNames: []string{"scores"}}); err == nil || !strings.Contains(err.Error(), `no output "scores"`) {
+		t.Errorf("unknown output: %v", err)
+	}
+	e, err := NewEngine(s, EngineOptions{OutputNames: []string{"logits"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	_, all := newCPUEngine(t, path)
+	input := randomInput(4, 2*3*8*8)
+	got, err := e.Run(context.Background(), input, 2, 3, 8, 8)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want, err := all.Run(context.Background(), input, 2, 3, 8, 8)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 1 || got[0].Name != "logits" {
+		t.Fatalf("outputs %v, want logits only", got)
+	}
+	sameBits(t, "logits", got[0].Data, want[1].Data)
+}

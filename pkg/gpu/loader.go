@@ -23,6 +23,8 @@ type LoadOptions struct {
 	InstancesPerDevice int
 	// InputMemory is MemoryPinned (default) or MemoryPageable.
 	InputMemory MemoryKind
+	// OutputNames are the outputs the engines return; nil means all.
+	OutputNames []string
 	// WarmUpBatchSizes are run once each with zeros after loading, in
 	// increasing order, so the first requests do not pay for cuDNN's
 	// algorithm search and arena growth, and so the memory peak of each
@@ -114,7 +116,7 @@ func LoadModel(ctx context.Context, path string, o LoadOptions) (*Model, error) 
 		}
 		first := len(m.Engines)
 		for range instances {
-			e, err := NewEngine(s, EngineOptions{InputMemory: o.InputMemory})
+			e, err := NewEngine(s, EngineOptions{InputMemory: o.InputMemory, OutputNames: o.OutputNames})
 			if err != nil {
 				return fail(fmt.Errorf("loading model %q: %w", o.Name, err))
 			}
