@@ -206,7 +206,7 @@ func FindDetectHead(m *onnx.ModelProto, output string) (*DetectHead, error) {
 	anc := ix.ancestors(output)
 	var cats []levelConcat
 	for _, n := range g.GetNode() {
-		if !anc[n] || n.GetOpType() != "Concat" || len(n.GetInput()) < 2 {
+		if !anc[n] || n.GetOpType() != "Concat" || len(n.GetInput()) < 2 || len(n.GetOutput()) == 0 {
 			continue
 		}
 		if ax := axisOf(n); ax != -1 && ax != 2 {
@@ -253,7 +253,7 @@ func FindDetectHead(m *onnx.ModelProto, output string) (*DetectHead, error) {
 		} else if nc = splitClasses(ix, c.node); nc <= 0 {
 			nc = c.channels - 4*16 // Ultralytics' reg_max
 		}
-		if nc <= 0 || (c.channels-nc)%4 != 0 {
+		if nc <= 0 || c.channels-nc < 4 || (c.channels-nc)%4 != 0 {
 			return nil, fmt.Errorf("finding detect head: level tensors have %d channels, which is not 4*reg_max + %d classes", c.channels, nc)
 		}
 		head.NumClasses, head.RegMax = nc, (c.channels-nc)/4
@@ -277,6 +277,9 @@ func FindDetectHead(m *onnx.ModelProto, output string) (*DetectHead, error) {
 			return nil, fmt.Errorf("finding detect head: %d class channels but output %q has %d rows", cls.channels, output, outCh)
 		}
 		head.NumClasses, head.RegMax = cls.channels, box.channels/4
+		if head.RegMax < 1 {
+			return nil, fmt.Errorf("finding detect head: box tensors have %d channels, not 4*reg_max", box.channels)
+		}
 		for i := range box.maps {
 			head.Levels = append(head.Levels, HeadTensors{Box: box.maps[i], Cls: cls.maps[i]})
 		}
