@@ -97,9 +97,20 @@ type Metrics struct {
 	queueDropped  *prometheus.CounterVec
 	queues        *queueCollector
 
-	mu       sync.RWMutex      // guards the fields below
-	backends map[string]string // model -> backend serving it
+	mu     sync.RWMutex            // guards the fields below
+	models map[string]*modelSeries // loaded models by name
 }
+
+// modelSeries is a loaded model's backend and its stage histograms, looked
+// up once at load rather than hashed per image on the hot path.
+type modelSeries struct {
+	backend string
+	stages  [len(imageStages)]prometheus.Observer
+	total   prometheus.Observer
+}
+
+// imageStages are the per-image stages in Timings order.
+var imageStages = [...]string{StageQueue, StageDecode, StagePreprocess, StageInference, StagePostprocess}
 
 // NewRegistry returns an empty registry with the Go runtime and process
 // collectors, the base every visionserve registry starts from.
@@ -164,7 +175,7 @@ func New(reg prometheus.Registerer) (*Metrics, error) {
 			Help: "Queued images removed without being run: their deadline passed, their client went away, or shutdown ran out of time.",
 		}, []string{"model", "reason"}),
 		queues:   newQueueCollector(),
-		backends: map[string]string{},
+		models:   map[string]*modelSeries{},
 	}
 	for _, c := range []prometheus.Collector{
 		m.requests, m.images, m.stages, m.batchSize, m.batches, m.inflight,
@@ -183,14 +194,18 @@ func (m *Metrics) ModelLoaded(model, backend string, load, warmup time.Duration)
 	if m == nil {
 		return
 	}
+	series := &modelSeries{backend: backend, total: m.stages.WithLabelValues(model, backend, StageTotal)}
+	for i, stage := range imageStages {
+		series.stages[i] = m.stages.WithLabelValues(model, backend, stage)
+	}
 	m.mu.Lock()
-	old, had := m.backends[model]
-	m.backends[model] = backend
+	old, had := m.models[model]
+	m.models[model] = series
 	m.mu.Unlock()
-	if had && old != backend {
-		m.backendInfo.DeleteLabelValues(model, old)
-		m.loadSeconds.DeleteLabelValues(model, old)
-		m.warmupSeconds.DeleteLabelValues(model, old)
+	if had && old.backend != backend {
+		m.backendInfo.DeleteLabelValues(model, old.backend)
+		m.loadSeconds.DeleteLabelValues(model, old.backend)
+		m.warmupSeconds.DeleteLabelValues(model, old.backend)
 	}
 	m.backendInfo.WithLabelValues(model, backend).Set(1)
 	m.loadSeconds.WithLabelValues(model, backend).Set(load.Seconds())
@@ -203,13 +218,13 @@ func (m *Metrics) ModelUnloaded(model string) {
 		return
 	}
 	m.mu.Lock()
-	backend, had := m.backends[model]
-	delete(m.backends, model)
+	series, had := m.models[model]
+	delete(m.models, model)
 	m.mu.Unlock()
 	if had {
-		m.backendInfo.DeleteLabelValues(model, backend)
-		m.loadSeconds.DeleteLabelValues(model, backend)
-		m.warmupSeconds.DeleteLabelValues(model, backend)
+		m.backendInfo.DeleteLabelValues(model, series.backend)
+		m.loadSeconds.DeleteLabelValues(model, series.backend)
+		m.warmupSeconds.DeleteLabelValues(model, series.backend)
 	}
 	m.queues.remove(model)
 }
@@ -217,13 +232,23 @@ func (m *Metrics) ModelUnloaded(model string) {
 // labels returns the model and backend label values for a model name
 // taken from a request: UnknownModel and "" for a model not loaded.
 func (m *Metrics) labels(model string) (string, string) {
+	model, series := m.series(model)
+	if series == nil {
+		return model, ""
+	}
+	return model, series.backend
+}
+
+// series returns the model label value and, for a loaded model, its
+// series; UnknownModel and nil otherwise.
+func (m *Metrics) series(model string) (string, *modelSeries) {
 	m.mu.RLock()
-	backend, ok := m.backends[model]
+	series, ok := m.models[model]
 	m.mu.RUnlock()
 	if !ok {
-		return UnknownModel, ""
+		return UnknownModel, nil
 	}
-	return model, backend
+	return model, series
 }
 
 // Timings are the stage durations of one image; a zero field is a stage
@@ -237,19 +262,15 @@ func (m *Metrics) ObserveImage(model string, t Timings) {
 	if m == nil {
 		return
 	}
-	model, backend := m.labels(model)
-	for _, s := range [...]struct {
-		stage string
-		d     time.Duration
-	}{
-		{StageQueue, t.Queue},
-		{StageDecode, t.Decode},
-		{StagePreprocess, t.Preprocess},
-		{StageInference, t.Inference},
-		{StagePostprocess, t.Postprocess},
-	} {
-		if s.d > 0 {
-			m.stages.WithLabelValues(model, backend, s.stage).Observe(s.d.Seconds())
+	model, series := m.series(model)
+	for i, d := range [...]time.Duration{t.Queue, t.Decode, t.Preprocess, t.Inference, t.Postprocess} {
+		if d <= 0 {
+			continue
+		}
+		if series != nil {
+			series.stages[i].Observe(d.Seconds())
+		} else {
+			m.stages.WithLabelValues(model, "", imageStages[i]).Observe(d.Seconds())
 		}
 	}
 }
@@ -261,13 +282,21 @@ func (m *Metrics) ObserveRequest(model, code string, images int, total time.Dura
 	if m == nil {
 		return
 	}
-	model, backend := m.labels(model)
+	model, series := m.series(model)
+	backend := ""
+	if series != nil {
+		backend = series.backend
+	}
 	m.requests.WithLabelValues(model, backend, code).Inc()
 	if images > 0 {
 		m.images.WithLabelValues(model, backend, code).Add(float64(images))
 	}
 	if total > 0 && code == "OK" {
-		m.stages.WithLabelValues(model, backend, StageTotal).Observe(total.Seconds())
+		if series != nil {
+			series.total.Observe(total.Seconds())
+		} else {
+			m.stages.WithLabelValues(model, backend, StageTotal).Observe(total.Seconds())
+		}
 	}
 }
 
