@@ -174,8 +174,8 @@ func New(reg prometheus.Registerer) (*Metrics, error) {
 			Name: QueueDroppedImages,
 			Help: "Queued images removed without being run: their deadline passed, their client went away, or shutdown ran out of time.",
 		}, []string{"model", "reason"}),
-		queues:   newQueueCollector(),
-		models:   map[string]*modelSeries{},
+		queues: newQueueCollector(),
+		models: map[string]*modelSeries{},
 	}
 	for _, c := range []prometheus.Collector{
 		m.requests, m.images, m.stages, m.batchSize, m.batches, m.inflight,
