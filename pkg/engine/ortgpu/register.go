@@ -1,0 +1,287 @@
+package ortgpu
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"sync"
+
+	"github.com/visionserve/visionserve/internal/backend"
+	"github.com/visionserve/visionserve/pkg/engine/failover"
+	"github.com/visionserve/visionserve/pkg/gpu"
+	"github.com/visionserve/visionserve/pkg/modelrepo"
+	"github.com/visionserve/visionserve/pkg/pipeline"
+)
+
+// RegisterOptions configure the GPU backends Register installs.
+type RegisterOptions struct {
+	// ORTLib is the ONNX Runtime library the probes load ("" finds the
+	// default one); use the GPU build, which serves the CPU engines too.
+	ORTLib string
+	// Prober answers discovery and provider probes; nil means
+	// gpu.SystemProber over ORTLib and Session.
+	Prober gpu.Prober
+	// Session tunes the providers (CUDA options, TensorRT cache folder);
+	// Provider and Device are set per backend and device.
+	Session gpu.SessionOptions
+	// Budget refuses models that would not fit in GPU memory.
+	Budget gpu.Budget
+	// Ledger receives every model's GPU memory; nil means a new one,
+	// returned by Registration.Ledger.
+	Ledger *gpu.MemoryLedger
+	// Memory reads GPU memory use; nil means NVML when it loads.
+	Memory gpu.MemoryReader
+	// Failover, when set, wraps each GPU engine with a CPU fallback behind
+	// a circuit breaker shared by the model's engines on one device.
+	Failover *failover.Options
+	// Fallback builds the CPU engine of one instance for failover; nil
+	// means ort-cpu through backend.Load.
+	Fallback func(ctx context.Context, m *modelrepo.Model, opts backend.Options) (pipeline.Engine, error)
+}
+
+// Registration is the state behind the registered GPU backends.
+type Registration struct {
+	o RegisterOptions
+	// providers maps each backend name to its provider; tests map a name
+	// to the CPU provider to run the whole path without a GPU.
+	providers map[string]gpu.Provider
+
+	mu     sync.Mutex // guards the fields below
+	avail  map[gpu.Provider]*availability
+	models map[*modelrepo.Model]*loaded
+	memory gpu.MemoryReader
+	memErr error // why there is no memory reader; nil until tried
+}
+
+type availability struct {
+	devices []int
+	err     error
+}
+
+// loaded is one model on one backend, shared by its instances.
+type loaded struct {
+	model     *gpu.Model
+	devices   []int
+	perDevice int
+	open      int // engines handed out and not yet closed
+	breakers  map[int]*failover.Breaker
+}
+
+// Register installs ort-cuda and ort-tensorrt in the server's backend
+// registry, replacing the "no GPU support" placeholders: Available probes
+// the provider with a real run on every GPU (once, cached), New loads the
+// model once per backend with one session per usable GPU and hands out its
+// engines instance by instance, round-robin over the GPUs.
+func Register(o RegisterOptions) *Registration {
+	r := newRegistration(o)
+	r.register()
+	return r
+}
+
+func (r *Registration) register() {
+	for name := range r.providers {
+		backend.Register(name, backend.Factory{
+			Available: func() error { _, err := r.available(name); return err },
+			New: func(ctx context.Context, m *modelrepo.Model, opts backend.Options, instance int) (pipeline.Engine, error) {
+				return r.newEngine(ctx, name, m, opts, instance)
+			},
+		})
+	}
+}
+
+func newRegistration(o RegisterOptions) *Registration {
+	if o.Prober == nil {
+		o.Prober = gpu.SystemProber{LibPath: o.ORTLib, Options: o.Session}
+	}
+	if o.Ledger == nil {
+		o.Ledger = gpu.NewMemoryLedger()
+	}
+	return &Registration{
+		o:         o,
+		providers: map[string]gpu.Provider{backend.ORTCUDA: gpu.ProviderCUDA, backend.ORTTensorRT: gpu.ProviderTensorRT},
+		avail:     map[gpu.Provider]*availability{},
+		models:    map[*modelrepo.Model]*loaded{},
+		memory:    o.Memory,
+	}
+}
+
+// Ledger is the GPU memory of the models loaded through the registration,
+// for metrics and model info.
+func (r *Registration) Ledger() *gpu.MemoryLedger { return r.o.Ledger }
+
+// available probes the provider behind name on every GPU, once.
+func (r *Registration) available(name string) ([]int, error) {
+	p := r.providers[name]
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if a, ok := r.avail[p]; ok {
+		return a.devices, a.err
+	}
+	a := &availability{}
+	rep := r.o.Prober.Discover()
+	if !rep.Available {
+		a.err = fmt.Errorf("%w: no usable GPU: %s", backend.ErrNotAvailable, rep.Reason)
+	} else {
+		var why []error
+		for _, d := range rep.Devices {
+			if err := r.o.Prober.Probe(context.Background(), p, d.Index); err != nil {
+				why = append(why, fmt.Errorf("GPU %d: %w", d.Index, err))
+				continue
+			}
+			a.devices = append(a.devices, d.Index)
+		}
+		if len(a.devices) == 0 {
+			a.err = fmt.Errorf("%w: no usable GPU: %w", backend.ErrNotAvailable, errors.Join(why...))
+		}
+	}
+	r.avail[p] = a
+	return a.devices, a.err
+}
+
+func (r *Registration) newEngine(ctx context.Context, name string, m *modelrepo.Model, opts backend.Options, instance int) (pipeline.Engine, error) {
+	devices, err := r.available(name)
+	if err != nil {
+		return nil, err
+	}
+	r.mu.Lock()
+	l, ok := r.models[m]
+	r.mu.Unlock()
+	if !ok {
+		if instance != 0 {
+			return nil, fmt.Errorf("%s: instance %d of model %q asked for before instance 0", name, instance, m.Name)
+		}
+		if l, err = r.load(ctx, name, m, opts, devices); err != nil {
+			return nil, err
+		}
+	}
+	// Round-robin over the GPUs: instance i runs on device i mod len.
+	d := instance % len(l.devices)
+	k := instance / len(l.devices)
+	if k >= l.perDevice {
+		return nil, fmt.Errorf("%s: model %q has %d instances, not %d", name, m.Name, l.perDevice*len(l.devices), instance+1)
+	}
+	ge := l.model.Engines[d*l.perDevice+k]
+	var e pipeline.Engine = &instanceEngine{Engine: New(ge), release: func() { r.release(m) }}
+	r.mu.Lock()
+	l.open++
+	r.mu.Unlock()
+	if r.o.Failover == nil {
+		return e, nil
+	}
+	fb, err := r.fallback(ctx, m, opts)
+	if err != nil {
+		e.Close()
+		return nil, fmt.Errorf("%s: fallback engine for model %q: %w", name, m.Name, err)
+	}
+	r.mu.Lock()
+	br, ok := l.breakers[l.devices[d]]
+	if !ok {
+		br = failover.NewBreaker(e.Backend(), *r.o.Failover)
+		l.breakers[l.devices[d]] = br
+	}
+	r.mu.Unlock()
+	return failover.New(e, fb, br, *r.o.Failover), nil
+}
+
+func (r *Registration) fallback(ctx context.Context, m *modelrepo.Model, opts backend.Options) (pipeline.Engine, error) {
+	if r.o.Fallback != nil {
+		return r.o.Fallback(ctx, m, opts)
+	}
+	engines, _, err := backend.Load(ctx, backend.ORTCPU, m, opts, 1)
+	if err != nil {
+		return nil, err
+	}
+	return engines[0], nil
+}
+
+// load loads m with enough engines for its configured instances.
+func (r *Registration) load(ctx context.Context, name string, m *modelrepo.Model, opts backend.Options, devices []int) (*loaded, error) {
+	if err := gpu.Init(opts.ORTLib); err != nil {
+		return nil, err
+	}
+	instances := max(m.Batching.Instances, 1)
+	perDevice := (instances + len(devices) - 1) / len(devices)
+	lo := gpu.LoadOptions{
+		Name:               m.Name,
+		Session:            r.o.Session,
+		Devices:            devices,
+		InstancesPerDevice: perDevice,
+		WarmUpBatchSizes:   warmUpSizes(m.Batching),
+		Budget:             r.o.Budget,
+		Memory:             r.memoryReader(),
+		Ledger:             r.o.Ledger,
+	}
+	lo.Session.Provider = r.providers[name]
+	if m.Config.Output.Name != "" {
+		lo.OutputNames = []string{m.Config.Output.Name}
+	}
+	gm, err := gpu.LoadModel(ctx, m.Path, lo)
+	if err != nil {
+		return nil, err
+	}
+	if in := gm.Engines[0].Input(); m.Config.Input.Name != "" && in.Name != m.Config.Input.Name {
+		gm.Close()
+		return nil, fmt.Errorf("loading model %q: config input %q, graph input %q", m.Name, m.Config.Input.Name, in.Name)
+	}
+	l := &loaded{model: gm, devices: devices, perDevice: perDevice, breakers: map[int]*failover.Breaker{}}
+	r.mu.Lock()
+	r.models[m] = l
+	r.mu.Unlock()
+	return l, nil
+}
+
+// memoryReader returns the NVML reader, opened on first use; nil when NVML
+// is absent (the model's memory is then estimated, not measured).
+func (r *Registration) memoryReader() gpu.MemoryReader {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.memory == nil && r.memErr == nil {
+		// The reader stays open for the process's life, like the models.
+		r.memory, _, r.memErr = gpu.NewNVMLMemoryReader(nil)
+	}
+	return r.memory
+}
+
+// release drops one instance of m and unloads the model with the last.
+func (r *Registration) release(m *modelrepo.Model) {
+	r.mu.Lock()
+	l, ok := r.models[m]
+	if ok {
+		l.open--
+		if l.open > 0 {
+			ok = false
+		} else {
+			delete(r.models, m)
+		}
+	}
+	r.mu.Unlock()
+	if ok {
+		l.model.Close()
+	}
+}
+
+// warmUpSizes are the batch sizes a model warms up at: its preferred sizes
+// and its largest.
+func warmUpSizes(b modelrepo.BatchingConfig) []int {
+	sizes := append(slices.Clone(b.PreferredBatchSizes), max(b.MaxBatchSize, 1))
+	slices.Sort(sizes)
+	return slices.Compact(sizes)
+}
+
+// instanceEngine is one instance handed to the server; closing it releases
+// its share of the model.
+type instanceEngine struct {
+	*Engine
+	once    sync.Once
+	release func()
+}
+
+func (e *instanceEngine) Close() error {
+	var err error
+	e.once.Do(func() {
+		err = e.Engine.Close()
+		e.release()
+	})
+	return err
+}

@@ -1,0 +1,210 @@
+package ortgpu
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/visionserve/visionserve/internal/backend"
+	"github.com/visionserve/visionserve/pkg/engine/failover"
+	"github.com/visionserve/visionserve/pkg/gpu"
+	"github.com/visionserve/visionserve/pkg/modelrepo"
+	"github.com/visionserve/visionserve/pkg/pipeline"
+)
+
+// fakeProber reports GPUs and probe results without a GPU.
+type fakeProber struct {
+	report gpu.Report
+	fail   map[int]error // probe failure per device
+	probes int
+}
+
+func (f *fakeProber) Discover() gpu.Report { return f.report }
+func (f *fakeProber) Probe(_ context.Context, _ gpu.Provider, device int) error {
+	f.probes++
+	return f.fail[device]
+}
+
+func twoGPUs() gpu.Report {
+	return gpu.Report{Available: true, Devices: []gpu.Device{{Index: 0, MemoryTotal: 1}, {Index: 1, MemoryTotal: 1}}}
+}
+
+// probeRepoModel writes the probe model as a repository model with the
+// given instance count.
+func probeRepoModel(t *testing.T, instances int) *modelrepo.Model {
+	t.Helper()
+	lib, err := gpu.ResolveLibPath("")
+	if err != nil {
+		t.Skipf("ONNX Runtime library missing (run scripts/setup.sh): %v", err)
+	}
+	if err := gpu.Init(lib); err != nil {
+		t.Fatal(err)
+	}
+	data, err := gpu.ProbeModel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(t.TempDir(), "model.onnx")
+	if err := os.WriteFile(path, data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return &modelrepo.Model{
+		Config: modelrepo.Config{Name: "probe", Batching: modelrepo.BatchingConfig{Instances: instances, MaxBatchSize: 1}},
+		Path:   path,
+	}
+}
+
+// register installs a registration whose ort-cuda runs on the CPU
+// provider, so the whole factory path runs without a GPU.
+func register(o RegisterOptions) *Registration {
+	r := newRegistration(o)
+	r.providers = map[string]gpu.Provider{backend.ORTCUDA: gpu.ProviderCPU}
+	r.register()
+	return r
+}
+
+func TestRegisteredBackendWithoutGPU(t *testing.T) {
+	p := &fakeProber{report: gpu.Report{Reason: "NVML library not found (no NVIDIA driver)"}}
+	register(RegisterOptions{Prober: p})
+	for range 2 {
+		_, err := backend.Resolve(backend.ORTCUDA)
+		if !errors.Is(err, backend.ErrNotAvailable) || !strings.Contains(err.Error(), "no usable GPU: NVML library not found") {
+			t.Fatalf("ort-cuda without a GPU: %v", err)
+		}
+	}
+}
+
+func TestRegisteredBackendLoadsInstancesAcrossGPUs(t *testing.T) {
+	m := probeRepoModel(t, 3)
+	p := &fakeProber{report: twoGPUs()}
+	r := register(RegisterOptions{Prober: p, Memory: nopMemory{}})
+	engines, choice, err := backend.Load(context.Background(), backend.ORTCUDA, m, backend.Options{}, 3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if choice.Backend != backend.ORTCUDA || len(engines) != 3 {
+		t.Fatalf("choice %+v, %d engines", choice, len(engines))
+	}
+	if p.probes != 2 {
+		t.Errorf("%d probes, want one per GPU", p.probes)
+	}
+	// One session per GPU, two engines each, all recorded in the ledger.
+	if recs := r.Ledger().Snapshot(); len(recs) != 2 || recs[0].Device != 0 || recs[1].Device != 1 || !recs[0].Measured {
+		t.Errorf("ledger %+v, want measured records on GPUs 0 and 1", recs)
+	}
+	for i, e := range engines {
+		out := runProbe(t, e, float32(i))
+		if out != 2*float32(i) {
+			t.Errorf("instance %d computed %v", i, out)
+		}
+	}
+	for _, e := range engines[:2] {
+		e.Close()
+	}
+	if len(r.Ledger().Snapshot()) != 2 {
+		t.Error("model unloaded while an instance is still open")
+	}
+	engines[2].Close()
+	engines[2].Close()
+	if n := len(r.Ledger().Snapshot()); n != 0 {
+		t.Errorf("ledger holds %d records after every instance closed", n)
+	}
+	// A second load after unloading works.
+	again, _, err := backend.Load(context.Background(), backend.ORTCUDA, m, backend.Options{}, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	again[0].Close()
+}
+
+func TestRegisteredBackendSkipsFailingGPU(t *testing.T) {
+	m := probeRepoModel(t, 2)
+	p := &fakeProber{report: twoGPUs(), fail: map[int]error{1: errors.New("CUDA error 999")}}
+	r := register(RegisterOptions{Prober: p, Memory: nopMemory{}})
+	engines, _, err := backend.Load(context.Background(), backend.ORTCUDA, m, backend.Options{}, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		for _, e := range engines {
+			e.Close()
+		}
+	}()
+	if recs := r.Ledger().Snapshot(); len(recs) != 1 || recs[0].Device != 0 {
+		t.Errorf("ledger %+v, want GPU 0 only", recs)
+	}
+}
+
+func TestRegisteredBackendWithFailover(t *testing.T) {
+	m := probeRepoModel(t, 2)
+	var fallbacks int
+	register(RegisterOptions{
+		Prober:   &fakeProber{report: twoGPUs()},
+		Memory:   nopMemory{},
+		Failover: &failover.Options{RetryOnFallback: true},
+		Fallback: func(context.Context, *modelrepo.Model, backend.Options) (pipeline.Engine, error) {
+			fallbacks++
+			return cpuFake{}, nil
+		},
+	})
+	engines, _, err := backend.Load(context.Background(), backend.ORTCUDA, m, backend.Options{}, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		for _, e := range engines {
+			e.Close()
+		}
+	}()
+	if fallbacks != 2 {
+		t.Errorf("%d fallback engines, want one per instance", fallbacks)
+	}
+	for _, e := range engines {
+		f, ok := e.(*failover.Engine)
+		if !ok {
+			t.Fatalf("engine %T, want a failover engine", e)
+		}
+		if out := runProbe(t, f, 3); out != 6 || f.Backend() != "ort-cpu-binding" {
+			t.Errorf("got %v from %s", out, f.Backend())
+		}
+	}
+}
+
+// runProbe runs the probe model on x in every element and returns y[0].
+func runProbe(t *testing.T, e pipeline.Engine, x float32) float32 {
+	t.Helper()
+	a, ok := e.(pipeline.BatchAllocator)
+	if !ok {
+		t.Fatalf("%T does not allocate batches", e)
+	}
+	data, free, err := a.AllocBatch(1, 1, 2, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer free()
+	for i := range data {
+		data[i] = x
+	}
+	out, err := e.Run(context.Background(), &pipeline.Batch{N: 1, Cap: 1, C: 1, H: 2, W: 2, Data: data})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out[0].Data[0]
+}
+
+// nopMemory reports no memory in use, so loads are measured and free.
+type nopMemory struct{}
+
+func (nopMemory) UsedBytes(int) (uint64, error) { return 0, nil }
+
+// cpuFake is a fallback engine that is never asked to run here.
+type cpuFake struct{}
+
+func (cpuFake) Run(context.Context, *pipeline.Batch) ([]pipeline.Tensor, error) {
+	return nil, errors.New("fallback ran")
+}
+func (cpuFake) Backend() string { return "ort-cpu" }
+func (cpuFake) Close() error    { return nil }
