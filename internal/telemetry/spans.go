@@ -76,6 +76,18 @@ func RecordStages(ctx context.Context, model string, start time.Time, timings ..
 	}
 }
 
+// RecordResults is RecordStages for the results a batcher returned.
+func RecordResults(ctx context.Context, model string, start time.Time, results []pipeline.Result) {
+	if !trace.SpanFromContext(ctx).IsRecording() || len(results) == 0 {
+		return
+	}
+	timings := make([]pipeline.StageTimings, len(results))
+	for i := range results {
+		timings[i] = results[i].Timings
+	}
+	RecordStages(ctx, model, start, timings...)
+}
+
 // BatchTracer is a pipeline.BatchObserver that gives every batch a span
 // of its own, linked to the spans of all the requests whose images it
 // ran: a batch serves many traces at once, so it cannot be the child of

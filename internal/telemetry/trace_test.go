@@ -59,11 +59,7 @@ func (v *vision) Classify(ctx context.Context, req *visionv1.ClassifyRequest) (*
 	if err != nil {
 		return nil, err
 	}
-	timings := make([]pipeline.StageTimings, len(res))
-	for i := range res {
-		timings[i] = res[i].Timings
-	}
-	telemetry.RecordStages(ctx, req.GetModel(), start, timings...)
+	telemetry.RecordResults(ctx, req.GetModel(), start, res)
 	v.log.InfoContext(ctx, "classified", "images", len(res))
 	return &visionv1.ClassifyResponse{Model: req.GetModel()}, nil
 }
