@@ -83,7 +83,7 @@ func WarmUp(ctx context.Context, reg *Registry, log *slog.Logger) error {
 	var errs []error
 	for _, m := range reg.Models() {
 		start := time.Now()
-		if err := warmUp(ctx, m); err != nil {
+		if err := warmUp(ctx, m, log); err != nil {
 			err = fmt.Errorf("warming up model %q: %w", m.Name, err)
 			log.Error("model not ready", "model", m.Name, "err", err)
 			errs = append(errs, err)
@@ -95,7 +95,7 @@ func WarmUp(ctx context.Context, reg *Registry, log *slog.Logger) error {
 	return errors.Join(errs...)
 }
 
-func warmUp(ctx context.Context, m *Model) error {
+func warmUp(ctx context.Context, m *Model, log *slog.Logger) error {
 	h, w := m.Input.Height, m.Input.Width
 	pix := make([]byte, h*w*3)
 	for i := range pix {
@@ -112,6 +112,13 @@ func warmUp(ctx context.Context, m *Model) error {
 	}
 	if len(res) != n {
 		return fmt.Errorf("%d results for %d images", len(res), n)
+	}
+	// Self-tuning (batching.auto_tune, latency_target_p99) measures the
+	// warm engine while the model is not ready yet.
+	if t, ok := m.Runner.(interface {
+		AutoTune(context.Context, *slog.Logger) error
+	}); ok {
+		return t.AutoTune(ctx, log)
 	}
 	return nil
 }

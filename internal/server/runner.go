@@ -23,6 +23,7 @@ type PipelineRunner struct {
 	batcher *pipeline.Batcher
 	engines []pipeline.Engine
 	backend string
+	tuner   *tuner // self-tuning of the batcher (autotune.go)
 	closing sync.Once
 	err     error
 }
@@ -53,6 +54,10 @@ func NewPipelineRunner(m *modelrepo.Model, engines []pipeline.Engine, opts Runne
 	}
 	c, h, w := pre.InputShape()
 	b := m.Batching
+	tn, observer, err := newTuner(m, opts.Observer)
+	if err != nil {
+		return nil, err
+	}
 	batcher, err := pipeline.NewBatcher(pipeline.BatcherConfig{
 		Model:               m.Name,
 		MaxBatchSize:        b.MaxBatchSize,
@@ -61,12 +66,12 @@ func NewPipelineRunner(m *modelrepo.Model, engines []pipeline.Engine, opts Runne
 		QueueSize:           b.QueueSize,
 		C:                   c, H: h, W: w,
 		Engines:  engines,
-		Observer: opts.Observer,
+		Observer: observer,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("model %q: %w", m.Name, err)
 	}
-	return &PipelineRunner{name: m.Name, pre: pre, post: post, batcher: batcher, engines: engines, backend: engines[0].Backend()}, nil
+	return &PipelineRunner{name: m.Name, pre: pre, post: post, batcher: batcher, engines: engines, backend: engines[0].Backend(), tuner: tn}, nil
 }
 
 // Backend names the engines' backend.
@@ -215,6 +220,7 @@ func stackRows(raw []*rawItem) ([]pipeline.Tensor, error) {
 // the engines are freed.
 func (r *PipelineRunner) Close(ctx context.Context) error {
 	r.closing.Do(func() {
+		r.tuner.stop()
 		errs := []error{r.batcher.Close(ctx)}
 		for _, e := range r.engines {
 			errs = append(errs, e.Close())

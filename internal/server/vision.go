@@ -268,7 +268,7 @@ func modelInfo(m *Model) *visionv1.ModelInfoResponse {
 	case modelrepo.TaskDetect:
 		task = visionv1.Task_TASK_DETECT
 	}
-	b := m.Batching
+	b := effectiveBatching(m) // what self-tuning chose, else the config
 	pref := make([]int32, len(b.PreferredBatchSizes))
 	for i, p := range b.PreferredBatchSizes {
 		pref[i] = int32(p)

@@ -233,14 +233,13 @@ func (c *LatencyController) Policy(s ControlState) BatchPolicy {
 // applies the controller's decisions: observers must not call back into
 // the Batcher, so decisions are applied from outside the event calls.
 type LatencyLoop struct {
-	ctrl *LatencyController
 	next BatchObserver
 
 	mu       sync.Mutex // guards the fields below
+	ctrl     *LatencyController
 	released map[uint64]batchStart
 	stop     chan struct{}
 	done     chan struct{}
-	onChange func(ControlState)
 }
 
 type batchStart struct {
@@ -249,19 +248,36 @@ type batchStart struct {
 }
 
 // NewLatencyLoop makes the observer for ctrl; next (nil for none) receives
-// every event too. onChange, when set, is told each policy change (to
-// log it); it is called from the loop's goroutine.
-func NewLatencyLoop(ctrl *LatencyController, next BatchObserver, onChange func(ControlState)) *LatencyLoop {
-	return &LatencyLoop{ctrl: ctrl, next: next, released: map[uint64]batchStart{}, onChange: onChange}
+// every event too.
+func NewLatencyLoop(ctrl *LatencyController, next BatchObserver) *LatencyLoop {
+	return &LatencyLoop{ctrl: ctrl, next: next, released: map[uint64]batchStart{}}
 }
 
 // Controller returns the loop's controller.
-func (l *LatencyLoop) Controller() *LatencyController { return l.ctrl }
+func (l *LatencyLoop) Controller() *LatencyController {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.ctrl
+}
+
+// SetController replaces the controller before Start: the batcher needs
+// its observer when it is built, and the ladder of sizes is only known
+// after the warm-up measurement.
+func (l *LatencyLoop) SetController(ctrl *LatencyController) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.stop != nil {
+		return errors.New("latency loop: already started")
+	}
+	l.ctrl = ctrl
+	return nil
+}
 
 // Start applies the controller's first policy to b and then checks for a
-// decision every interval until Stop. It fails when b refuses the policy
-// or the loop already started.
-func (l *LatencyLoop) Start(b *Batcher, interval time.Duration) error {
+// decision every interval until Stop. onChange, when set, is told each
+// policy change (to log it), from the loop's goroutine. It fails when b
+// refuses the policy or the loop already started.
+func (l *LatencyLoop) Start(b *Batcher, interval time.Duration, onChange func(ControlState)) error {
 	if interval <= 0 {
 		return fmt.Errorf("latency loop: interval %v", interval)
 	}
@@ -274,11 +290,11 @@ func (l *LatencyLoop) Start(b *Batcher, interval time.Duration) error {
 		return err
 	}
 	l.stop, l.done = make(chan struct{}), make(chan struct{})
-	go l.run(b, interval, l.stop, l.done)
+	go l.run(b, l.ctrl, interval, onChange, l.stop, l.done)
 	return nil
 }
 
-func (l *LatencyLoop) run(b *Batcher, interval time.Duration, stop, done chan struct{}) {
+func (l *LatencyLoop) run(b *Batcher, ctrl *LatencyController, interval time.Duration, onChange func(ControlState), stop, done chan struct{}) {
 	defer close(done)
 	t := time.NewTicker(interval)
 	defer t.Stop()
@@ -288,15 +304,15 @@ func (l *LatencyLoop) run(b *Batcher, interval time.Duration, stop, done chan st
 			return
 		case <-t.C:
 		}
-		s, changed := l.ctrl.Step()
+		s, changed := ctrl.Step()
 		if !changed {
 			continue
 		}
 		// The controller only proposes sizes within the capacity, so
 		// SetPolicy cannot refuse them.
-		_ = b.SetPolicy(l.ctrl.Policy(s))
-		if l.onChange != nil {
-			l.onChange(s)
+		_ = b.SetPolicy(ctrl.Policy(s))
+		if onChange != nil {
+			onChange(s)
 		}
 	}
 }
@@ -358,9 +374,10 @@ func (l *LatencyLoop) BatchDone(ctx context.Context, e BatchDoneEvent) {
 	l.mu.Lock()
 	st, ok := l.released[e.Seq]
 	delete(l.released, e.Seq)
+	ctrl := l.ctrl
 	l.mu.Unlock()
 	if ok && e.Size > 0 && e.Err == nil {
-		l.ctrl.Observe(st.oldest+e.Total, e.Total, st.backlog)
+		ctrl.Observe(st.oldest+e.Total, e.Total, st.backlog)
 	}
 	if l.next != nil {
 		l.next.BatchDone(ctx, e)

@@ -434,16 +434,19 @@ func TestLatencyLoopOnBatcher(t *testing.T) {
 		t.Fatal(err)
 	}
 	var changes atomic.Int32
-	loop := pipeline.NewLatencyLoop(ctrl, pipeline.NopBatchObserver{}, func(pipeline.ControlState) { changes.Add(1) })
+	loop := pipeline.NewLatencyLoop(ctrl, pipeline.NopBatchObserver{})
 	b, err := pipeline.NewBatcher(pipeline.BatcherConfig{Model: "m", MaxBatchSize: 8, MaxQueueDelay: time.Millisecond, C: 1, H: 1, W: 1, Engines: []pipeline.Engine{e}, Observer: loop})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer b.Close(context.Background())
-	if err := loop.Start(b, 5*time.Millisecond); err != nil {
+	if err := loop.Start(b, 5*time.Millisecond, func(pipeline.ControlState) { changes.Add(1) }); err != nil {
 		t.Fatal(err)
 	}
-	if err := loop.Start(b, 5*time.Millisecond); err == nil {
+	if err := loop.SetController(ctrl); err == nil {
+		t.Error("SetController after Start accepted")
+	}
+	if err := loop.Start(b, 5*time.Millisecond, nil); err == nil {
 		t.Error("second Start accepted")
 	}
 	defer loop.Stop()
