@@ -247,9 +247,6 @@ type BatcherStats struct {
 // caller its own results. It is safe for concurrent use.
 type Batcher struct {
 	model       string
-	maxBatch    int
-	delay       time.Duration
-	preferred   []int // sorted, below maxBatch
 	queueSize   int
 	quantum     int
 	slack       time.Duration
@@ -261,13 +258,19 @@ type Batcher struct {
 	closeOnce   sync.Once
 	workersDone sync.WaitGroup
 
-	mu        sync.Mutex // guards the fields below
+	mu sync.Mutex // guards the fields below
+	// The release policy; SetPolicy (autotune_batcher.go) changes it
+	// while the batcher runs.
+	maxBatch  int
+	delay     time.Duration
+	preferred []int // sorted, below maxBatch
 	closing   bool
 	queued    int                       // images queued, not yet taken
 	keys      map[string]*batchKeyQueue // keys with images queued
+	keyFree   []*batchKeyQueue          // emptied key queues for reuse
 	cur       *batchKeyQueue            // round-robin cursor into the ring of keys
 	ageHead   *batchRequest             // requests with images queued, oldest first
-	ageTail   *batchRequest             //
+	ageTail   *batchRequest             // newest
 	deadlines batchDeadlineHeap         // requests with images queued and a deadline
 	idle      []*batchWorker            // workers waiting for images; last is woken first
 	busy      int                       // workers with a batch
@@ -623,7 +626,13 @@ type batchKeyQueue struct {
 func (b *Batcher) queueAddLocked(req *batchRequest) {
 	kq := b.keys[req.key]
 	if kq == nil {
-		kq = &batchKeyQueue{key: req.key}
+		if n := len(b.keyFree); n > 0 {
+			kq = b.keyFree[n-1]
+			b.keyFree = b.keyFree[:n-1]
+			kq.key = req.key
+		} else {
+			kq = &batchKeyQueue{key: req.key}
+		}
 		b.keys[req.key] = kq
 		// A new key joins at the end of the current round.
 		if b.cur == nil {
@@ -710,10 +719,17 @@ func (b *Batcher) queueDropKeyLocked(kq *batchKeyQueue) {
 		kq.prev.next = kq.next
 		kq.next.prev = kq.prev
 	}
-	kq.prev, kq.next = nil, nil
-	kq.deficit = 0
 	delete(b.keys, kq.key)
+	// Streams come and go with every request; keep a few key queues so
+	// that steady traffic allocates none.
+	*kq = batchKeyQueue{}
+	if len(b.keyFree) < batchKeyFreeMax {
+		b.keyFree = append(b.keyFree, kq)
+	}
 }
+
+// batchKeyFreeMax bounds the key queues kept for reuse.
+const batchKeyFreeMax = 256
 
 // queueAbandonLocked removes what is left of req from the queue because
 // its context ended, marks it abandoned so that workers skip its images,
