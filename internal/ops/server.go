@@ -87,12 +87,7 @@ func NewServer(opts Options) (*Server, error) {
 // Handler returns the mux serving /metrics, /healthz and /readyz.
 func Handler(g prometheus.Gatherer, ready ReadinessChecker, log *slog.Logger) http.Handler {
 	mux := http.NewServeMux()
-	mux.Handle("GET "+MetricsPath, promhttp.HandlerFor(g, promhttp.HandlerOpts{
-		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn),
-		// A collector failing must not hide every other series.
-		ErrorHandling:     promhttp.ContinueOnError,
-		EnableOpenMetrics: true,
-	}))
+	mux.Handle("GET "+MetricsPath, MetricsHandler(g, log))
 	// GET patterns also match HEAD.
 	mux.HandleFunc("GET "+HealthzPath, func(w http.ResponseWriter, _ *http.Request) {
 		// Alive means the process answers: readiness covers the rest, and
@@ -100,7 +95,28 @@ func Handler(g prometheus.Gatherer, ready ReadinessChecker, log *slog.Logger) ht
 		// model that is still loading.
 		writeText(w, http.StatusOK, "ok")
 	})
-	mux.HandleFunc("GET "+ReadyzPath, func(w http.ResponseWriter, _ *http.Request) {
+	mux.Handle("GET "+ReadyzPath, ReadyzHandler(ready))
+	return mux
+}
+
+// MetricsHandler serves g in the Prometheus exposition formats. A
+// collector that fails leaves its series out of the scrape instead of
+// failing the whole scrape; the failure is logged to log.
+func MetricsHandler(g prometheus.Gatherer, log *slog.Logger) http.Handler {
+	if log == nil {
+		log = slog.Default()
+	}
+	return promhttp.HandlerFor(g, promhttp.HandlerOpts{
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+		ErrorHandling:     promhttp.ContinueOnError,
+		EnableOpenMetrics: true,
+	})
+}
+
+// ReadyzHandler answers readiness probes from ready: 200 with "ready", or
+// 503 with the reason.
+func ReadyzHandler(ready ReadinessChecker) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
 		ok, reason := ready.Ready()
 		code := http.StatusOK
 		if !ok {
@@ -108,7 +124,6 @@ func Handler(g prometheus.Gatherer, ready ReadinessChecker, log *slog.Logger) ht
 		}
 		writeText(w, code, reason)
 	})
-	return mux
 }
 
 // maxReasonLen keeps a probe's body short even when a model's load error

@@ -15,6 +15,7 @@ import (
 	"os"
 	"strings"
 
+	"go.opentelemetry.io/contrib/instrumentation/google.golang.org/grpc/otelgrpc"
 	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/exporters/otlp/otlptrace/otlptracegrpc"
@@ -25,6 +26,7 @@ import (
 	semconv "go.opentelemetry.io/otel/semconv/v1.43.0"
 	"go.opentelemetry.io/otel/trace"
 	"go.opentelemetry.io/otel/trace/noop"
+	"google.golang.org/grpc"
 )
 
 // Options configure Setup.
@@ -193,6 +195,13 @@ func (d envDetector) Detect(context.Context) (*resource.Resource, error) {
 		kvs = append(kvs, semconv.ServiceName(v))
 	}
 	return resource.NewSchemaless(kvs...), nil
+}
+
+// GRPCServerOption instruments a gRPC server with OpenTelemetry: a server
+// span per call, its parent taken from the caller's W3C trace context.
+// With tracing off it costs a no-op span per call.
+func GRPCServerOption() grpc.ServerOption {
+	return grpc.StatsHandler(otelgrpc.NewServerHandler())
 }
 
 // Tracer returns the tracer of visionserve's own spans, from the global

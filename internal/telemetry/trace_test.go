@@ -11,7 +11,6 @@ import (
 	"testing"
 	"time"
 
-	"go.opentelemetry.io/contrib/instrumentation/google.golang.org/grpc/otelgrpc"
 	"go.opentelemetry.io/otel/sdk/trace/tracetest"
 	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc"
@@ -92,7 +91,7 @@ func TestTraceOfBatchedRequests(t *testing.T) {
 	}
 	lis := bufconn.Listen(1 << 20)
 	srv := grpc.NewServer(
-		grpc.StatsHandler(otelgrpc.NewServerHandler()),
+		telemetry.GRPCServerOption(),
 		grpc.ChainUnaryInterceptor(telemetry.UnaryServerInterceptor(log)),
 	)
 	visionv1.RegisterVisionServiceServer(srv, &vision{b: b, log: log})

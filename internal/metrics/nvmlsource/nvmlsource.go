@@ -28,6 +28,8 @@ type Source struct {
 // when there is at least one GPU. Without a driver or a GPU it returns a
 // nil Source and the reason, which metrics.RegisterGPU logs; that is not
 // an error. ledger, which may be nil, supplies the per-model memory.
+// Pass the result to RegisterGPU through GPUSource, which turns a nil
+// *Source into a nil interface.
 func Open(n gpu.NVML, ledger *gpu.MemoryLedger) (*Source, string) {
 	if n == nil {
 		n = gpu.RealNVML()
@@ -47,9 +49,21 @@ func Open(n gpu.NVML, ledger *gpu.MemoryLedger) (*Source, string) {
 	return &Source{nvml: n, ledger: ledger}, ""
 }
 
+// GPUSource returns s as a metrics.GPUSource: nil when s is nil, so that
+// RegisterGPU sees no source rather than a typed nil.
+func (s *Source) GPUSource() metrics.GPUSource {
+	if s == nil {
+		return nil
+	}
+	return s
+}
+
 // GPUSnapshot implements metrics.GPUSource. A device NVML cannot describe
 // is left out of the snapshot rather than reported as zero.
 func (s *Source) GPUSnapshot() (metrics.GPUSnapshot, error) {
+	if s == nil {
+		return metrics.GPUSnapshot{}, errors.New("no NVML source")
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed {
@@ -84,6 +98,9 @@ func (s *Source) GPUSnapshot() (metrics.GPUSnapshot, error) {
 
 // Close shuts NVML down; later snapshots fail (and the series go absent).
 func (s *Source) Close() error {
+	if s == nil {
+		return nil
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed {

@@ -74,7 +74,7 @@ func TestNoDriverMeansNoSeries(t *testing.T) {
 				t.Error("NVML left initialised")
 			}
 			reg := prometheus.NewRegistry()
-			if err := metrics.RegisterGPU(reg, nil, reason, slog.New(slog.DiscardHandler)); err != nil {
+			if err := metrics.RegisterGPU(reg, src.GPUSource(), reason, slog.New(slog.DiscardHandler)); err != nil {
 				t.Fatal(err)
 			}
 			if body := scrape(t, reg); strings.Contains(body, "visionserve_gpu") {
