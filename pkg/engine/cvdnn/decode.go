@@ -49,26 +49,35 @@ func DecodeYOLOv8(dst []float32, n int, levels []Level, regMax, nc, inH, inW int
 	if len(dst) < n*rows*anchors {
 		return fmt.Errorf("decoding yolov8: output holds %d floats, want %d", len(dst), n*rows*anchors)
 	}
-	probs := make([]float64, regMax)
+	maxHW := 0
+	for _, l := range levels {
+		maxHW = max(maxHW, l.H*l.W)
+	}
+	// Scratch rows, so the DFL walks every bin plane sequentially rather
+	// than striding across planes per anchor (the planes of the first level
+	// are 25 KB apart).
+	scratch := make([]float32, 3*maxHW)
 	for img := range n {
 		out := dst[img*rows*anchors : (img+1)*rows*anchors]
 		base := 0
 		for _, l := range levels {
 			hw := l.H * l.W
-			sx, sy := float64(inW)/float64(l.W), float64(inH)/float64(l.H)
+			sx, sy := float32(inW)/float32(l.W), float32(inH)/float32(l.H)
 			box := l.Box.Data[(img*l.Box.C+l.Box.Offset)*hw:]
+			var d [4][]float32
+			for side := range 4 {
+				// The side's distances land in its output row, rewritten
+				// to cx, cy, w, h once all four are known.
+				d[side] = out[side*anchors+base : side*anchors+base+hw]
+				dflRow(box[side*regMax*hw:(side+1)*regMax*hw], hw, regMax, d[side], scratch)
+			}
 			for p := range hw {
-				var d [4]float64
-				for side := range 4 {
-					d[side] = dfl(box[side*regMax*hw+p:], hw, probs)
-				}
-				ax, ay := float64(p%l.W)+0.5, float64(p/l.W)+0.5
-				x1, y1, x2, y2 := ax-d[0], ay-d[1], ax+d[2], ay+d[3]
-				a := base + p
-				out[0*anchors+a] = float32((x1 + x2) / 2 * sx)
-				out[1*anchors+a] = float32((y1 + y2) / 2 * sy)
-				out[2*anchors+a] = float32((x2 - x1) * sx)
-				out[3*anchors+a] = float32((y2 - y1) * sy)
+				ax, ay := float32(p%l.W)+0.5, float32(p/l.W)+0.5
+				x1, y1, x2, y2 := ax-d[0][p], ay-d[1][p], ax+d[2][p], ay+d[3][p]
+				d[0][p] = (x1 + x2) / 2 * sx
+				d[1][p] = (y1 + y2) / 2 * sy
+				d[2][p] = (x2 - x1) * sx
+				d[3][p] = (y2 - y1) * sy
 			}
 			cls := l.Cls.Data[(img*l.Cls.C+l.Cls.Offset)*hw:]
 			for c := range nc {
@@ -84,24 +93,63 @@ func DecodeYOLOv8(dst []float32, n int, levels []Level, regMax, nc, inH, inW int
 	return nil
 }
 
-// dfl returns the expected bin of a softmax over len(probs) logits found at
-// stride apart in v.
-func dfl(v []float32, stride int, probs []float64) float64 {
-	mx := math.Inf(-1)
-	for j := range probs {
-		mx = max(mx, float64(v[j*stride]))
+// dflRow computes, for each of hw anchors, the expected bin of a softmax
+// over the regMax logits planes[j*hw+p], into dst.
+func dflRow(planes []float32, hw, regMax int, dst, scratch []float32) {
+	mx, sum := scratch[:hw], scratch[hw:2*hw]
+	copy(mx, planes[:hw])
+	for j := 1; j < regMax; j++ {
+		for p, v := range planes[j*hw : (j+1)*hw] {
+			mx[p] = max(mx[p], v)
+		}
 	}
-	var sum, exp float64
-	for j := range probs {
-		e := math.Exp(float64(v[j*stride]) - mx)
-		sum += e
-		exp += e * float64(j)
+	clear(sum)
+	clear(dst)
+	for j := range regMax {
+		fj := float32(j)
+		for p, v := range planes[j*hw : (j+1)*hw] {
+			e := exp32(v - mx[p])
+			sum[p] += e
+			dst[p] += e * fj
+		}
 	}
-	return exp / sum
+	for p := range dst {
+		dst[p] /= sum[p]
+	}
+}
+
+// exp32 is e^x in float32 to a few units in the last place, several
+// times faster than math.Exp (Cephes' expf): x = n·ln2 + r with |r| <=
+// ln2/2, e^r by a polynomial, 2^n set in the exponent bits.
+func exp32(x float32) float32 {
+	switch {
+	case x != x: // NaN
+		return x
+	case x < -87:
+		return 0
+	case x > 88:
+		return float32(math.Inf(1))
+	}
+	fn := x*1.44269504088896341 + 0.5 // round(x / ln2)
+	n := int32(fn)
+	if fn < 0 && float32(n) != fn {
+		n--
+	}
+	// ln2 in two parts, so n·ln2 is exact to float32 precision.
+	r := x - float32(n)*0.693359375 - float32(n)*-2.12194440e-4
+	z := r * r
+	p := float32(1.9875691500e-4)
+	p = p*r + 1.3981999507e-3
+	p = p*r + 8.3334519073e-3
+	p = p*r + 4.1665795894e-2
+	p = p*r + 1.6666665459e-1
+	p = p*r + 5.0000001201e-1
+	y := p*z + r + 1
+	return y * math.Float32frombits(uint32(n+127)<<23)
 }
 
 func sigmoid(x float32) float32 {
-	return float32(1 / (1 + math.Exp(-float64(x))))
+	return 1 / (1 + exp32(-x))
 }
 
 // Levels describes the cut model's outputs, in DetectHead.Outputs order,

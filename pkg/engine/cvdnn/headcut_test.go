@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"google.golang.org/protobuf/proto"
 
@@ -289,4 +290,52 @@ func FuzzFindDetectHead(f *testing.F) {
 			return
 		}
 	})
+}
+
+// BenchmarkDecodeYOLOv8 is the host side of the OpenCV YOLOv8 path: the
+// DFL and sigmoid of one 640x640 image's 8400 anchors and 80 classes.
+func BenchmarkDecodeYOLOv8(b *testing.B) {
+	const nc, regMax = 80, 16
+	var levels []Level
+	anchors := 0
+	for _, s := range []int{80, 40, 20} {
+		data := make([]float32, (4*regMax+nc)*s*s)
+		fillScene(data[:min(len(data), 3*s*s)], s, s)
+		levels = append(levels, Level{H: s, W: s, Box: Plane{Data: data, C: 4*regMax + nc}, Cls: Plane{Data: data, C: 4*regMax + nc, Offset: 4 * regMax}})
+		anchors += s * s
+	}
+	dst := make([]float32, (4+nc)*anchors)
+	b.ReportAllocs()
+	b.ResetTimer()
+	start := time.Now()
+	for range b.N {
+		if err := DecodeYOLOv8(dst, 1, levels, regMax, nc, 640, 640); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.ReportMetric(float64(time.Since(start).Microseconds())/1000/float64(b.N), "ms/image")
+}
+
+func TestExp32(t *testing.T) {
+	// Over the logits a head produces the error is float32 rounding; far
+	// out, the float32 product x*log2(e) itself loses digits.
+	for _, r := range []struct{ lo, hi, tol float64 }{{-20, 20, 1e-6}, {-87, 88, 2e-5}} {
+		worst := 0.0
+		for x := r.lo; x <= r.hi; x += 0.00137 {
+			want := math.Exp(float64(float32(x)))
+			worst = max(worst, math.Abs(float64(exp32(float32(x)))-want)/want)
+		}
+		if worst > r.tol {
+			t.Errorf("exp32 on [%v,%v]: relative error up to %g, want %g", r.lo, r.hi, worst, r.tol)
+		}
+	}
+	if exp32(-100) != 0 || !math.IsInf(float64(exp32(100)), 1) || !math.IsNaN(float64(exp32(float32(math.NaN())))) {
+		t.Error("exp32 mishandles the edges")
+	}
+	if s := sigmoid(-200); s != 0 {
+		t.Errorf("sigmoid(-200) = %v", s)
+	}
+	if s := sigmoid(200); s != 1 {
+		t.Errorf("sigmoid(200) = %v", s)
+	}
 }
