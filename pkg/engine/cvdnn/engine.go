@@ -7,11 +7,20 @@
 // binary: every binary that loads models through this package must call
 // RunProbeIfRequested first thing in main(), and its tests in TestMain.
 //
-// OpenCV 4.6 cannot import the tail of a YOLOv8 export (the DFL Reshape),
-// so for a detector the engine cuts the graph at the per-level Detect head
+// OpenCV 4.6 cannot import the tail of a YOLOv8 export (the DFL decode;
+// the generated yolov8s fails in its Reshape/Concat shape inference), so
+// for a detector the engine cuts the graph at the per-level Detect head
 // tensors (FindDetectHead, CutModelFile), runs that on OpenCV and computes
 // the tail on the host (DecodeYOLOv8), giving the same [N,4+nc,anchors]
 // output ONNX Runtime gives for the full graph.
+//
+// Two more OpenCV 4.6 limits are handled rather than served as crashes: a
+// model whose zero-valued attributes carry no value on the wire (written
+// by a proto3 tool) is rewritten with the values, and a model OpenCV runs
+// at batch 1 but not at the configured maximum batch is run image by image
+// (Engine.PerImage). Rewritten and cut models live in Options.CacheDir,
+// named by a hash of the source model. Probe outcomes are cached per
+// process, so further instances of a model start without a child.
 package cvdnn
 
 import (
