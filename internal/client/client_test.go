@@ -208,6 +208,11 @@ func TestLoad(t *testing.T) {
 	if !strings.Contains(out, "30 requests, 0 errors") || !strings.Contains(out, "p99") || !strings.Contains(errOut, "100%") {
 		t.Errorf("stdout:\n%s\nstderr:\n%s", out, errOut)
 	}
+	// A timed run ends without counting the calls cut by its end as errors.
+	out, errOut, code = runClient(t, "load", "--addr", addr, "--model", "classify", "--concurrency", "4", "--duration", "300ms", img)
+	if code != 0 || !strings.Contains(out, " 0 errors") {
+		t.Errorf("timed run: exit %d\n%s\n%s", code, out, errOut)
+	}
 }
 
 func TestErrors(t *testing.T) {

@@ -86,6 +86,11 @@ func Load(ctx context.Context, o Options, call func(context.Context) error, prog
 		codes   = map[string]int{}
 	)
 	begin := time.Now()
+	end := begin.Add(o.Duration)
+	// over is checked by time as well as by ctx: the timer that ends ctx
+	// may fire late on a busy machine, while calls made after the
+	// deadline already fail at once.
+	over := func() bool { return ctx.Err() != nil || (o.Duration > 0 && !time.Now().Before(end)) }
 	stopBar := make(chan struct{})
 	barDone := make(chan struct{})
 	go func() {
@@ -106,14 +111,14 @@ func Load(ctx context.Context, o Options, call func(context.Context) error, prog
 	var wg sync.WaitGroup
 	for range max(o.Concurrency, 1) {
 		wg.Go(func() {
-			for ctx.Err() == nil {
+			for !over() {
 				if o.Requests > 0 && started.Add(1) > int64(o.Requests) {
 					return
 				}
 				t := time.Now()
 				err := call(ctx)
 				d := time.Since(t)
-				if err != nil && ctx.Err() != nil {
+				if err != nil && over() {
 					return // the run ended under this call
 				}
 				mu.Lock()
