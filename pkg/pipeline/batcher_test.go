@@ -9,6 +9,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -1054,6 +1055,45 @@ func TestBatcherCloseDrains(t *testing.T) {
 	if err := b.Close(context.Background()); err != nil {
 		t.Errorf("second Close: %v", err)
 	}
+	items, fakes := batchTestItems(1)
+	if _, err := b.Submit(context.Background(), "", items); !errors.Is(err, pipeline.ErrBatcherClosed) {
+		t.Errorf("Submit after Close: %v, want ErrBatcherClosed", err)
+	}
+	if fakes[0].fills.Load() != 0 {
+		t.Error("an image submitted after Close was filled")
+	}
+}
+
+// An idle batcher parks its workers: no polling, no timers ticking.
+func TestBatcherIdleBurnsNoCPU(t *testing.T) {
+	var engines []pipeline.Engine
+	for range 4 {
+		engines = append(engines, &batchTestEngine{name: "fake"})
+	}
+	b := newTestBatcher(t, pipeline.BatcherConfig{MaxBatchSize: 4, MaxQueueDelay: time.Millisecond, Engines: engines})
+	items, fakes := batchTestItems(3) // wake everything once
+	res, err := b.Submit(context.Background(), "", items)
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkBatchResults(t, res, fakes)
+	before := batchCPUTime(t)
+	time.Sleep(300 * time.Millisecond)
+	used := batchCPUTime(t) - before
+	// Four polling workers would burn most of the 300ms each.
+	if used > 60*time.Millisecond {
+		t.Errorf("the idle batcher used %v of CPU in 300ms", used)
+	}
+	t.Logf("CPU used while idle for 300ms: %v", used)
+}
+
+// batchCPUTime is the CPU time this process used so far.
+func batchCPUTime(t *testing.T) time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		t.Skipf("getrusage: %v", err)
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
 // When Close's context expires, queued images fail with ErrBatcherClosed,
