@@ -12,8 +12,9 @@ import (
 //
 // The result shares node and tensor messages with m (the weights are not
 // copied), so treat both as read-only afterwards. An output that is not
-// declared in m's outputs or value_info is declared as a float tensor of
-// unknown shape.
+// declared in m's outputs or value_info, or declared without a shape, gets
+// an empty shape (and element type float if it had none): OpenCV 4.6 asserts that every graph output has a shape
+// field, and ONNX Runtime only warns about the rank it cannot match.
 func Extract(m *ModelProto, outputs []string) (*ModelProto, error) {
 	g := m.GetGraph()
 	producer := make(map[string]int, len(g.GetNode()))
@@ -80,9 +81,13 @@ func Extract(m *ModelProto, outputs []string) (*ModelProto, error) {
 	}
 	for _, o := range outputs {
 		vi, ok := declared[o]
-		if !ok {
+		if !ok || vi.GetType().GetTensorType().GetShape() == nil {
+			elem := int32(TensorProto_FLOAT)
+			if e := vi.GetType().GetTensorType().GetElemType(); e != 0 {
+				elem = e
+			}
 			vi = &ValueInfoProto{Name: o, Type: &TypeProto{Value: &TypeProto_TensorType{
-				TensorType: &TypeProto_Tensor{ElemType: int32(TensorProto_FLOAT)},
+				TensorType: &TypeProto_Tensor{ElemType: elem, Shape: &TensorShapeProto{}},
 			}}}
 		}
 		sub.Output = append(sub.Output, vi)

@@ -296,6 +296,9 @@ func TestExtract(t *testing.T) {
 				if o.GetType().GetTensorType().GetElemType() != int32(TensorProto_FLOAT) {
 					t.Errorf("output %s has no float tensor type", o.GetName())
 				}
+				if o.GetType().GetTensorType().GetShape() == nil {
+					t.Errorf("output %s has no shape field (OpenCV requires one)", o.GetName())
+				}
 			}
 			// The source model must be untouched.
 			if len(m.GetGraph().GetNode()) != 11 || len(m.GetGraph().GetOutput()) != 3 {
