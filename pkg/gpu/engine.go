@@ -106,12 +106,15 @@ type inputKey struct {
 // a few buffers, so more entries mean buffers are not being reused.
 const maxCachedInputs = 32
 
-// binding is the IoBinding of one batch size with its output buffers.
+// binding is the IoBinding state of one batch size. A graph that fixes its
+// batch at F runs a batch of n images as n/F chunks, each with an IoBinding
+// of its own whose outputs are bound to that chunk's part of the output
+// buffers; other graphs run one chunk of n.
 type binding struct {
-	b       *C.OrtIoBinding
-	inPtr   unsafe.Pointer // input buffer currently bound, nil if none
-	outVals []*C.OrtValue
-	outBufs []*HostBuffer
+	chunk   int               // images per chunk
+	bs      []*C.OrtIoBinding // one per chunk
+	outVals [][]*C.OrtValue   // [chunk][output]
+	outBufs []*HostBuffer     // one per output, all chunks
 	result  []Tensor
 }
 
@@ -142,6 +145,9 @@ func NewEngine(s *Session, opts EngineOptions) (*Engine, error) {
 	for _, o := range outputs {
 		if !o.Float || len(o.Shape) == 0 || slices.Contains(o.Shape[1:], -1) {
 			return nil, fmt.Errorf("gpu engine: model %s output %q has shape %v, want float32 with every dimension but the batch fixed", s.path, o.Name, o.Shape)
+		}
+		if o.Shape[0] >= 0 && o.Shape[0] != in.Shape[0] {
+			return nil, fmt.Errorf("gpu engine: model %s output %q has batch %d, input %q has %d", s.path, o.Name, o.Shape[0], in.Name, in.Shape[0])
 		}
 	}
 	want := opts.InputMemory
@@ -248,15 +254,12 @@ func (e *Engine) AllocBatch(maxN, c, h, w int) ([]float32, func(), error) {
 // buf's memory, so it can be freed.
 func (e *Engine) forgetBufferLocked(buf *HostBuffer) {
 	delete(e.owned, buf.ptr)
+	lo, hi := uintptr(buf.ptr), uintptr(buf.ptr)+uintptr(buf.n)*4
 	for k, v := range e.inputs {
-		if k.ptr == buf.ptr {
+		// Chunks of a fixed-batch graph are keyed by addresses inside buf.
+		if p := uintptr(k.ptr); p >= lo && p < hi {
 			C.vs_value_release(v)
 			delete(e.inputs, k)
-		}
-	}
-	for _, b := range e.sizes {
-		if b.inPtr == buf.ptr {
-			b.inPtr = nil
 		}
 	}
 }
@@ -297,7 +300,7 @@ func (e *Engine) Run(ctx context.Context, data []float32, n, c, h, w int) ([]Ten
 	if err := e.checkImage(c, h, w); err != nil {
 		return nil, err
 	}
-	if e.fixedBatch > 0 && n != e.fixedBatch {
+	if e.fixedBatch > 0 && n%e.fixedBatch != 0 {
 		return nil, fmt.Errorf("gpu engine: model %s fixes the batch at %d, cannot run %d images", e.sess.path, e.fixedBatch, n)
 	}
 	size, ok := floatCount(n, c, h, w)
@@ -342,26 +345,29 @@ func (e *Engine) Run(ctx context.Context, data []float32, n, c, h, w int) ([]Ten
 	return out, nil
 }
 
-// runLocked binds the input at ptr to the binding of batch size n and runs.
+// runLocked binds the input at ptr to the binding of batch size n and runs
+// it, chunk by chunk.
 func (e *Engine) runLocked(ctx context.Context, ptr unsafe.Pointer, n, c, h, w int) ([]Tensor, error) {
 	b, err := e.bindingLocked(n)
 	if err != nil {
 		return nil, err
 	}
-	// Bind on every run: for a GPU session BindInput is where ONNX Runtime
-	// copies the input to the device, so a binding kept from an earlier run
-	// would feed the model stale data.
-	if err := e.bindInputLocked(b, ptr, n, c, h, w); err != nil {
-		return nil, err
-	}
 	stop := e.terminateOnCancelLocked(ctx)
-	err = cerr(C.vs_run_binding(e.cs, e.ro, b.b))
-	stop()
-	if err != nil {
-		if ctx.Err() != nil {
-			return nil, fmt.Errorf("gpu engine: running %s: %w (%v)", e.sess.path, ctx.Err(), err)
+	defer stop()
+	chunkBytes := uintptr(b.chunk * c * h * w * 4)
+	for i, bind := range b.bs {
+		// Bind on every run: for a GPU session BindInput is where ONNX
+		// Runtime copies the input to the device, so a binding kept from
+		// an earlier run would feed the model stale data.
+		if err := e.bindInputLocked(bind, unsafe.Add(ptr, uintptr(i)*chunkBytes), b.chunk, c, h, w); err != nil {
+			return nil, err
 		}
-		return nil, fmt.Errorf("gpu engine: running %s on %s: %w", e.sess.path, e.backend, err)
+		if err := cerr(C.vs_run_binding(e.cs, e.ro, bind)); err != nil {
+			if ctx.Err() != nil {
+				return nil, fmt.Errorf("gpu engine: running %s: %w (%v)", e.sess.path, ctx.Err(), err)
+			}
+			return nil, fmt.Errorf("gpu engine: running %s on %s: %w", e.sess.path, e.backend, err)
+		}
 	}
 	return b.result, nil
 }
@@ -384,7 +390,7 @@ func (e *Engine) stageLocked(data []float32) (unsafe.Pointer, error) {
 	return e.staging.ptr, nil
 }
 
-func (e *Engine) bindInputLocked(b *binding, ptr unsafe.Pointer, n, c, h, w int) error {
+func (e *Engine) bindInputLocked(bind *C.OrtIoBinding, ptr unsafe.Pointer, n, c, h, w int) error {
 	key := inputKey{ptr, n}
 	v, ok := e.inputs[key]
 	if !ok {
@@ -392,9 +398,6 @@ func (e *Engine) bindInputLocked(b *binding, ptr unsafe.Pointer, n, c, h, w int)
 			for k, old := range e.inputs {
 				C.vs_value_release(old)
 				delete(e.inputs, k)
-			}
-			for _, other := range e.sizes {
-				other.inPtr = nil
 			}
 		}
 		shape := [4]C.int64_t{C.int64_t(n), C.int64_t(c), C.int64_t(h), C.int64_t(w)}
@@ -407,10 +410,9 @@ func (e *Engine) bindInputLocked(b *binding, ptr unsafe.Pointer, n, c, h, w int)
 		v = created
 		e.inputs[key] = v
 	}
-	if err := cerr(C.vs_bind_input(b.b, e.inName, v)); err != nil {
+	if err := cerr(C.vs_bind_input(bind, e.inName, v)); err != nil {
 		return fmt.Errorf("gpu engine: binding input %q: %w", e.input.Name, err)
 	}
-	b.inPtr = ptr
 	return nil
 }
 
@@ -420,47 +422,64 @@ func (e *Engine) bindingLocked(n int) (*binding, error) {
 	if b, ok := e.sizes[n]; ok {
 		return b, nil
 	}
-	b := &binding{}
-	if err := cerr(C.vs_binding_new(e.cs, &b.b)); err != nil {
-		return nil, fmt.Errorf("gpu engine: creating IoBinding: %w", err)
+	b := &binding{chunk: n}
+	if e.fixedBatch > 0 {
+		b.chunk = e.fixedBatch
 	}
+	chunks := n / b.chunk
 	fail := func(err error) (*binding, error) {
 		e.releaseBinding(b)
 		return nil, err
 	}
+	b.outVals = make([][]*C.OrtValue, chunks)
+	for range chunks {
+		var bind *C.OrtIoBinding
+		if err := cerr(C.vs_binding_new(e.cs, &bind)); err != nil {
+			return fail(fmt.Errorf("gpu engine: creating IoBinding: %w", err))
+		}
+		b.bs = append(b.bs, bind)
+	}
 	for i, o := range e.outputs {
-		shape := slices.Clone(o.Shape)
-		if shape[0] < 0 {
-			shape[0] = int64(n)
+		cshape := slices.Clone(o.Shape) // one chunk's shape
+		cshape[0] = int64(b.chunk)
+		per, ok := floatCount(int64sToInts(cshape)...)
+		if !ok || per > maxHostFloats/chunks {
+			return fail(fmt.Errorf("gpu engine: output %q of shape %v out of range", o.Name, cshape))
 		}
-		count := int64(1)
-		for _, d := range shape {
-			count *= d
-		}
-		if count <= 0 || count > maxHostFloats {
-			return fail(fmt.Errorf("gpu engine: output %q of shape %v out of range", o.Name, shape))
-		}
-		buf, err := e.alloc.Alloc(int(count))
+		buf, err := e.alloc.Alloc(per * chunks)
 		if err != nil {
 			return fail(fmt.Errorf("gpu engine: output %q: %w", o.Name, err))
 		}
 		b.outBufs = append(b.outBufs, buf)
-		cshape := make([]C.int64_t, len(shape))
-		for j, d := range shape {
-			cshape[j] = C.int64_t(d)
+		dims := make([]C.int64_t, len(cshape))
+		for j, d := range cshape {
+			dims[j] = C.int64_t(d)
 		}
-		var v *C.OrtValue
-		if err := cerr(C.vs_tensor_f32(e.memInfo, (*C.float)(buf.ptr), C.size_t(count), &cshape[0], C.size_t(len(cshape)), &v)); err != nil {
-			return fail(fmt.Errorf("gpu engine: wrapping output %q: %w", o.Name, err))
+		for k := range chunks {
+			var v *C.OrtValue
+			at := unsafe.Add(buf.ptr, uintptr(k*per*4))
+			if err := cerr(C.vs_tensor_f32(e.memInfo, (*C.float)(at), C.size_t(per), &dims[0], C.size_t(len(dims)), &v)); err != nil {
+				return fail(fmt.Errorf("gpu engine: wrapping output %q: %w", o.Name, err))
+			}
+			b.outVals[k] = append(b.outVals[k], v)
+			if err := cerr(C.vs_bind_output(b.bs[k], e.outNames[i], v)); err != nil {
+				return fail(fmt.Errorf("gpu engine: binding output %q: %w", o.Name, err))
+			}
 		}
-		b.outVals = append(b.outVals, v)
-		if err := cerr(C.vs_bind_output(b.b, e.outNames[i], v)); err != nil {
-			return fail(fmt.Errorf("gpu engine: binding output %q: %w", o.Name, err))
-		}
+		shape := slices.Clone(cshape)
+		shape[0] = int64(n)
 		b.result = append(b.result, Tensor{Name: o.Name, Shape: shape, Data: buf.Floats()})
 	}
 	e.sizes[n] = b
 	return b, nil
+}
+
+func int64sToInts(s []int64) []int {
+	out := make([]int, len(s))
+	for i, v := range s {
+		out[i] = int(v)
+	}
+	return out
 }
 
 // dropBindingsLocked frees every binding and cached input value.
@@ -476,11 +495,13 @@ func (e *Engine) dropBindingsLocked() {
 }
 
 func (e *Engine) releaseBinding(b *binding) {
-	if b.b != nil {
-		C.vs_binding_release(b.b)
+	for _, bind := range b.bs {
+		C.vs_binding_release(bind)
 	}
-	for _, v := range b.outVals {
-		C.vs_value_release(v)
+	for _, vs := range b.outVals {
+		for _, v := range vs {
+			C.vs_value_release(v)
+		}
 	}
 	for _, buf := range b.outBufs {
 		buf.Free()
@@ -498,16 +519,19 @@ func (e *Engine) CheckBoundOutputs(n int) error {
 		return fmt.Errorf("gpu engine: no binding for batch size %d yet", n)
 	}
 	ptrs := make([]unsafe.Pointer, len(b.outBufs))
-	var count C.size_t
-	if err := cerr(C.vs_bound_output_data(b.b, &ptrs[0], C.size_t(len(ptrs)), &count)); err != nil {
-		return fmt.Errorf("gpu engine: reading bound outputs: %w", err)
-	}
-	if int(count) != len(b.outBufs) {
-		return fmt.Errorf("gpu engine: %d bound outputs, want %d", count, len(b.outBufs))
-	}
-	for i, buf := range b.outBufs {
-		if ptrs[i] != buf.ptr {
-			return fmt.Errorf("gpu engine: output %q is in memory of ONNX Runtime's own, not the bound buffer", e.outputs[i].Name)
+	for k, bind := range b.bs {
+		var count C.size_t
+		if err := cerr(C.vs_bound_output_data(bind, &ptrs[0], C.size_t(len(ptrs)), &count)); err != nil {
+			return fmt.Errorf("gpu engine: reading bound outputs: %w", err)
+		}
+		if int(count) != len(b.outBufs) {
+			return fmt.Errorf("gpu engine: %d bound outputs, want %d", count, len(b.outBufs))
+		}
+		for i, buf := range b.outBufs {
+			per := buf.n / len(b.bs)
+			if ptrs[i] != unsafe.Add(buf.ptr, uintptr(k*per*4)) {
+				return fmt.Errorf("gpu engine: output %q is in memory of ONNX Runtime's own, not the bound buffer", e.outputs[i].Name)
+			}
 		}
 	}
 	return nil
