@@ -27,9 +27,8 @@ import (
 
 // realServer runs Run on a repository of the real shared models with the
 // given backend and returns a client connection once it reports SERVING.
-func realServer(t *testing.T, backendName string) (*grpc.ClientConn, string, chan<- os.Signal, <-chan error) {
+func realServer(t *testing.T, repo, backendName string) (*grpc.ClientConn, chan<- os.Signal, <-chan error) {
 	t.Helper()
-	repo := servertest.Repo(t, servertest.MobileNetV2, servertest.YOLOv8n)
 	if _, err := onnxrt.ResolveLibPath(""); err != nil {
 		t.Skipf("ONNX Runtime missing (run scripts/setup.sh): %v", err)
 	}
@@ -73,7 +72,21 @@ func realServer(t *testing.T, backendName string) (*grpc.ClientConn, string, cha
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	return conn, repo, stop, done
+	return conn, stop, done
+}
+
+// stopServer sends SIGTERM to a Run and checks it returns nil.
+func stopServer(t *testing.T, stop chan<- os.Signal, done <-chan error) {
+	t.Helper()
+	stop <- syscall.SIGTERM
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("Run after SIGTERM: %v", err)
+		}
+	case <-time.After(time.Minute):
+		t.Fatal("Run did not return after SIGTERM")
+	}
 }
 
 // TestRunRealModels serves the real int8 models through Run. With auto
@@ -90,7 +103,8 @@ func TestRunRealModels(t *testing.T) {
 }
 
 func testRealModels(t *testing.T, backendName, wantMobileNet, wantYOLO string) {
-	conn, repo, stop, done := realServer(t, backendName)
+	repo := servertest.Repo(t, servertest.MobileNetV2, servertest.YOLOv8n)
+	conn, stop, done := realServer(t, repo, backendName)
 	vision := visionv1.NewVisionServiceClient(conn)
 	ctx := ctxT(t)
 
@@ -146,18 +160,12 @@ func testRealModels(t *testing.T, backendName, wantMobileNet, wantYOLO string) {
 		t.Errorf("zidane.jpg: %v", z.Detections)
 	}
 
-	// OIP on preprocessed FP32 input equals, bit for bit, the output of
-	// an engine of the same backend run directly on the same batch.
+	// OIP on preprocessed FP32 input (dog.jpg as the pipeline prepares
+	// it) equals the serving backend's engine output bit for bit.
 	m, err := modelrepo.Load(repo, servertest.MobileNetV2)
 	if err != nil {
 		t.Fatal(err)
 	}
-	engines, _, err := backend.Load(ctx, info.Backend, m, backend.Options{}, 1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	eng := engines[0]
-	defer eng.Close()
 	pre, err := pipeline.NewPreprocessor(m, pipeline.PreprocessOptions{})
 	if err != nil {
 		t.Fatal(err)
@@ -166,38 +174,13 @@ func testRealModels(t *testing.T, backendName, wantMobileNet, wantYOLO string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	batch := pipeline.NewBatch(1, 3, 224, 224)
-	batch.N = 1
-	if err := p.Fill(batch.Slot(0)); err != nil {
+	in := make([]float32, 3*224*224)
+	if err := p.Fill(in); err != nil {
 		t.Fatal(err)
 	}
 	p.Close()
-	outs, err := eng.Run(ctx, batch)
-	if err != nil {
-		t.Fatal(err)
-	}
-	want := fp32Raw(outs[0].Data)
-	resp, err := inference.NewGRPCInferenceServiceClient(conn).ModelInfer(ctx, &inference.ModelInferRequest{
-		ModelName:        servertest.MobileNetV2,
-		Inputs:           []*inferInput{{Name: m.Input.Name, Datatype: "FP32", Shape: []int64{1, 3, 224, 224}}},
-		RawInputContents: [][]byte{fp32Raw(batch.Input())},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !slices.Equal(resp.Outputs[0].Shape, []int64{1, 1000}) || !slices.Equal(resp.RawOutputContents[0], want) {
-		t.Errorf("OIP raw output (shape %v) differs from the engine's", resp.Outputs[0].Shape)
-	}
-
-	stop <- syscall.SIGTERM
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Fatalf("Run after SIGTERM: %v", err)
-		}
-	case <-time.After(time.Minute):
-		t.Fatal("Run did not return after SIGTERM")
-	}
+	checkRawMatchesEngine(t, conn, m, info.Backend, in)
+	stopServer(t, stop, done)
 }
 
 type testLogWriter struct{ t *testing.T }
@@ -205,4 +188,78 @@ type testLogWriter struct{ t *testing.T }
 func (w testLogWriter) Write(p []byte) (int, error) {
 	w.t.Log(strings.TrimSpace(string(p)))
 	return len(p), nil
+}
+
+// checkRawMatchesEngine sends in ([N,3,H,W] floats) to ModelInfer as raw
+// FP32 and checks that the answer equals, bit for bit, the output of an
+// engine of the serving backend loaded here and run on the same batch.
+func checkRawMatchesEngine(t *testing.T, conn *grpc.ClientConn, m *modelrepo.Model, backendName string, in []float32) {
+	t.Helper()
+	ctx := ctxT(t)
+	h, w := m.Input.Height, m.Input.Width
+	n := len(in) / (3 * h * w)
+	engines, _, err := backend.Load(ctx, backendName, m, backend.Options{}, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer engines[0].Close()
+	batch := pipeline.NewBatch(n, 3, h, w)
+	batch.N = n
+	copy(batch.Data, in)
+	outs, err := engines[0].Run(ctx, batch)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := inference.NewGRPCInferenceServiceClient(conn).ModelInfer(ctx, &inference.ModelInferRequest{
+		ModelName:        m.Name,
+		Inputs:           []*inferInput{{Name: m.Input.Name, Datatype: "FP32", Shape: []int64{int64(n), 3, int64(h), int64(w)}}},
+		RawInputContents: [][]byte{fp32Raw(in)},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(resp.Outputs[0].Shape, outs[0].Shape) || !slices.Equal(resp.RawOutputContents[0], fp32Raw(outs[0].Data)) {
+		t.Errorf("%s on %s: OIP raw output %v differs from the engine's %v", m.Name, backendName, resp.Outputs[0].Shape, outs[0].Shape)
+	}
+}
+
+// TestRunGeneratedModels serves the project's generated fp32 models on
+// OpenCV, the default backend of a machine without GPU: the classifier as
+// it is, the YOLOv8s detector through the engine's cut graph and host
+// decode. OIP answers must be what the engine gives.
+func TestRunGeneratedModels(t *testing.T) {
+	if testing.Short() {
+		t.Skip("loads the generated fp32 models")
+	}
+	repo := servertest.GeneratedRepo(t, "mobilenetv3_large", "yolov8s")
+	conn, stop, done := realServer(t, repo, "opencv")
+	vision := visionv1.NewVisionServiceClient(conn)
+	list, err := vision.ListModels(ctxT(t), &visionv1.ListModelsRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, info := range list.Models {
+		if info.Backend != "opencv" || !info.Ready {
+			t.Errorf("%s: backend %s ready %v, want opencv and ready", info.Name, info.Backend, info.Ready)
+		}
+	}
+	for _, name := range []string{"mobilenetv3_large", "yolov8s"} {
+		m, err := modelrepo.Load(repo, name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		in := make([]float32, 3*m.Input.Height*m.Input.Width)
+		for i := range in {
+			in[i] = float32(i%251) / 251
+		}
+		checkRawMatchesEngine(t, conn, m, "opencv", in)
+	}
+	det, err := vision.Detect(ctxT(t), &visionv1.DetectRequest{Model: "yolov8s", Images: []*visionv1.Image{encoded(jpegBytes(t, 320, 200, 90))}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r := det.Results[0]; r.Width != 320 || r.Height != 200 || r.Backend != "opencv" {
+		t.Errorf("detect result %dx%d on %s", r.Width, r.Height, r.Backend)
+	}
+	stopServer(t, stop, done)
 }

@@ -108,3 +108,34 @@ func Image(t testing.TB, name string) []byte {
 	}
 	return b
 }
+
+// GeneratedRepo writes a model repository in a temporary folder holding
+// the named models of the project's own repository (models/<name>, written
+// by `make models`), linked, not copied. It skips the test when a model
+// file is missing.
+func GeneratedRepo(t testing.TB, names ...string) string {
+	t.Helper()
+	_, file, _, _ := runtime.Caller(0)
+	src := filepath.Join(filepath.Dir(file), "..", "..", "..", "models")
+	root := t.TempDir()
+	for _, name := range names {
+		from := filepath.Join(src, name)
+		if _, err := os.Stat(filepath.Join(from, "model.onnx")); err != nil {
+			t.Skipf("generated model %s missing: run make models", filepath.Join(from, "model.onnx"))
+		}
+		dir := filepath.Join(root, name)
+		if err := os.Mkdir(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		for _, f := range []string{"model.onnx", "config.yaml", "labels.txt"} {
+			abs, err := filepath.Abs(filepath.Join(from, f))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Symlink(abs, filepath.Join(dir, f)); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	return root
+}
