@@ -2,11 +2,11 @@ package server
 
 import (
 	"context"
-	"strings"
 	"log/slog"
 	"net"
 	"os"
 	"slices"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
