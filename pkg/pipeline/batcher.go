@@ -416,7 +416,6 @@ func (b *Batcher) Close(ctx context.Context) error {
 // abort fails every queued image with ErrBatcherClosed and cancels the
 // running engine calls.
 func (b *Batcher) abort() {
-	b.cancelRun()
 	type drop struct {
 		key    string
 		images int
@@ -439,6 +438,9 @@ func (b *Batcher) abort() {
 		w.wakeUp()
 	}
 	b.mu.Unlock()
+	// Only now: a run ending early must not find the queue still full and
+	// start on it with a cancelled context.
+	b.cancelRun()
 	if b.observer != nil {
 		for _, d := range drops {
 			b.observer.Dropped(BatchDropEvent{Model: b.model, Key: d.key, Images: d.images, Reason: DropShutdown, Waited: d.waited})
