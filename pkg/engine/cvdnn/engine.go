@@ -92,9 +92,10 @@ type Engine struct {
 	mu     sync.Mutex // guards the fields below
 	closed bool
 	net    gocv.Net
-	// bufs caches, per batch size, the Go copies of the net outputs and
-	// the tensors Run returns.
-	bufs map[int]*runBuffers
+	// bufs holds the Go copies of the net outputs and the tensors Run
+	// returns; one set serves every batch size, as a Run's outputs are
+	// only valid until the next Run.
+	bufs runBuffers
 }
 
 type runBuffers struct {
@@ -146,7 +147,7 @@ func New(ctx context.Context, path string, opts Options) (*Engine, error) {
 			return nil, fmt.Errorf("model %s: input %q has shape %v; OpenCV needs fixed C, H and W", path, io.input, io.shape)
 		}
 	}
-	e := &Engine{path: path, input: io.input, shape: io.shape, batch: io.batch, outputs: io.outputs, maxBatch: opts.MaxBatch, bufs: map[int]*runBuffers{}}
+	e := &Engine{path: path, input: io.input, shape: io.shape, batch: io.batch, outputs: io.outputs, maxBatch: opts.MaxBatch}
 	if opts.OutputNames != nil {
 		for _, o := range opts.OutputNames {
 			if !slices.Contains(io.outputs, o) {
@@ -309,7 +310,8 @@ func (e *Engine) CheckBatch(b *pipeline.Batch) error {
 }
 
 // Run executes the model on the first b.N images of b. The returned
-// tensors are reused by the next Run of the same batch size.
+// tensors are reused by the next Run. OpenCV cannot interrupt a forward
+// pass, so ctx is only checked before it starts.
 func (e *Engine) Run(ctx context.Context, b *pipeline.Batch) ([]pipeline.Tensor, error) {
 	if err := e.CheckBatch(b); err != nil {
 		return nil, fmt.Errorf("opencv: %w", err)
@@ -322,10 +324,10 @@ func (e *Engine) Run(ctx context.Context, b *pipeline.Batch) ([]pipeline.Tensor,
 	if e.closed {
 		return nil, errClosed
 	}
-	bufs := e.bufs[b.N]
-	if bufs == nil {
-		bufs = &runBuffers{net: make([][]float32, len(e.netOutputs)), shapes: make([][]int, len(e.netOutputs))}
-		e.bufs[b.N] = bufs
+	bufs := &e.bufs
+	if bufs.net == nil {
+		bufs.net = make([][]float32, len(e.netOutputs))
+		bufs.shapes = make([][]int, len(e.netOutputs))
 	}
 	chunk := b.N
 	if e.perImage {
@@ -406,7 +408,7 @@ func (e *Engine) Close() error {
 		return nil
 	}
 	e.closed = true
-	e.bufs = nil
+	e.bufs = runBuffers{}
 	return e.net.Close()
 }
 

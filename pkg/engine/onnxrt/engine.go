@@ -7,7 +7,6 @@ import (
 	"runtime"
 	"slices"
 	"sync"
-	"unsafe"
 
 	ort "github.com/yalue/onnxruntime_go"
 
@@ -90,19 +89,7 @@ type Engine struct {
 	// outs caches the output tensors per batch size; their Go slices are
 	// what Run returns.
 	outs map[int]*outputSet
-	// ins caches input tensors wrapping batch buffers, keyed by buffer
-	// address and batch size, so a reused buffer costs no tensor creation.
-	ins map[inputKey]*ort.Tensor[float32]
 }
-
-type inputKey struct {
-	data unsafe.Pointer
-	n    int
-}
-
-// maxCachedInputs bounds the input tensor cache; a pipeline reuses a few
-// buffers, so more entries means buffers are not being reused.
-const maxCachedInputs = 32
 
 // outputSet is the outputs of one batch size: the Go tensors handed out and
 // the ORT tensors over their memory (chunked when the batch is fixed).
@@ -131,7 +118,7 @@ func New(path string, opts Options) (*Engine, error) {
 	if err != nil {
 		return nil, fmt.Errorf("reading model %s: %w", path, err)
 	}
-	e := &Engine{path: path, backend: opts.Backend, outs: map[int]*outputSet{}, ins: map[inputKey]*ort.Tensor[float32]{}}
+	e := &Engine{path: path, backend: opts.Backend, outs: map[int]*outputSet{}}
 	if e.backend == "" {
 		e.backend = Backend
 	}
@@ -370,11 +357,13 @@ func (e *Engine) runStaticLocked(ctx context.Context, b *pipeline.Batch, chunk i
 	}
 	slot := b.SlotSize()
 	for c := range b.N / chunk {
-		in, err := e.inputLocked(b.Data[c*chunk*slot:(c+1)*chunk*slot], chunk, b)
+		in, err := inputTensor(b.Data[c*chunk*slot:(c+1)*chunk*slot], chunk, b)
 		if err != nil {
 			return nil, err
 		}
-		if err := e.session.RunWithOptions([]ort.Value{in}, set.values[c], e.runOpts); err != nil {
+		err = e.session.RunWithOptions([]ort.Value{in}, set.values[c], e.runOpts)
+		in.Destroy()
+		if err != nil {
 			return nil, e.runErr(ctx, err)
 		}
 	}
@@ -387,12 +376,13 @@ func (e *Engine) runDynamicLocked(ctx context.Context, b *pipeline.Batch, chunk 
 	slot := b.SlotSize()
 	result := make([]pipeline.Tensor, len(e.outputs))
 	for c := range b.N / chunk {
-		in, err := e.inputLocked(b.Data[c*chunk*slot:(c+1)*chunk*slot], chunk, b)
+		in, err := inputTensor(b.Data[c*chunk*slot:(c+1)*chunk*slot], chunk, b)
 		if err != nil {
 			return nil, err
 		}
 		outs := make([]ort.Value, len(e.outputs))
 		err = e.session.RunWithOptions([]ort.Value{in}, outs, e.runOpts)
+		in.Destroy()
 		for i, v := range outs {
 			if v == nil {
 				continue
@@ -423,28 +413,16 @@ func (e *Engine) runDynamicLocked(ctx context.Context, b *pipeline.Batch, chunk 
 	return result, nil
 }
 
-// inputLocked returns an ORT tensor over data, the batch's own memory.
-func (e *Engine) inputLocked(data []float32, n int, b *pipeline.Batch) (*ort.Tensor[float32], error) {
-	key := inputKey{unsafe.Pointer(&data[0]), n}
-	if t, ok := e.ins[key]; ok {
-		return t, nil
-	}
-	if len(e.ins) >= maxCachedInputs {
-		e.dropInputsLocked()
-	}
+// inputTensor returns an ORT tensor over data, the batch's own memory: a
+// header, no copy. It is made per run rather than cached per buffer, which
+// costs a few small allocations but never keeps a dropped batch buffer
+// alive.
+func inputTensor(data []float32, n int, b *pipeline.Batch) (*ort.Tensor[float32], error) {
 	t, err := ort.NewTensor(ort.NewShape(int64(n), int64(b.C), int64(b.H), int64(b.W)), data)
 	if err != nil {
 		return nil, fmt.Errorf("onnxrt: wrapping batch buffer: %w", err)
 	}
-	e.ins[key] = t
 	return t, nil
-}
-
-func (e *Engine) dropInputsLocked() {
-	for k, t := range e.ins {
-		t.Destroy()
-		delete(e.ins, k)
-	}
 }
 
 // outputSetLocked returns the cached outputs for batch size n, creating
@@ -497,7 +475,6 @@ func (e *Engine) Close() error {
 		destroyValues(s)
 		delete(e.outs, n)
 	}
-	e.dropInputsLocked()
 	var errs []error
 	if e.runOpts != nil {
 		errs = append(errs, e.runOpts.Destroy())
