@@ -90,7 +90,8 @@ type BatcherConfig struct {
 	// PreferredBatchSizes are batch sizes released at once when exactly
 	// that many images are waiting, without waiting for MaxQueueDelay
 	// (each 1..MaxBatchSize). With [1, 8] and a maximum of 8, a lone image
-	// goes at once, while a backlog is batched by eight.
+	// goes at once, while a backlog goes in batches of up to eight (eight
+	// at once, fewer once the oldest waited MaxQueueDelay).
 	PreferredBatchSizes []int
 	// QueueSize is the most images queued and not yet in a batch; a
 	// request that does not fit is refused with ErrQueueFull. 0 means
@@ -108,7 +109,8 @@ type BatcherConfig struct {
 	// FairnessQuantum is how many images a fairness key may put into a
 	// batch before the next key with waiting images gets its turn
 	// (deficit round robin). 0 means 1: strict image-by-image round robin,
-	// so a newly waiting key is served by the next batch released.
+	// so that while fewer than MaxBatchSize keys are waiting, a newly
+	// waiting key gets an image into the next batch released.
 	FairnessQuantum int
 	// DeadlineSlack is the margin kept before a request's deadline, on top
 	// of the measured batch run time, when releasing a batch early so that
