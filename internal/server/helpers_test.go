@@ -172,7 +172,7 @@ type envConfig struct {
 	dialOpt []grpc.DialOption
 }
 
-func newEnv(t *testing.T, options ...envOption) *env {
+func newEnv(t testing.TB, options ...envOption) *env {
 	t.Helper()
 	c := envConfig{
 		opts: Options{
@@ -232,7 +232,7 @@ func newEnv(t *testing.T, options ...envOption) *env {
 
 var closeOnce sync.Map
 
-func (e *env) close(t *testing.T) {
+func (e *env) close(t testing.TB) {
 	if _, done := closeOnce.LoadOrStore(e, true); done {
 		return
 	}
@@ -247,7 +247,7 @@ func (e *env) close(t *testing.T) {
 	}
 }
 
-func ctxT(t *testing.T) context.Context {
+func ctxT(t testing.TB) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	t.Cleanup(cancel)
 	return ctx

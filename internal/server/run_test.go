@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -27,7 +28,7 @@ import (
 
 // realServer runs Run on a repository of the real shared models with the
 // given backend and returns a client connection once it reports SERVING.
-func realServer(t *testing.T, repo, backendName string) (*grpc.ClientConn, chan<- os.Signal, <-chan error) {
+func realServer(t testing.TB, repo, backendName string) (*grpc.ClientConn, chan<- os.Signal, <-chan error) {
 	t.Helper()
 	if _, err := onnxrt.ResolveLibPath(""); err != nil {
 		t.Skipf("ONNX Runtime missing (run scripts/setup.sh): %v", err)
@@ -39,9 +40,13 @@ func realServer(t *testing.T, repo, backendName string) (*grpc.ClientConn, chan<
 	stop := make(chan os.Signal, 1)
 	addrs := make(chan net.Addr, 1)
 	done := make(chan error, 1)
+	var logTo io.Writer = testLogWriter{t}
+	if _, bench := t.(*testing.B); bench {
+		logTo = io.Discard // keep benchmark output to its metrics
+	}
 	go func() {
 		done <- Run(context.Background(), cfg, RunOptions{
-			Logger:   slog.New(slog.NewTextHandler(testLogWriter{t}, nil)),
+			Logger:   slog.New(slog.NewTextHandler(logTo, nil)),
 			Stop:     stop,
 			OnListen: func(g, _ net.Addr) { addrs <- g },
 		})
@@ -76,7 +81,7 @@ func realServer(t *testing.T, repo, backendName string) (*grpc.ClientConn, chan<
 }
 
 // stopServer sends SIGTERM to a Run and checks it returns nil.
-func stopServer(t *testing.T, stop chan<- os.Signal, done <-chan error) {
+func stopServer(t testing.TB, stop chan<- os.Signal, done <-chan error) {
 	t.Helper()
 	stop <- syscall.SIGTERM
 	select {
@@ -183,7 +188,7 @@ func testRealModels(t *testing.T, backendName, wantMobileNet, wantYOLO string) {
 	stopServer(t, stop, done)
 }
 
-type testLogWriter struct{ t *testing.T }
+type testLogWriter struct{ t testing.TB }
 
 func (w testLogWriter) Write(p []byte) (int, error) {
 	w.t.Log(strings.TrimSpace(string(p)))
