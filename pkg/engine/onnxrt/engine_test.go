@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	ort "github.com/yalue/onnxruntime_go"
 	"go.uber.org/goleak"
 
 	"github.com/visionserve/visionserve/pkg/pipeline"
@@ -327,5 +328,42 @@ func TestCancelTerminatesRun(t *testing.T) {
 	t.Logf("cancelled run returned after %v: %v", time.Since(start), err)
 	if _, err := e.Run(context.Background(), b); err != nil {
 		t.Fatalf("Run after a cancelled run: %v", err)
+	}
+}
+
+func TestInitConcurrent(t *testing.T) {
+	initORT(t)
+	errs := make(chan error, 8)
+	for range 8 {
+		go func() { errs <- Init("") }()
+	}
+	for range 8 {
+		if err := <-errs; err != nil {
+			t.Error(err)
+		}
+	}
+}
+
+// The Configure hook is how a GPU engine adds its execution provider: it
+// sees the session options before the session exists, and its error fails
+// New.
+func TestConfigureHook(t *testing.T) {
+	initORT(t)
+	model := testdata(t, "models/mobilenetv2-12-int8.onnx")
+	called := false
+	e, err := New(model, Options{Backend: "ort-test", Configure: func(so *ort.SessionOptions) error {
+		called = true
+		return so.AddSessionConfigEntry("session.disable_prepacking", "1")
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	if !called || e.Backend() != "ort-test" {
+		t.Fatalf("hook called %v, backend %q", called, e.Backend())
+	}
+	_, err = New(model, Options{Configure: func(*ort.SessionOptions) error { return errors.New("no such provider") }})
+	if err == nil || !strings.Contains(err.Error(), "no such provider") {
+		t.Fatalf("New with a failing hook: %v", err)
 	}
 }
