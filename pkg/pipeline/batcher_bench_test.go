@@ -57,6 +57,7 @@ func BenchmarkBatcher(b *testing.B) {
 	for _, bc := range []struct {
 		engines, maxBatch, callers int
 	}{
+		{1, 8, 1}, // one caller: the round trip through a worker
 		{1, 8, 16},
 		{2, 32, 64},
 	} {

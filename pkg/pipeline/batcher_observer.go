@@ -22,6 +22,8 @@ type BatchObserver interface {
 	// to BatchDone (return ctx itself, or one carrying a trace span).
 	BatchReleased(ctx context.Context, e BatchReleaseEvent) context.Context
 	// BatchDone: a batch finished: its engine run and its postprocessing.
+	// It is called after the results were handed over, so a caller's
+	// Submit may return before it.
 	BatchDone(ctx context.Context, e BatchDoneEvent)
 }
 

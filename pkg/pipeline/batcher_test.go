@@ -1243,3 +1243,94 @@ func (e *fixedEngine) Run(context.Context, *pipeline.Batch) ([]pipeline.Tensor, 
 }
 func (e *fixedEngine) Backend() string { return "fixed" }
 func (e *fixedEngine) Close() error    { return nil }
+
+type batchTestCtxKey struct{}
+
+// ctxEngine records the value under batchTestCtxKey of each run's context.
+type ctxEngine struct {
+	batchTestEngine
+	mu   sync.Mutex
+	seen []any
+}
+
+func (e *ctxEngine) Run(ctx context.Context, b *pipeline.Batch) ([]pipeline.Tensor, error) {
+	e.mu.Lock()
+	e.seen = append(e.seen, ctx.Value(batchTestCtxKey{}))
+	e.mu.Unlock()
+	return e.batchTestEngine.Run(ctx, b)
+}
+
+// spanObserver tags each batch's context with its sequence number, as a
+// tracer would with a span.
+type spanObserver struct {
+	batchTestObserver
+	doneCtx []any
+}
+
+func (o *spanObserver) BatchReleased(ctx context.Context, e pipeline.BatchReleaseEvent) context.Context {
+	o.batchTestObserver.BatchReleased(ctx, e)
+	return context.WithValue(ctx, batchTestCtxKey{}, e.Seq)
+}
+
+func (o *spanObserver) BatchDone(ctx context.Context, e pipeline.BatchDoneEvent) {
+	o.batchTestObserver.BatchDone(ctx, e)
+	o.mu.Lock()
+	o.doneCtx = append(o.doneCtx, ctx.Value(batchTestCtxKey{}))
+	o.mu.Unlock()
+}
+
+// The observer sees every batch released and done, with matching numbers
+// and sizes, the contexts of the requests in it, and the context it
+// returns reaches the engine run and BatchDone.
+func TestBatcherObserverEvents(t *testing.T) {
+	eng := &ctxEngine{batchTestEngine: batchTestEngine{name: "fake"}}
+	obs := &spanObserver{}
+	b := newTestBatcher(t, pipeline.BatcherConfig{
+		MaxBatchSize: 3, MaxQueueDelay: time.Hour, Observer: obs, Engines: []pipeline.Engine{eng},
+	})
+	type reqKey struct{}
+	ctx := context.WithValue(context.Background(), reqKey{}, "request-1")
+	items, fakes := batchTestItems(6)
+	res, err := b.Submit(ctx, "cam", items)
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkBatchResults(t, res, fakes)
+	// BatchDone comes after the results were handed over.
+	waitUntil(t, "both batches are reported done", func() bool {
+		obs.mu.Lock()
+		defer obs.mu.Unlock()
+		return len(obs.done) == 2
+	})
+
+	obs.mu.Lock()
+	defer obs.mu.Unlock()
+	if obs.enqueued != 1 {
+		t.Errorf("%d enqueue events, want 1", obs.enqueued)
+	}
+	if len(obs.released) != 2 || len(obs.done) != 2 {
+		t.Fatalf("%d released and %d done events, want 2 and 2", len(obs.released), len(obs.done))
+	}
+	for i, r := range obs.released {
+		d := obs.done[i]
+		if r.Seq != d.Seq || r.Size != 3 || d.Size != 3 || d.Backend != "fake" || d.Err != nil || r.Reason != "full" {
+			t.Errorf("batch %d: released %+v, done %+v", i, r, d)
+		}
+		if len(r.Requests) != 1 || r.Requests[0].Value(reqKey{}) != "request-1" {
+			t.Errorf("batch %d lists request contexts %v, want the one request", i, r.Requests)
+		}
+		if r.Model != "testmodel" || d.Model != "testmodel" {
+			t.Errorf("batch %d: model %q/%q", i, r.Model, d.Model)
+		}
+	}
+	eng.mu.Lock()
+	defer eng.mu.Unlock()
+	for i, v := range eng.seen {
+		if v != obs.released[i].Seq || obs.doneCtx[i] != obs.released[i].Seq {
+			t.Errorf("batch %d: engine saw context tag %v, BatchDone %v, want %v", i, v, obs.doneCtx[i], obs.released[i].Seq)
+		}
+	}
+	if r := res[5]; r.Timings.Queue < 0 || r.BatchSize != 3 {
+		t.Errorf("last image result %+v", r)
+	}
+}
