@@ -5,6 +5,7 @@ import (
 	"os"
 	"strings"
 	"testing"
+	"time"
 
 	"go.uber.org/goleak"
 )
@@ -72,5 +73,17 @@ func TestChildMessage(t *testing.T) {
 	}
 	if got := childMessage("cvdnn-probe: opencv: output \"x\" is empty\n"); got != `cvdnn-probe: opencv: output "x" is empty` {
 		t.Errorf("plain error: %q", got)
+	}
+}
+
+// A probe that outlives its context is killed and says so.
+func TestProbeTimeout(t *testing.T) {
+	good := writeModel(t, tinyClassifier(), "tiny_cls.onnx")
+	ctx, cancel := context.WithTimeout(context.Background(), time.Millisecond)
+	defer cancel()
+	time.Sleep(2 * time.Millisecond)
+	err := Probe(ctx, good)
+	if err == nil || !strings.Contains(err.Error(), "deadline exceeded") || !strings.Contains(err.Error(), good) {
+		t.Fatalf("Probe past its deadline: %v, want a deadline error naming the model", err)
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/visionserve/visionserve/pkg/engine/cvdnn"
 )
@@ -41,4 +42,23 @@ func TestOpenCVRefusesUnsupportedModels(t *testing.T) {
 	if err := cvdnn.Probe(context.Background(), m.Path); err == nil || !strings.Contains(err.Error(), m.Path) {
 		t.Errorf("Probe of the full yolov8s graph: %v, want an error naming it", err)
 	}
+}
+
+// A probe still running at its deadline is killed; the error says so and
+// names the model.
+func TestProbeKilledAtDeadline(t *testing.T) {
+	m := generated(t, "resnet50")
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	// Loading 100 MB of weights and a batch of 8 takes seconds.
+	err := cvdnn.ProbeWith(ctx, cvdnn.ProbeSpec{Model: m.Path, Batches: []int{8}})
+	took := time.Since(start)
+	if err == nil || !strings.Contains(err.Error(), "deadline exceeded") || !strings.Contains(err.Error(), m.Path) {
+		t.Fatalf("probe cut at 300ms: %v (after %v)", err, took)
+	}
+	if took > 10*time.Second {
+		t.Errorf("probe returned %v after its deadline", took)
+	}
+	t.Logf("after %v: %v", took, err)
 }
