@@ -1334,3 +1334,41 @@ func TestBatcherObserverEvents(t *testing.T) {
 		t.Errorf("last image result %+v", r)
 	}
 }
+
+// failingAllocEngine's AllocBatch fails, or returns a buffer of the wrong
+// size.
+type failingAllocEngine struct {
+	batchTestEngine
+	short bool
+	frees atomic.Int32
+}
+
+func (e *failingAllocEngine) AllocBatch(maxN, c, h, w int) ([]float32, func(), error) {
+	if e.short {
+		return make([]float32, maxN*c*h*w-1), func() { e.frees.Add(1) }, nil
+	}
+	return nil, nil, errors.New("out of pinned memory")
+}
+
+// A batch buffer that cannot be had fails NewBatcher, and the buffers
+// already allocated for the other engines are freed.
+func TestBatcherAllocationFailure(t *testing.T) {
+	for _, short := range []bool{false, true} {
+		t.Run(fmt.Sprintf("short=%v", short), func(t *testing.T) {
+			good := &batchTestAllocEngine{batchTestEngine: &batchTestEngine{name: "ok"}}
+			bad := &failingAllocEngine{short: short}
+			_, err := pipeline.NewBatcher(pipeline.BatcherConfig{
+				Model: "m", MaxBatchSize: 2, C: 1, H: 1, W: 1, Engines: []pipeline.Engine{good, bad},
+			})
+			if err == nil || !strings.Contains(err.Error(), "engine 1") {
+				t.Fatalf("NewBatcher error %v, want one naming engine 1", err)
+			}
+			if good.allocs.Load() != 1 || good.frees.Load() != 1 {
+				t.Errorf("engine 0's buffer allocated %d and freed %d times, want 1 and 1", good.allocs.Load(), good.frees.Load())
+			}
+			if short && bad.frees.Load() != 1 {
+				t.Errorf("the short buffer was freed %d times, want 1", bad.frees.Load())
+			}
+		})
+	}
+}
