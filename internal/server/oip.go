@@ -30,6 +30,8 @@ type oipService struct {
 	reg      *Registry
 	limits   Limits
 	draining <-chan struct{}
+	// maxMessageBytes bounds the response too.
+	maxMessageBytes int
 }
 
 // modelVersion is the only version each model has.
@@ -106,18 +108,39 @@ func (s *oipService) ModelMetadata(_ context.Context, req *inference.ModelMetada
 }
 
 // outputShape is the model's output shape with a variable batch: the
-// graph's where it fixes it, else what the decoding implies.
+// graph's where it fixes it, else what the decoding implies (for YOLOv8
+// the anchors of the three detection levels at strides 8, 16 and 32).
 func outputShape(m *Model) []int64 {
-	var shape []int64
-	if g := m.Output().Shape; len(g) > 0 {
-		shape = append([]int64(nil), g...)
-	} else if m.Config.Output.Decoding == modelrepo.DecodeYOLOv8 {
+	yolo := m.Config.Output.Decoding == modelrepo.DecodeYOLOv8
+	shape := []int64{-1, int64(m.NumClasses)}
+	if yolo {
 		shape = []int64{-1, int64(4 + m.NumClasses), -1}
-	} else {
-		shape = []int64{-1, int64(m.NumClasses)}
 	}
-	shape[0] = -1
+	if g := m.Output().Shape; len(g) == len(shape) {
+		for i := 1; i < len(g); i++ {
+			if g[i] > 0 {
+				shape[i] = g[i]
+			}
+		}
+	}
+	if yolo && shape[2] < 0 {
+		h, w := int64(m.Input.Height), int64(m.Input.Width)
+		var anchors int64
+		for _, s := range []int64{8, 16, 32} {
+			anchors += ((h + s - 1) / s) * ((w + s - 1) / s)
+		}
+		shape[2] = anchors
+	}
 	return shape
+}
+
+// outputBytes is the size of the raw output of n images.
+func outputBytes(m *Model, n int) int64 {
+	size := int64(4 * n)
+	for _, d := range outputShape(m)[1:] {
+		size *= max(d, 1)
+	}
+	return size
 }
 
 func platform(backend string) string {
@@ -150,6 +173,11 @@ func (s *oipService) ModelInfer(ctx context.Context, req *inference.ModelInferRe
 	inputs, err := s.inferInputs(req, m)
 	if err != nil {
 		return nil, toStatus(err)
+	}
+	// An answer over the message limit could not be sent: refuse before
+	// computing it.
+	if size := outputBytes(m, len(inputs)); size > int64(s.maxMessageBytes) {
+		return nil, toStatus(invalid("the output of %d images would be %d bytes, over the %d byte message limit (--max-message-bytes); send fewer images per request", len(inputs), size, s.maxMessageBytes))
 	}
 	outs, err := m.Runner.InferRaw(ctx, inputs)
 	if err != nil {

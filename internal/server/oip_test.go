@@ -184,3 +184,21 @@ func TestOIPBadRequestsThenGoodOne(t *testing.T) {
 	_, err := e.oip.ModelInfer(ctx, good)
 	wantCode(t, err, codes.DeadlineExceeded, "")
 }
+
+func TestOIPRefusesAnswersOverTheMessageLimit(t *testing.T) {
+	// det answers 7x84 floats (2352 bytes) an image: 2 fit in 5000 bytes,
+	// 3 do not, and are refused before the engine runs.
+	e := newEnv(t, func(c *envConfig) { c.opts.MaxMessageBytes = 5000 })
+	req := func(n int64) *inference.ModelInferRequest {
+		return &inference.ModelInferRequest{ModelName: "det", Inputs: []*inferInput{{Name: "images", Datatype: "UINT8", Shape: []int64{n, 2, 2, 3}}},
+			RawInputContents: [][]byte{make([]byte, n*12)}}
+	}
+	_, err := e.oip.ModelInfer(ctxT(t), req(3))
+	wantCode(t, err, codes.InvalidArgument, "the output of 3 images would be 7056 bytes, over the 5000 byte message limit")
+	if runs := e.det.runs.Load(); runs != 0 {
+		t.Errorf("engine ran %d times for a refused request", runs)
+	}
+	if _, err := e.oip.ModelInfer(ctxT(t), req(2)); err != nil {
+		t.Fatal(err)
+	}
+}

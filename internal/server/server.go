@@ -119,7 +119,7 @@ func New(opts Options) (*Server, error) {
 	visionv1.RegisterVisionServiceServer(s.grpc, &visionService{
 		reg: opts.Registry, limits: lim, streams: &streamSlots{limit: int64(lim.MaxStreams)}, draining: s.draining,
 	})
-	inference.RegisterGRPCInferenceServiceServer(s.grpc, &oipService{reg: opts.Registry, limits: lim, draining: s.draining})
+	inference.RegisterGRPCInferenceServiceServer(s.grpc, &oipService{reg: opts.Registry, limits: lim, draining: s.draining, maxMessageBytes: opts.MaxMessageBytes})
 	healthpb.RegisterHealthServer(s.grpc, s.health)
 	reflection.Register(s.grpc)
 	for _, name := range []string{"", VisionServiceName, InferenceServiceName} {
