@@ -23,12 +23,13 @@ type value struct {
 // Nothing here iterates over a map, so the same seed gives the same graph.
 type builder struct {
 	seed  uint64
+	input string // graph input name
 	graph *onnx.GraphProto
 	taken map[string]bool // value names already produced (lookups only)
 }
 
-func newBuilder(name string, seed uint64) *builder {
-	return &builder{seed: seed, graph: &onnx.GraphProto{Name: name}, taken: map[string]bool{}}
+func newBuilder(name, input string, seed uint64) *builder {
+	return &builder{seed: seed, input: input, graph: &onnx.GraphProto{Name: name}, taken: map[string]bool{}}
 }
 
 // rng returns a generator whose stream depends only on the seed and the
@@ -169,6 +170,9 @@ func (b *builder) conv(x value, name, param string, cout, k, stride, groups int,
 	for i := range w {
 		w[i] = float32(uniform(r, -a, a))
 	}
+	if k > 1 && groups == 1 && x.name != b.input {
+		meanFree(w, x.act, cout, k)
+	}
 	y := conv2d(x.act, w, cout, k, stride, k/2, groups)
 	scale, bias := nm.fit(y, r)
 	y.affine(scale, bias)
@@ -187,6 +191,40 @@ func (b *builder) conv(x value, name, param string, cout, k, stride, groups int,
 		attrInts("pads", p, p, p, p),
 		attrInts("strides", int64(stride), int64(stride)))
 	return value{out, y}
+}
+
+// meanFree removes from every kernel tap's weight vector (over input
+// channels) its component along the input's mean activation vector, so
+// that w·mean = 0 per tap. Exported convolutions zero-pad, and activations
+// have non-zero channel means (after ReLU/SiLU markedly so); with mean-free
+// taps a padded zero contributes what an average interior activation
+// would, so border positions do not drift away from the interior
+// statistics the weights were fitted to. The input layer is left alone:
+// there the padding is plausible black image content, and projecting out
+// the mean colour would make the network blind to brightness.
+func meanFree(w []float32, x *tensor, cout, k int) {
+	mean, _ := channelStats(x)
+	var mm float64
+	for _, m := range mean {
+		mm += m * m
+	}
+	if mm < 1e-12 {
+		return
+	}
+	cin, kk := x.c, k*k
+	for oc := 0; oc < cout; oc++ {
+		for tap := 0; tap < kk; tap++ {
+			var dot float64
+			for ic := 0; ic < cin; ic++ {
+				dot += float64(w[(oc*cin+ic)*kk+tap]) * mean[ic]
+			}
+			f := dot / mm
+			for ic := 0; ic < cin; ic++ {
+				i := (oc*cin+ic)*kk + tap
+				w[i] = float32(float64(w[i]) - f*mean[ic])
+			}
+		}
+	}
 }
 
 // gemm emits a fully connected layer (Gemm with transB=1, weight

@@ -109,6 +109,8 @@ func (b *builder) squeezeExcite(x value, scope, param string, squeeze int) value
 	s = b.relu(s, scope+"/activation/Relu")
 	s = b.conv(s, scope+"/fc2/Conv", param+".fc2", x.act.c, 1, 1, 1, seExciteNorm)
 	s = b.hardSigmoid(s, scope+"/scale_activation/HardSigmoid")
-	// torchvision computes scale * input; keep that operand order.
+	// torchvision computes scale * input; keep that operand order, which is
+	// also the one OpenCV 4.6 imports correctly (it maps this broadcast Mul
+	// to its Scale layer, which in 4.6 only works at batch size 1).
 	return value{b.op("Mul", scope+"/Mul", []string{s.name, x.name}), mulChannel(x.act, s.act)}
 }

@@ -98,7 +98,7 @@ func Build(name string, seed uint64) (*onnx.ModelProto, error) {
 	if !ok {
 		return nil, fmt.Errorf("building %s: unknown model (known: %s)", name, strings.Join(Names(), ", "))
 	}
-	b := newBuilder(name, seed)
+	b := newBuilder(name, s.input, seed)
 	calib := calibBatch(b.rng("calibration"), calibImages, s.calibSize)
 	if s.imageNet {
 		imageNetNormalize(calib)

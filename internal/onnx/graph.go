@@ -14,7 +14,7 @@ import (
 // copied), so treat both as read-only afterwards. An output that is not
 // declared in m's outputs or value_info, or declared without a shape, gets
 // an empty shape (and element type float if it had none): OpenCV 4.6 asserts that every graph output has a shape
-// field, and ONNX Runtime only warns about the rank it cannot match.
+// field, and ONNX Runtime accepts it (the real shape is inferred).
 func Extract(m *ModelProto, outputs []string) (*ModelProto, error) {
 	g := m.GetGraph()
 	producer := make(map[string]int, len(g.GetNode()))
