@@ -175,6 +175,15 @@ func TraceEngine(e pipeline.Engine) pipeline.Engine {
 	return te
 }
 
+// TraceEngines applies TraceEngine to each engine, in a new slice.
+func TraceEngines(es []pipeline.Engine) []pipeline.Engine {
+	out := make([]pipeline.Engine, len(es))
+	for i, e := range es {
+		out[i] = TraceEngine(e)
+	}
+	return out
+}
+
 type tracedEngine struct{ pipeline.Engine }
 
 // Run implements pipeline.Engine.

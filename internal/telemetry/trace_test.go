@@ -279,3 +279,23 @@ func (s *syncBuffer) String() string {
 	defer s.mu.Unlock()
 	return s.b.String()
 }
+
+// allocEngine is an engine with its own batch buffers.
+type allocEngine struct{ engine }
+
+func (allocEngine) AllocBatch(maxN, c, h, w int) ([]float32, func(), error) {
+	return make([]float32, maxN*c*h*w), func() {}, nil
+}
+
+func TestTraceEngineKeepsTheAllocator(t *testing.T) {
+	traced := telemetry.TraceEngines([]pipeline.Engine{engine{}, allocEngine{}})
+	if _, ok := traced[0].(pipeline.BatchAllocator); ok {
+		t.Error("an engine without an allocator gained one")
+	}
+	if _, ok := traced[1].(pipeline.BatchAllocator); !ok {
+		t.Error("the engine's allocator was lost")
+	}
+	if traced[1].Backend() != "fake" {
+		t.Errorf("backend %q", traced[1].Backend())
+	}
+}
