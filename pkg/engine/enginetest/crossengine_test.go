@@ -63,6 +63,7 @@ func runners(t *testing.T, m *modelrepo.Model) (ort, cv *pipeline.Runner, ortE *
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { cvE.Close() })
+	t.Logf("%s on OpenCV: cut at the detect head %v, image by image %v", m.Name, cvE.Head() != nil, cvE.PerImage())
 	for _, p := range []struct {
 		r **pipeline.Runner
 		e pipeline.Engine
