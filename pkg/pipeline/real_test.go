@@ -152,3 +152,82 @@ func TestRealMobileNetV2(t *testing.T) {
 		t.Errorf("top-1 %+v, want Samoyed scoring 0.7+", c)
 	}
 }
+
+// repoModel loads a model of the repository's models folder, skipping when
+// its ONNX file has not been generated (go run ./cmd/modelgen -out models).
+func repoModel(t testing.TB, name string) *modelrepo.Model {
+	t.Helper()
+	if _, err := os.Stat(filepath.Join("../../models", name, "model.onnx")); err != nil {
+		t.Skipf("generated model missing: models/%s/model.onnx (run go run ./cmd/modelgen -out models)", name)
+	}
+	m, err := modelrepo.Load("../../models", name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
+// TestGeneratedModels runs the repository's generated models (seeded, not
+// trained, so only the contract is checked: shapes, sizes, score ranges)
+// end to end on a real photo.
+func TestGeneratedModels(t *testing.T) {
+	img := readAll(t, sharedFiles(t, "images/zidane.jpg")...)
+	for _, name := range []string{"yolov8s", "resnet50", "mobilenetv3_large"} {
+		t.Run(name, func(t *testing.T) {
+			m := repoModel(t, name)
+			r := realRunner(t, m)
+			res, err := r.Infer(context.Background(), [][]byte{img[0], img[0]}, pipeline.Options{TopK: 3, Confidence: 0.01, MaxDetections: 20})
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, re := range res {
+				if re.Width != 1280 || re.Height != 720 || re.BatchSize != 2 {
+					t.Errorf("result %dx%d batch %d", re.Width, re.Height, re.BatchSize)
+				}
+				if m.Task == modelrepo.TaskClassify && len(re.Classes) != 3 {
+					t.Errorf("%d classes, want 3", len(re.Classes))
+				}
+				if len(re.Detections) > 20 {
+					t.Errorf("%d detections over max 20", len(re.Detections))
+				}
+			}
+		})
+	}
+}
+
+// BenchmarkInferYOLOv8s is the whole synchronous pipeline (decode,
+// letterbox, fill, ONNX Runtime CPU, NMS) on the generated YOLOv8s.
+func BenchmarkInferYOLOv8s(b *testing.B) {
+	m := repoModel(b, "yolov8s")
+	p := filepath.Join(shared, "images/bus.jpg")
+	img, err := os.ReadFile(p)
+	if err != nil {
+		b.Skipf("real test data missing: ../shared/testdata/images/bus.jpg")
+	}
+	if _, err := onnxrt.ResolveLibPath(""); err != nil {
+		b.Skipf("ONNX Runtime library missing: %v", err)
+	}
+	eng, err := onnxrt.NewForModel(m, onnxrt.Options{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer eng.Close()
+	r, err := pipeline.New(m, eng, pipeline.PreprocessOptions{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer r.Close()
+	b.ReportAllocs()
+	var res []pipeline.Result
+	for b.Loop() {
+		if res, err = r.Infer(context.Background(), [][]byte{img}, pipeline.Options{}); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "images/s")
+	t := res[0].Timings
+	b.ReportMetric(float64(t.Decode.Microseconds())/1000, "decode-ms")
+	b.ReportMetric(float64(t.Preprocess.Microseconds())/1000, "preprocess-ms")
+	b.ReportMetric(float64(t.Inference.Microseconds())/1000, "inference-ms")
+	b.ReportMetric(float64(t.Postprocess.Microseconds())/1000, "postprocess-ms")
+}
