@@ -340,7 +340,11 @@ func (b *Batcher) Submit(ctx context.Context, key string, items []BatchItem) ([]
 
 	select {
 	case <-req.done:
-		return req.outcome(b.model)
+		if !req.gone.Load() {
+			return req.outcome(b.model)
+		}
+		// A worker dropped it at its deadline, maybe a moment before ctx
+		// itself noticed: report it like the deadline.
 	case <-ctx.Done():
 	}
 	b.mu.Lock()
@@ -367,7 +371,11 @@ func (b *Batcher) Submit(ctx context.Context, key string, items []BatchItem) ([]
 	if released != nil {
 		<-released
 	}
-	return nil, fmt.Errorf("model %q: request dropped after %v: %w", b.model, time.Since(req.enqueued).Round(time.Microsecond), ctx.Err())
+	err := ctx.Err()
+	if err == nil {
+		err = context.DeadlineExceeded
+	}
+	return nil, fmt.Errorf("model %q: request dropped after %v: %w", b.model, time.Since(req.enqueued).Round(time.Microsecond), err)
 }
 
 func dropReason(err error) string {

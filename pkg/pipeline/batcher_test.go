@@ -1372,3 +1372,120 @@ func TestBatcherAllocationFailure(t *testing.T) {
 		})
 	}
 }
+
+// Chaos: many callers on several keys and two engines, with random
+// cancellations, short deadlines, failing and panicking images and a
+// failing engine, all at once. Every Submit returns, with its own results
+// or an error of an expected kind; no item is touched after its Submit
+// returned; nothing is left queued or busy.
+func TestBatcherChaos(t *testing.T) {
+	errFill := errors.New("bad image")
+	errEngine := errors.New("engine hiccup")
+	poison := float32(-1) // fakes get positive values; this one never ran
+	engines := []pipeline.Engine{
+		&slowEngine{Engine: &batchTestEngine{name: "a"}, d: 300 * time.Microsecond},
+		&batchTestEngine{name: "b", poison: poison, err: errEngine},
+	}
+	b := newTestBatcher(t, pipeline.BatcherConfig{
+		MaxBatchSize: 4, MaxQueueDelay: 500 * time.Microsecond, PreferredBatchSizes: []int{1},
+		QueueSize: 32, Engines: engines,
+	})
+	var kinds sync.Map // error kind -> *atomic.Int32, to log what happened
+	count := func(kind string) {
+		n, _ := kinds.LoadOrStore(kind, new(atomic.Int32))
+		n.(*atomic.Int32).Add(1)
+	}
+	type finished struct {
+		fakes       []*batchTestItem
+		fills, post []int32 // counts when Submit returned
+	}
+	var (
+		mu   sync.Mutex
+		done []finished
+	)
+	var wg sync.WaitGroup
+	for c := range 12 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			rng := rand.New(rand.NewPCG(uint64(c), 7))
+			for range 40 {
+				items, fakes := batchTestItems(1 + rng.IntN(5))
+				for _, f := range fakes {
+					switch rng.IntN(40) {
+					case 0:
+						f.fillErr = errFill
+					case 1:
+						f.fillPanic = true
+					case 2:
+						f.postPanic = true
+					}
+				}
+				if rng.IntN(30) == 0 {
+					fakes[0].val = poison // fails its batch when engine b runs it
+				}
+				ctx, cancel := context.Background(), context.CancelFunc(func() {})
+				switch rng.IntN(5) {
+				case 0:
+					ctx, cancel = context.WithTimeout(ctx, time.Duration(rng.IntN(3000))*time.Microsecond)
+				case 1:
+					var cancelNow context.CancelFunc
+					ctx, cancelNow = context.WithCancel(ctx)
+					timer := time.AfterFunc(time.Duration(rng.IntN(2000))*time.Microsecond, cancelNow)
+					cancel = func() { timer.Stop(); cancelNow() }
+				}
+				res, err := b.Submit(ctx, fmt.Sprint("k", rng.IntN(6)), items)
+				f := finished{fakes: fakes}
+				for _, fk := range fakes {
+					f.fills = append(f.fills, fk.fills.Load())
+					f.post = append(f.post, fk.posts.Load())
+				}
+				cancel()
+				mu.Lock()
+				done = append(done, f)
+				mu.Unlock()
+				if err == nil {
+					count("ok")
+					checkBatchResults(t, res, fakes)
+					continue
+				}
+				var pe *pipeline.BatchPanicError
+				switch {
+				case errors.Is(err, context.Canceled):
+					count("canceled")
+				case errors.Is(err, context.DeadlineExceeded):
+					count("deadline")
+				case errors.Is(err, pipeline.ErrQueueFull):
+					count("queue full")
+				case errors.Is(err, errFill):
+					count("fill error")
+				case errors.Is(err, errEngine):
+					count("engine error")
+				case errors.As(err, &pe):
+					count("panic")
+				default:
+					t.Errorf("unexpected error: %v", err)
+				}
+				if len(res) != 0 && len(res) != len(fakes) {
+					t.Errorf("%d results for %d images", len(res), len(fakes))
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	kinds.Range(func(k, v any) bool {
+		t.Logf("%s: %d requests", k, v.(*atomic.Int32).Load())
+		return true
+	})
+	waitUntil(t, "the batcher is idle", func() bool { s := b.Stats(); return s.Queued == 0 && s.Busy == 0 })
+	for _, f := range done {
+		for i, fk := range f.fakes {
+			if fk.fills.Load() != f.fills[i] || fk.posts.Load() != f.post[i] {
+				t.Fatalf("an image was filled or postprocessed after its Submit returned")
+			}
+			if fk.fills.Load() > 1 || fk.posts.Load() > 1 {
+				t.Fatalf("an image was filled %d and postprocessed %d times", fk.fills.Load(), fk.posts.Load())
+			}
+		}
+	}
+}
