@@ -156,6 +156,9 @@ func New(ctx context.Context, path string, opts Options) (*Engine, error) {
 		}
 		e.outputs = slices.Clone(opts.OutputNames)
 	}
+	if len(e.outputs) == 0 {
+		return nil, fmt.Errorf("model %s: no outputs to compute", path)
+	}
 	e.netOutputs = e.outputs
 	dir := opts.CacheDir
 	if dir == "" {
@@ -187,6 +190,10 @@ func New(ctx context.Context, path string, opts Options) (*Engine, error) {
 			return nil, fmt.Errorf("model %s (rewritten for OpenCV): %w", path, err)
 		}
 		return nil, err
+	}
+	if e.batch == 1 {
+		// An export with a fixed batch of 1 serves batches image by image.
+		e.perImage = true
 	}
 	e.net, err = readNet(e.path)
 	if err != nil {
@@ -268,8 +275,9 @@ func (e *Engine) probe(ctx context.Context, maxBatch int) error {
 	return nil
 }
 
-// PerImage reports whether the engine runs a batch image by image because
-// OpenCV failed the model at the maximum batch size.
+// PerImage reports whether the engine runs a batch image by image: the
+// graph fixes its batch at 1, or OpenCV failed it at the maximum batch
+// size.
 func (e *Engine) PerImage() bool { return e.perImage }
 
 func defaultCacheDir() string {
@@ -300,10 +308,10 @@ func (e *Engine) CheckBatch(b *pipeline.Batch) error {
 	if len(b.Data) < b.N*b.SlotSize() {
 		return fmt.Errorf("batch buffer holds %d floats, %d images of %dx%dx%d need %d", len(b.Data), b.N, b.C, b.H, b.W, b.N*b.SlotSize())
 	}
-	if e.batch > 0 && b.N != e.batch {
+	if e.batch > 1 && b.N != e.batch {
 		return fmt.Errorf("model has a fixed batch of %d, got %d images", e.batch, b.N)
 	}
-	if e.maxBatch > 1 && b.N > e.maxBatch {
+	if !e.perImage && e.maxBatch > 1 && b.N > e.maxBatch {
 		return fmt.Errorf("batch of %d images exceeds the probed maximum %d", b.N, e.maxBatch)
 	}
 	return nil

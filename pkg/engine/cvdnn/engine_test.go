@@ -287,3 +287,32 @@ func TestAttributesWithoutPresence(t *testing.T) {
 		t.Errorf("a well-formed model was rewritten to %s", e2.path)
 	}
 }
+
+// An export that fixes its batch at 1 still serves batches, image by image.
+func TestFixedBatchOne(t *testing.T) {
+	path := writeModel(t, tinyClassifierBatch(1), "tiny_cls_b1.onnx")
+	e, err := New(context.Background(), path, Options{MaxBatch: 4})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	if !e.PerImage() {
+		t.Error("PerImage() = false for a batch-1 graph")
+	}
+	b := pipeline.NewBatch(3, 3, 32, 32)
+	b.N = 3
+	for i := range 3 {
+		fillPattern(b.Slot(i), uint32(20+i))
+	}
+	got, err := e.Run(context.Background(), b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := ortReference(t, path, nil, b)
+	if !equal64(got[0].Shape, []int64{3, 5}) || maxDiff(got[0].Data, want[0]) > 1e-4 {
+		t.Fatalf("shape %v, difference %g from ONNX Runtime", got[0].Shape, maxDiff(got[0].Data, want[0]))
+	}
+	if _, err := New(context.Background(), path, Options{OutputNames: []string{}}); err == nil {
+		t.Error("New with no outputs succeeded")
+	}
+}

@@ -135,14 +135,18 @@ func tinyYOLO(combined bool) *onnx.ModelProto {
 
 // tinyClassifier is a conv + global pool + flatten net, [N,3,32,32] to
 // [N,5] logits.
-func tinyClassifier() *onnx.ModelProto {
+func tinyClassifier() *onnx.ModelProto { return tinyClassifierBatch(-1) }
+
+// tinyClassifierBatch is tinyClassifier with a fixed batch size (-1 for
+// a dynamic one).
+func tinyClassifierBatch(batch int64) *onnx.ModelProto {
 	b := newGraph("tiny_cls")
-	b.g.Input = []*onnx.ValueInfoProto{valueInfo("pixels", -1, 3, 32, 32)}
+	b.g.Input = []*onnx.ValueInfoProto{valueInfo("pixels", batch, 3, 32, 32)}
 	c := b.node("Conv", "conv", []string{"pixels", b.weights("conv.w", 5, 3, 3, 3), b.weights("conv.b", 5)}, intsAttr("kernel_shape", 3, 3), intsAttr("pads", 1, 1, 1, 1))
 	r := b.node("Relu", "relu", []string{c})
 	p := b.node("GlobalAveragePool", "pool", []string{r})
 	b.node("Flatten", "scores", []string{p}, intAttr("axis", 1))
-	b.g.Output = []*onnx.ValueInfoProto{valueInfo("scores", -1, 5)}
+	b.g.Output = []*onnx.ValueInfoProto{valueInfo("scores", batch, 5)}
 	return b.model()
 }
 
