@@ -6,6 +6,7 @@ import (
 	"image"
 	"math"
 	"time"
+	"unsafe"
 
 	"gocv.io/x/gocv"
 
@@ -276,24 +277,24 @@ func (pr *Prepared) Fill(slot []float32) error {
 	if len(pix) != 3*n {
 		return fmt.Errorf("fill: image holds %d bytes, want %d", len(pix), 3*n)
 	}
+	// View the interleaved bytes as n [3]uint8 pixels (same memory, byte
+	// alignment) and give every slice the same length, so the compiler
+	// drops all bounds checks from the loops; the source is BGR.
+	px := unsafe.Slice((*[3]uint8)(unsafe.Pointer(unsafe.SliceData(pix))), n)
 	c0, c1, c2 := slot[:n:n], slot[n:2*n:2*n], slot[2*n:3*n:3*n]
+	c0, c1, c2 = c0[:len(px)], c1[:len(px)], c2[:len(px)]
 	l0, l1, l2 := &p.lut[0], &p.lut[1], &p.lut[2]
-	pix = pix[:3*n]
-	// Two loops with constant indices so the compiler drops the bounds
-	// checks; the source is BGR.
 	if p.rgb {
-		for i := range n {
-			px := pix[3*i : 3*i+3 : 3*i+3]
-			c0[i] = l0[px[2]]
-			c1[i] = l1[px[1]]
-			c2[i] = l2[px[0]]
+		for i, v := range px {
+			c0[i] = l0[v[2]]
+			c1[i] = l1[v[1]]
+			c2[i] = l2[v[0]]
 		}
 	} else {
-		for i := range n {
-			px := pix[3*i : 3*i+3 : 3*i+3]
-			c0[i] = l0[px[0]]
-			c1[i] = l1[px[1]]
-			c2[i] = l2[px[2]]
+		for i, v := range px {
+			c0[i] = l0[v[0]]
+			c1[i] = l1[v[1]]
+			c2[i] = l2[v[2]]
 		}
 	}
 	return nil
