@@ -2,6 +2,14 @@
 // them (gocv), preprocesses them straight into contiguous batch buffers,
 // runs the batches on an Engine, and postprocesses the outputs into classes
 // or boxes. It owns the Engine interface; engines live in leaf packages.
+//
+// Input limits: encoded images must be JPEG (baseline, progressive, grey,
+// CMYK), PNG (1-16 bit, grey, palette, alpha), WebP (lossy, lossless,
+// extended; not animated) or BMP; their header is read in pure Go first and
+// images over PreprocessOptions.MaxPixels (DefaultMaxPixels, 40 MP) or with
+// a zero side are refused before any pixel is allocated. JPEG EXIF
+// orientation is applied; alpha is dropped; 16-bit samples are scaled to
+// 8 bits. Every refusal is one of the typed errors in errors.go.
 package pipeline
 
 import "context"
