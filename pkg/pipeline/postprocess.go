@@ -226,10 +226,11 @@ func (pp *Postprocessor) label(i int) string {
 // yoloScratch holds the per-call buffers of decodeYOLO, pooled so that a
 // steady stream of images allocates only its results.
 type yoloScratch struct {
-	best  []float32
-	cls   []int32
-	cands []candidate
-	kept  []candidate
+	best    []float32
+	cls     []int32
+	cands   []candidate
+	kept    []candidate
+	byClass [][]int32 // per class, indices into kept
 }
 
 type candidate struct {
@@ -293,7 +294,14 @@ func (pp *Postprocessor) decodeYOLO(t *Tensor, i int, p *Prepared, opts Options)
 	slices.SortFunc(cands, func(a, b candidate) int {
 		return cmp.Or(cmp.Compare(b.score, a.score), cmp.Compare(a.cls, b.cls))
 	})
-	kept := nms(cands, opts.IoU, opts.MaxDetections, s.kept[:0])
+	if len(s.byClass) < nc {
+		s.byClass = make([][]int32, nc)
+	}
+	byClass := s.byClass[:nc]
+	for c := range byClass {
+		byClass[c] = byClass[c][:0]
+	}
+	kept := nms(cands, opts.IoU, opts.MaxDetections, s.kept[:0], byClass)
 	s.kept = kept
 	dets := make([]Detection, 0, len(kept))
 	for _, c := range kept {
@@ -313,20 +321,20 @@ func (pp *Postprocessor) decodeYOLO(t *Tensor, i int, p *Prepared, opts Options)
 
 // nms is greedy class-aware non-maximum suppression over cands sorted by
 // score, best first: a box is dropped when it overlaps a kept box of the
-// same class by more than iou. Because classes do not interact, walking
-// the global order and stopping at maxDet gives the best maxDet boxes of
-// the full per-class result. Kept boxes are appended to kept.
-func nms(cands []candidate, iou float32, maxDet int, kept []candidate) []candidate {
+// same class by more than iou. Each candidate is compared only with the
+// kept boxes of its own class (byClass[c] lists their indices in kept).
+// Because classes do not interact, walking the global order and stopping
+// at maxDet gives the best maxDet boxes of the full per-class result.
+// Kept boxes are appended to kept.
+func nms(cands []candidate, iou float32, maxDet int, kept []candidate, byClass [][]int32) []candidate {
 	for _, c := range cands {
 		if len(kept) >= maxDet {
 			break
 		}
 		area := (c.x2 - c.x1) * (c.y2 - c.y1)
 		ok := true
-		for _, k := range kept {
-			if k.cls != c.cls {
-				continue
-			}
+		for _, ki := range byClass[c.cls] {
+			k := &kept[ki]
 			iw := min(c.x2, k.x2) - max(c.x1, k.x1)
 			ih := min(c.y2, k.y2) - max(c.y1, k.y1)
 			if iw <= 0 || ih <= 0 {
@@ -340,6 +348,7 @@ func nms(cands []candidate, iou float32, maxDet int, kept []candidate) []candida
 			}
 		}
 		if ok {
+			byClass[c.cls] = append(byClass[c.cls], int32(len(kept)))
 			kept = append(kept, c)
 		}
 	}
