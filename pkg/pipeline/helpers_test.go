@@ -9,27 +9,12 @@ import (
 	"image/color"
 	"image/jpeg"
 	"image/png"
-	"os"
-	"path/filepath"
 	"testing"
 
 	"gocv.io/x/gocv"
 
 	"github.com/visionserve/visionserve/pkg/modelrepo"
 )
-
-// sharedTestdata is the read-only real data, outside the repository.
-const sharedTestdata = "../../../shared/testdata"
-
-// needShared returns the path of a file under ../shared/testdata or skips.
-func needShared(t testing.TB, rel string) string {
-	t.Helper()
-	p := filepath.Join(sharedTestdata, rel)
-	if _, err := os.Stat(p); err != nil {
-		t.Skipf("real test data missing: ../shared/testdata/%s (%v)", rel, err)
-	}
-	return p
-}
 
 // checkMats fails the test if it leaves more gocv Mats open than it found
 // (only with -tags matprofile, which makes gocv count them).
