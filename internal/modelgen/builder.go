@@ -135,13 +135,20 @@ func (b *builder) constant(name string, dims []int64, data []float32) string {
 // norm says how a layer's output distribution is set on the calibration
 // batch. It stands in for the BatchNorm statistics and affine parameters
 // of a trained network: the raw output is centred per channel, divided by
-// its standard deviation (per channel for BatchNorm, pooled over the layer
-// for the bias-only layers), multiplied by gamma and shifted by beta, and
-// that affine map is folded into the exported weight and bias.
+// the layer's pooled RMS (within-channel variance plus squared channel
+// means, over all channels), multiplied by a random per-channel gamma and
+// shifted by a random per-channel beta; that affine map is folded into the
+// exported weight and bias.
+//
+// The scale is one per layer rather than per channel on purpose: true
+// per-channel normalisation blows up channels that happen to respond weakly
+// to the calibration images, and on other inputs (white noise, flat
+// images) those channels then dominate and activations grow layer after
+// layer. Including the channel means in the RMS does the same for channels
+// whose response is mostly a constant offset.
 type norm struct {
-	perChannel bool
-	gamma      [2]float64 // range of the per-channel target std
-	beta       [2]float64 // range of the per-channel target mean
+	gamma [2]float64 // range of the per-channel gain
+	beta  [2]float64 // range of the per-channel target mean
 	// betaOf, if set, adds a channel-dependent offset to beta (the DFL
 	// distance prior of the YOLO box branch).
 	betaOf func(c int) float64
@@ -256,26 +263,20 @@ func (b *builder) gemm(x value, name, param string, cout int, nm norm) value {
 // distribution.
 func (nm norm) fit(y *tensor, r *rand.Rand) (scale, bias []float32) {
 	mean, std := channelStats(y)
-	// Pooled within-channel std, used by layer-wise norms and as a floor
-	// for channels that happen to be (nearly) constant on the batch.
-	var pooled float64
+	var rms float64
 	for c, s := range std {
-		pooled += s*s + mean[c]*mean[c]
+		rms += s*s + mean[c]*mean[c]
 	}
-	pooled = math.Sqrt(pooled/float64(len(std))) + 1e-12
+	rms = math.Sqrt(rms/float64(len(std))) + 1e-12
 	scale = make([]float32, y.c)
 	bias = make([]float32, y.c)
 	for c := range scale {
-		s := pooled
-		if nm.perChannel && std[c] > 1e-3*pooled {
-			s = std[c]
-		}
 		g := uniform(r, nm.gamma[0], nm.gamma[1])
 		be := uniform(r, nm.beta[0], nm.beta[1])
 		if nm.betaOf != nil {
 			be += nm.betaOf(c)
 		}
-		sc := g / s
+		sc := g / rms
 		scale[c] = float32(sc)
 		bias[c] = float32(be - mean[c]*sc)
 	}
