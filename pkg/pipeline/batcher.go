@@ -341,7 +341,7 @@ func (b *Batcher) Submit(ctx context.Context, key string, items []BatchItem) ([]
 	select {
 	case <-req.done:
 		if !req.gone.Load() {
-			return req.outcome(b.model)
+			return req.outcome()
 		}
 		// A worker dropped it at its deadline, maybe a moment before ctx
 		// itself noticed: report it like the deadline.
@@ -351,7 +351,7 @@ func (b *Batcher) Submit(ctx context.Context, key string, items []BatchItem) ([]
 	if req.pending == 0 && !req.abandoned {
 		// Finished while ctx ended: the results are there, give them.
 		b.mu.Unlock()
-		return req.outcome(b.model)
+		return req.outcome()
 	}
 	dropped, waited := 0, time.Duration(0)
 	if !req.abandoned {

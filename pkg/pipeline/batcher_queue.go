@@ -9,8 +9,9 @@ import (
 	"time"
 )
 
-// batchRequest is one Submit call. Its fields after the first block are
-// guarded by Batcher.mu.
+// batchRequest is one Submit call. The first block is set before it is
+// queued and not changed after; the fields after it are guarded by
+// Batcher.mu.
 type batchRequest struct {
 	ctx      context.Context
 	key      string
@@ -56,7 +57,7 @@ func (r *batchRequest) finishLocked() {
 }
 
 // outcome is what Submit returns once every image finished.
-func (r *batchRequest) outcome(model string) ([]Result, error) {
+func (r *batchRequest) outcome() ([]Result, error) {
 	switch {
 	case r.nerr == 0:
 		return r.results, nil
