@@ -55,10 +55,15 @@ type spec struct {
 	input, output string
 	inShape       []int64 // -1 is the batch dimension
 	outShape      []int64
-	calibSize     int  // calibration image side
-	imageNet      bool // input normalised with ImageNet mean/std
-	doc           string
-	build         func(b *builder, x value) value
+	// calibSize is the calibration image side. It trades generation time
+	// against fidelity: the deepest feature maps (side/32) must stay large
+	// enough that statistics measured there carry over to full-size
+	// inputs; below about 128 (192 for YOLOv8s, whose SPPF pools 5x5 at
+	// P5) activations on full-size inputs drift upwards with depth.
+	calibSize int
+	imageNet  bool // input normalised with ImageNet mean/std
+	doc       string
+	build     func(b *builder, x value) value
 }
 
 // calibImages is the calibration batch size: one image of each kind.

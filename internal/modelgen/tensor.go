@@ -9,10 +9,10 @@ import (
 // tensor is an NCHW float32 activation of the calibration batch. The
 // generator runs every layer it emits on a small synthetic batch so that it
 // can choose weights the way training plus BatchNorm would have: each
-// convolution's output is normalised with its own batch statistics, then
-// scaled by a random gamma and shifted by a random beta, and that affine
-// map is folded into the exported weights and bias. Fully connected layers
-// are treated as [N, C, 1, 1].
+// convolution's output is centred and scaled with the batch statistics
+// (see norm), given a random gamma and beta, and that affine map is folded
+// into the exported weights and bias. Fully connected layers are treated
+// as [N, C, 1, 1].
 //
 // Arithmetic writes products through explicit float32 conversions so the
 // compiler cannot fuse them into FMAs on architectures that have them,
