@@ -35,11 +35,8 @@ type visionService struct {
 	draining <-chan struct{}
 }
 
-// model finds a ready model of the given task, or the error to answer.
-func (s *visionService) model(name string, task modelrepo.Task) (*Model, error) {
-	return lookup(s.reg, name, task)
-}
-
+// lookup finds a ready model of the given task ("" for any), or the
+// error to answer.
 func lookup(reg *Registry, name string, task modelrepo.Task) (*Model, error) {
 	if name == "" {
 		return nil, invalid("model name is missing")
@@ -81,7 +78,7 @@ func (s *visionService) run(ctx context.Context, name string, task modelrepo.Tas
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	m, err := s.model(name, task)
+	m, err := lookup(s.reg, name, task)
 	if err != nil {
 		return nil, err
 	}
@@ -142,18 +139,13 @@ func toOptions(o *visionv1.Options) (pipeline.Options, error) {
 	return pipeline.Options{TopK: int(o.TopK), Confidence: o.Confidence, IoU: o.Iou, MaxDetections: int(o.MaxDetections)}, nil
 }
 
-// toInput checks one image against the limits and the model and converts
-// it. Encoded images get their header read here (pure Go, no decoding),
-// so a header bomb is refused before any pixel memory is allocated.
+// toInput checks one tensor image against the limits and the model and
+// converts it; encoded images are checked by the runner.
 func toInput(img *visionv1.Image, m *Model, lim Limits) (Input, error) {
 	switch src := img.GetSource().(type) {
 	case *visionv1.Image_Encoded:
-		if len(src.Encoded) == 0 {
-			return Input{}, invalid("empty image")
-		}
-		if _, err := pipeline.CheckHeader(src.Encoded, lim.MaxPixels); err != nil {
-			return Input{}, invalid("%v", err)
-		}
+		// The runner reads the header first (pipeline.CheckHeader: format,
+		// zero sides, the pixel limit) before any pixel memory is taken.
 		return Input{Encoded: src.Encoded}, nil
 	case *visionv1.Image_Tensor:
 		t := src.Tensor
