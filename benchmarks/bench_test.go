@@ -62,7 +62,7 @@ func sizes(m *modelrepo.Model) []int {
 
 // BenchmarkPipeline is level 2, in process, encoded image in and results
 // out: "runner" is the synchronous pipeline.Runner (decode, preprocess,
-// engine, postprocess, one image per op); "batcher/conc=N" is the server's
+// engine, postprocess, one image per op); "conc=N" is the server's
 // own runner (the dynamic batcher over the served engines) called by N
 // goroutines without any network, the baseline BenchmarkServe is compared
 // with.
@@ -88,7 +88,7 @@ func BenchmarkPipeline(b *testing.B) {
 			})
 		})
 		for _, conc := range concurrencies {
-			b.Run(fmt.Sprintf("batcher/conc=%d", conc), func(b *testing.B) {
+			b.Run(fmt.Sprintf("conc=%d", conc), func(b *testing.B) {
 				s, err := sharedServer(model, be)
 				if err != nil {
 					skipOrFail(b, err)

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# ratios.sh measures the performance goals side by side, in one run on one
+# machine, and prints them as a markdown table:
+#
+#   served/in-process  BenchmarkServe conc=16 images/s over BenchmarkPipeline
+#                      conc=16 (the server's own runner called in process:
+#                      same batcher and engine; goal >= 0.95)
+#   added p50          BenchmarkServe conc=1 p50 minus BenchmarkPipeline
+#                      conc=1 p50 (goal <= 1 ms)
+#   tuned/best fixed   BenchmarkBatching tuned over the best fixed=N
+#                      (goal >= 0.95), and tuned over fixed=1 (goal >= 0.95)
+#   served/engine      opencv only: BenchmarkServe conc=16 over the best
+#                      BenchmarkEngine batch (goal >= 0.90)
+#
+# usage: benchmarks/ratios.sh [BENCHTIME] [MODEL...]
+#   BENCHTIME is go test's -benchtime per benchmark (default 10s);
+#   MODELS default to yolov8s resnet50 mobilenetv3_large.
+# The raw `go test` output and the table are kept under
+# benchmarks/results/<date>-<host>/ (ratios-bench.txt, ratios.md).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+benchtime=${1:-10s}
+shift || true
+models=("$@")
+[ ${#models[@]} -gt 0 ] || models=(yolov8s resnet50 mobilenetv3_large)
+out=benchmarks/results/$(date -u +%F)-${MACHINE:-$(hostname | tr -c 'A-Za-z0-9._\n-' '-')}
+mkdir -p "$out"
+raw=$out/ratios-bench.txt
+pat=$(IFS='|'; echo "${models[*]}")
+cmd=(go test -run '^$' -bench "^Benchmark(Engine|Pipeline|Serve|Batching)\$/^($pat)\$/^(ort-cpu|opencv)\$/^(batch=.*|conc=(1|16)|tuned|fixed=.*)\$" -benchtime "$benchtime" ./benchmarks/)
+{
+	echo "# $(date -u '+%F %T UTC') load: $(cut -d' ' -f1-3 /proc/loadavg) commit: $(git rev-parse --short=12 HEAD)"
+	echo "# ${cmd[*]}"
+} > "$raw"
+"${cmd[@]}" 2>&1 | tee -a "$raw" >&2
+echo "# end $(date -u '+%F %T UTC') load: $(cut -d' ' -f1-3 /proc/loadavg)" >> "$raw"
+
+awk -v benchtime="$benchtime" '
+function metric(line, unit,   n, f, i) {
+	n = split(line, f, /[ \t]+/)
+	for (i = 2; i <= n; i++) if (f[i] == unit) return f[i-1]
+	return ""
+}
+/^Benchmark/ {
+	name = $1; sub(/-[0-9]+$/, "", name)
+	split(name, p, "/")              # kind/model/backend/rest...
+	key = p[2] "/" p[3]
+	rest = substr(name, length(p[1]) + length(p[2]) + length(p[3]) + 4)
+	ips[p[1] "/" key "/" rest] = metric($0, "images/s")
+	p50[p[1] "/" key "/" rest] = metric($0, "p50-ms")
+	if (!(key in seen)) { seen[key] = 1; order[++nk] = key }
+}
+function ratio(a, b) { return (a == "" || b == "" || b == 0) ? "n/a" : sprintf("%.3f", a / b) }
+function verdict(v, goal, ge) { if (v == "n/a") return "not measured"; return ((ge && v + 0 >= goal) || (!ge && v + 0 <= goal)) ? "met" : "MISSED" }
+END {
+	printf "| model / backend | served ÷ in-process at conc 16 (≥ 0.95) | added p50 at conc 1, ms (≤ 1) | tuned ÷ best fixed (≥ 0.95) | tuned ÷ batch 1 (≥ 0.95) | served ÷ bare engine, opencv (≥ 0.90) |\n"
+	printf "|---|---|---|---|---|---|\n"
+	for (i = 1; i <= nk; i++) {
+		k = order[i]
+		sat = ratio(ips["BenchmarkServe/" k "/conc=16"], ips["BenchmarkPipeline/" k "/conc=16"])
+		a = p50["BenchmarkServe/" k "/conc=1"]; b = p50["BenchmarkPipeline/" k "/conc=1"]
+		add = (a == "" || b == "") ? "n/a" : sprintf("%.2f", a - b)
+		best = ""; bestn = ""
+		for (x in ips) if (index(x, "BenchmarkBatching/" k "/fixed=") == 1 && (best == "" || ips[x] + 0 > best + 0)) { best = ips[x]; bestn = substr(x, length("BenchmarkBatching/" k "/") + 1) }
+		tuned = ratio(ips["BenchmarkBatching/" k "/tuned"], best)
+		t1 = ratio(ips["BenchmarkBatching/" k "/tuned"], ips["BenchmarkBatching/" k "/fixed=1"])
+		eng = "n/a"
+		if (k ~ /\/opencv$/) {
+			e = ""
+			for (x in ips) if (index(x, "BenchmarkEngine/" k "/batch=") == 1 && (e == "" || ips[x] + 0 > e + 0)) e = ips[x]
+			eng = ratio(ips["BenchmarkServe/" k "/conc=16"], e)
+		}
+		printf "| %s | %s (%s ÷ %s img/s): %s | %s (%s − %s): %s | %s (tuned %s, best %s %s): %s | %s: %s | %s |\n", k,
+			sat, ips["BenchmarkServe/" k "/conc=16"], ips["BenchmarkPipeline/" k "/conc=16"], verdict(sat, 0.95, 1),
+			add, a, b, verdict(add, 1, 0),
+			tuned, ips["BenchmarkBatching/" k "/tuned"], bestn, best, verdict(tuned, 0.95, 1),
+			t1, verdict(t1, 0.95, 1),
+			(eng == "n/a" ? "—" : eng ": " verdict(eng, 0.90, 1))
+	}
+}' "$raw" | tee "$out/ratios.md"
