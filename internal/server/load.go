@@ -77,22 +77,32 @@ func loadModel(ctx context.Context, m *modelrepo.Model, opts LoadOptions) (Runne
 
 // WarmUp runs one full batch of a plain grey image through every model,
 // so that the first client does not pay for lazy allocations and kernel
-// selection, and marks each model ready. A model whose warm-up fails
-// stays not ready and is reported.
+// selection, and marks each model ready. A model whose warm-up fails is
+// logged, closed and removed, like a model that failed to load; WarmUp
+// fails only when no model is left (or ctx ended).
 func WarmUp(ctx context.Context, reg *Registry, log *slog.Logger) error {
 	var errs []error
 	for _, m := range reg.Models() {
 		start := time.Now()
 		if err := warmUp(ctx, m, log); err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
 			err = fmt.Errorf("warming up model %q: %w", m.Name, err)
-			log.Error("model not ready", "model", m.Name, "err", err)
+			log.Error("model not served", "model", m.Name, "err", err)
 			errs = append(errs, err)
+			if err := reg.Remove(ctx, m.Name); err != nil {
+				log.Warn("closing model", "model", m.Name, "err", err)
+			}
 			continue
 		}
 		m.SetReady(true)
 		log.Info("model ready", "model", m.Name, "backend", m.Runner.Backend(), "warmup", time.Since(start).Round(time.Millisecond))
 	}
-	return errors.Join(errs...)
+	if len(reg.Models()) == 0 {
+		return fmt.Errorf("no model warmed up: %w", errors.Join(errs...))
+	}
+	return nil
 }
 
 func warmUp(ctx context.Context, m *Model, log *slog.Logger) error {

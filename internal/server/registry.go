@@ -85,6 +85,19 @@ func (r *Registry) Add(m *Model) error {
 	return nil
 }
 
+// Remove stops serving a model and closes its runner.
+func (r *Registry) Remove(ctx context.Context, name string) error {
+	r.mu.Lock()
+	m, ok := r.models[name]
+	delete(r.models, name)
+	r.mu.Unlock()
+	if !ok {
+		return fmt.Errorf("model %q not served", name)
+	}
+	m.SetReady(false)
+	return m.Runner.Close(ctx)
+}
+
 // Get returns the named model. The name is checked with
 // modelrepo.ValidName first, so no request text is ever used as a path.
 func (r *Registry) Get(name string) (*Model, bool) {

@@ -143,10 +143,10 @@ func Run(ctx context.Context, cfg config.Config, opts RunOptions) error {
 		select {
 		case err := <-warm:
 			warm = nil
-			if err != nil && !reg.Ready() {
-				// Models that failed warm-up stay not ready and refuse
-				// requests with Unavailable; the rest serve.
-				log.Warn("some models are not ready", "err", err)
+			if err != nil {
+				runErr = err
+				stopping = true
+				break
 			}
 			srv.SetServing()
 			log.Info("serving", "models", len(reg.Models()))
