@@ -116,7 +116,7 @@ func (s *visionService) stream(st frameStream, task modelrepo.Task) error {
 		return nil
 	}
 	if err != nil {
-		return toStatus(err)
+		return streamBroken(ctx, err)
 	}
 	m, err := lookup(s.reg, first.GetModel(), task)
 	if err != nil {
@@ -160,7 +160,10 @@ func (s *visionService) stream(st frameStream, task modelrepo.Task) error {
 			return err
 		}
 		if done, rerr := q.finished(); done {
-			return toStatus(rerr)
+			if rerr != nil {
+				return streamBroken(ctx, rerr)
+			}
+			return nil
 		}
 	}
 }
@@ -180,7 +183,7 @@ func (s *visionService) serveQueued(ctx context.Context, st frameStream, q *fram
 		dropped, next := q.take()
 		for _, f := range dropped {
 			if err := st.Send(&visionv1.StreamResponse{FrameId: f.GetFrameId(), Timestamp: f.GetTimestamp(), Dropped: true}); err != nil {
-				return toStatus(err)
+				return streamBroken(ctx, err)
 			}
 		}
 		if next == nil {
@@ -191,7 +194,7 @@ func (s *visionService) serveQueued(ctx context.Context, st frameStream, q *fram
 			return err
 		}
 		if err := st.Send(resp); err != nil {
-			return toStatus(err)
+			return streamBroken(ctx, err)
 		}
 	}
 }
@@ -226,4 +229,18 @@ func (s *visionService) serveFrame(ctx context.Context, f *visionv1.StreamReques
 	}
 	resp.Result = toResult(&res[0], time.Since(start))
 	return resp, nil
+}
+
+// streamBroken is the status of a stream whose Recv or Send failed: the
+// client went away or its deadline passed (the context says which), or
+// the transport broke. The transport's own status is not passed on.
+func streamBroken(ctx context.Context, err error) error {
+	if ctx.Err() != nil {
+		return toStatus(ctx.Err())
+	}
+	if st, ok := status.FromError(err); ok && st.Code() == codes.ResourceExhausted {
+		// gRPC refused a frame over --max-message-bytes.
+		return status.Errorf(codes.ResourceExhausted, "frame refused: %s", st.Message())
+	}
+	return status.Errorf(codes.Unavailable, "stream broken: %v", err)
 }

@@ -156,6 +156,23 @@ func TestStreamBadFrameDoesNotEndStream(t *testing.T) {
 	}
 }
 
+func TestStreamOversizedFrame(t *testing.T) {
+	e := newEnv(t)
+	st, err := e.vision.StreamClassify(ctxT(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := frame(1, encoded(jpegBytes(t, 20, 20, 1)))
+	f.Model = "cls"
+	st.Send(f)
+	if r, err := st.Recv(); err != nil || r.Result == nil {
+		t.Fatalf("first frame: %v %v", r, err)
+	}
+	st.Send(frame(2, encoded(make([]byte, 5<<20))))
+	_, err = st.Recv()
+	wantCode(t, err, codes.ResourceExhausted, "larger than max")
+}
+
 func TestStreamRefusals(t *testing.T) {
 	e := newEnv(t)
 	for _, tt := range []struct {
