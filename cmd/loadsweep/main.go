@@ -173,8 +173,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	}
 	fmt.Fprintf(stdout, "report: %s\n", filepath.Join(dir, "report.md"))
 	for _, h := range rep.headlines() {
-		fmt.Fprintf(stdout, "%s on %s: peak %.1f images/s (%s); 1 client p50 %s ms, p99 %s ms\n",
-			h.Model, h.Backend, h.Peak, h.PeakAt, ms(h.P50One), ms(h.P99One))
+		fmt.Fprintf(stdout, "%s on %s: peak %.1f images/s (%s); 1 client p50 / p99: %s\n",
+			h.Model, h.Backend, h.Peak, h.PeakAt, h.oneClient())
 	}
 	return 0
 }

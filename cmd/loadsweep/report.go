@@ -42,6 +42,15 @@ type Headline struct {
 	P50One, P99One time.Duration
 }
 
+// oneClient is the single-client latency, or "not measured" when the
+// sweep had no single-client point.
+func (h Headline) oneClient() string {
+	if h.P50One == 0 {
+		return "not measured"
+	}
+	return ms(h.P50One) + " / " + ms(h.P99One) + " ms"
+}
+
 // headlines summarises every sweep.
 func (r Report) headlines() []Headline {
 	var hs []Headline
@@ -88,7 +97,7 @@ func (r Report) writeMarkdown(w io.Writer) error {
 
 	b.WriteString("## Headline\n\n| model | backend | peak images/s | at | p50 / p99 at 1 client |\n|---|---|---:|---|---|\n")
 	for _, h := range r.headlines() {
-		fmt.Fprintf(&b, "| %s | %s | %.1f | %s | %s / %s |\n", h.Model, h.Backend, h.Peak, h.PeakAt, ms(h.P50One), ms(h.P99One))
+		fmt.Fprintf(&b, "| %s | %s | %.1f | %s | %s |\n", h.Model, h.Backend, h.Peak, h.PeakAt, h.oneClient())
 	}
 	for _, s := range r.Sweeps {
 		fmt.Fprintf(&b, "\n## %s on %s\n\n", s.Model, s.Backend)
