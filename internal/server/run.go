@@ -38,6 +38,10 @@ type RunOptions struct {
 	// HTTPHandlers are mounted on the HTTP server next to /healthz and
 	// /readyz (metrics, say), by path.
 	HTTPHandlers map[string]http.Handler
+	// OnLoaded, when set, is called once the models are loaded and before
+	// they warm up: the place to track each model's queue (a
+	// PipelineRunner's Stats) or GPU memory.
+	OnLoaded func(*Registry)
 }
 
 // Run serves cfg until a signal arrives on opts.Stop or ctx ends, then
@@ -73,6 +77,10 @@ func Run(ctx context.Context, cfg config.Config, opts RunOptions) error {
 	if err != nil {
 		_ = reg.Close(context.Background())
 		return err
+	}
+
+	if opts.OnLoaded != nil {
+		opts.OnLoaded(reg)
 	}
 
 	srv, err := New(Options{
