@@ -49,6 +49,20 @@ func realServer(t testing.TB, repo, backendName string) (*grpc.ClientConn, chan<
 			Logger:   slog.New(slog.NewTextHandler(logTo, nil)),
 			Stop:     stop,
 			OnListen: func(g, _ net.Addr) { addrs <- g },
+			OnLoaded: func(reg *Registry) {
+				// Metrics hook: every model is there, none warm yet.
+				for _, m := range reg.Models() {
+					if m.Ready() {
+						t.Errorf("model %s ready before warm-up", m.Name)
+					}
+					if _, ok := m.Runner.(interface{ Stats() pipeline.BatcherStats }); !ok {
+						t.Errorf("model %s: runner has no queue stats", m.Name)
+					}
+				}
+				if len(reg.Models()) == 0 {
+					t.Error("OnLoaded with no models")
+				}
+			},
 		})
 	}()
 	var addr string
