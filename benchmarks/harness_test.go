@@ -16,6 +16,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -28,6 +29,7 @@ import (
 	"github.com/visionserve/visionserve/internal/backend"
 	"github.com/visionserve/visionserve/internal/server"
 	"github.com/visionserve/visionserve/pkg/engine/cvdnn"
+	"github.com/visionserve/visionserve/pkg/engine/onnxrt"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
 	"github.com/visionserve/visionserve/pkg/pipeline"
 	visionv1 "github.com/visionserve/visionserve/proto/visionserve/v1"
@@ -147,8 +149,8 @@ var discard = slog.New(slog.NewTextHandler(io.Discard, nil))
 // a backend missing here, or one that cannot serve the model (and would
 // fall back), is a skip naming why.
 func loadEngines(ctx context.Context, name string, m *modelrepo.Model, n int) ([]pipeline.Engine, error) {
-	if _, err := backend.Resolve(name); err != nil {
-		return nil, skipError{fmt.Sprintf("backend %s missing: %v", name, err)}
+	if err := backendMissing(name); err != nil {
+		return nil, err
 	}
 	engines, choice, err := backend.Load(ctx, name, m, backend.Options{}, n)
 	if err != nil {
@@ -161,6 +163,21 @@ func loadEngines(ctx context.Context, name string, m *modelrepo.Model, n int) ([
 		return nil, skipError{fmt.Sprintf("backend %s cannot run model %s: %s", name, m.Name, choice.Reason)}
 	}
 	return engines, nil
+}
+
+// backendMissing says, as a skip, why a backend cannot run here: not
+// available in this build or machine, or the ONNX Runtime library of the
+// ort-* backends not installed.
+func backendMissing(name string) error {
+	if _, err := backend.Resolve(name); err != nil {
+		return skipError{fmt.Sprintf("backend %s missing: %v", name, err)}
+	}
+	if strings.HasPrefix(name, "ort-") {
+		if _, err := onnxrt.ResolveLibPath(""); err != nil {
+			return skipError{fmt.Sprintf("backend %s missing: %v", name, err)}
+		}
+	}
+	return nil
 }
 
 // sharedEngine is one engine of model/backend for the engine and
@@ -197,8 +214,8 @@ func sharedServer(model, backendName string) (*served, error) {
 		return nil, err
 	}
 	return once("server/"+model+"/"+backendName, func() (*served, func(), error) {
-		if _, err := backend.Resolve(backendName); err != nil {
-			return nil, nil, skipError{fmt.Sprintf("backend %s missing: %v", backendName, err)}
+		if err := backendMissing(backendName); err != nil {
+			return nil, nil, err
 		}
 		ctx := context.Background()
 		reg := server.NewRegistry()
