@@ -93,14 +93,16 @@ func New(opts Options) (*Server, error) {
 	}
 	s := &Server{health: health.NewServer(), reg: opts.Registry, log: log, draining: make(chan struct{})}
 
-	unary := append([]grpc.UnaryServerInterceptor{recoverUnary(log)}, opts.UnaryInterceptors...)
-	stream := append([]grpc.StreamServerInterceptor{recoverStream(log)}, opts.StreamInterceptors...)
+	// Recovery first, then authentication, so that nothing else runs for
+	// an unauthenticated caller; then the caller's (metrics, tracing).
+	unary := []grpc.UnaryServerInterceptor{recoverUnary(log)}
+	stream := []grpc.StreamServerInterceptor{recoverStream(log)}
 	if opts.AuthToken != "" {
-		// Authentication comes right after recovery so that nothing else
-		// runs for an unauthenticated caller.
-		unary = append(unary[:1], append([]grpc.UnaryServerInterceptor{authUnary(opts.AuthToken)}, unary[1:]...)...)
-		stream = append(stream[:1], append([]grpc.StreamServerInterceptor{authStream(opts.AuthToken)}, stream[1:]...)...)
+		unary = append(unary, authUnary(opts.AuthToken))
+		stream = append(stream, authStream(opts.AuthToken))
 	}
+	unary = append(unary, opts.UnaryInterceptors...)
+	stream = append(stream, opts.StreamInterceptors...)
 	sopts := []grpc.ServerOption{
 		grpc.MaxRecvMsgSize(opts.MaxMessageBytes),
 		grpc.MaxSendMsgSize(opts.MaxMessageBytes),
