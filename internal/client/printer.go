@@ -94,13 +94,13 @@ func (p *printer) result(image, model, task string, r *visionv1.ImageResult) {
 	lead := fmt.Sprintf("%s\t%s\t%s\t%s", image, model, r.GetBackend(), size)
 	if task == "classify" {
 		for _, c := range r.GetClasses() {
-			fmt.Fprintf(p.tw, "%s\t%s (%d)\t%.4f\t\n", lead, c.Label, c.Index, c.Score)
+			fmt.Fprintf(p.tw, "%s\t%s (%d)\t%.4f\n", lead, c.Label, c.Index, c.Score)
 			lead = "\t\t\t"
 		}
 		return
 	}
 	if len(r.GetDetections()) == 0 {
-		fmt.Fprintf(p.tw, "%s\t(nothing)\t\t\n", lead)
+		fmt.Fprintf(p.tw, "%s\t(nothing)\n", lead)
 	}
 	for _, d := range r.GetDetections() {
 		b := d.GetBox()
