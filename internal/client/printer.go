@@ -128,10 +128,10 @@ func (p *printer) frame(video, model, task string, r *visionv1.StreamResponse) {
 		_ = p.enc.Encode(j)
 	case r.GetDropped():
 		p.header()
-		fmt.Fprintf(p.tw, "%s\t%s\t\t\t(dropped: a newer frame replaced it)\t\t\n", name, model)
+		fmt.Fprintf(p.tw, "%s\t%s\t\t\t(dropped: a newer frame replaced it)\n", name, model)
 	case r.GetError() != nil:
 		p.header()
-		fmt.Fprintf(p.tw, "%s\t%s\t\t\terror: %s\t\t\n", name, model, r.GetError().GetMessage())
+		fmt.Fprintf(p.tw, "%s\t%s\t\t\terror: %s\n", name, model, r.GetError().GetMessage())
 	default:
 		p.result(name, model, task, r.GetResult())
 	}
