@@ -79,3 +79,52 @@ func hasField(raw []byte, num protowire.Number) bool {
 	}
 	return false
 }
+
+// fuseSiLU replaces every x·Sigmoid(x) (SiLU, as exporters write it) by one
+// Swish node, which OpenCV's importer creates as its Swish layer and fuses
+// into the preceding convolution; as two nodes it runs a Sigmoid and an
+// Eltwise product over every feature map (a fifth of YOLOv8s' time on
+// OpenCV 4.6). It returns the number of products fused.
+func fuseSiLU(g *onnx.GraphProto) int {
+	producer := map[string]*onnx.NodeProto{}
+	uses := map[string]int{}
+	for _, n := range g.GetNode() {
+		for _, o := range n.GetOutput() {
+			producer[o] = n
+		}
+		for _, in := range n.GetInput() {
+			uses[in]++
+		}
+	}
+	for _, o := range g.GetOutput() {
+		uses[o.GetName()]++
+	}
+	drop := map[*onnx.NodeProto]bool{}
+	fused := 0
+	for _, n := range g.GetNode() {
+		if n.GetOpType() != "Mul" || len(n.GetInput()) != 2 || len(n.GetOutput()) != 1 {
+			continue
+		}
+		for k := range 2 {
+			x, s := n.GetInput()[k], n.GetInput()[1-k]
+			sig := producer[s]
+			if sig == nil || sig.GetOpType() != "Sigmoid" || len(sig.GetInput()) != 1 || sig.GetInput()[0] != x || uses[s] != 1 || drop[sig] {
+				continue
+			}
+			drop[sig] = true
+			n.OpType, n.Domain, n.Input, n.Attribute = "Swish", "", []string{x}, nil
+			fused++
+			break
+		}
+	}
+	if fused > 0 {
+		kept := g.Node[:0]
+		for _, n := range g.GetNode() {
+			if !drop[n] {
+				kept = append(kept, n)
+			}
+		}
+		g.Node = kept
+	}
+	return fused
+}

@@ -316,3 +316,38 @@ func TestFixedBatchOne(t *testing.T) {
 		t.Error("New with no outputs succeeded")
 	}
 }
+
+// SiLU written as x·Sigmoid(x) is fused into single Swish nodes for
+// OpenCV, except where the Sigmoid is needed elsewhere; the result equals
+// ONNX Runtime on the original graph.
+func TestSiLUFusion(t *testing.T) {
+	m := siluNet()
+	if n := fuseSiLU(m.GetGraph()); n != 2 {
+		t.Fatalf("fused %d products, want 2 (the third Sigmoid has two consumers)", n)
+	}
+	ops := map[string]int{}
+	for _, n := range m.GetGraph().GetNode() {
+		ops[n.GetOpType()]++
+	}
+	if ops["Swish"] != 2 || ops["Sigmoid"] != 1 || ops["Mul"] != 1 {
+		t.Errorf("ops after fusion %v, want 2 Swish, 1 Sigmoid, 1 Mul", ops)
+	}
+
+	path := writeModel(t, siluNet(), "tiny_silu.onnx")
+	e, err := New(context.Background(), path, Options{CacheDir: t.TempDir(), MaxBatch: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	b := pipeline.NewBatch(2, 3, 16, 16)
+	b.N = 2
+	fillPattern(b.Data, 9)
+	got, err := e.Run(context.Background(), b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := ortReference(t, path, nil, b)
+	if d := maxDiff(got[0].Data, want[0]); d > 1e-4 {
+		t.Errorf("fused graph on OpenCV and original on ONNX Runtime differ by %g", d)
+	}
+}

@@ -363,21 +363,10 @@ func CutDetectHead(m *onnx.ModelProto, head *DetectHead) (*onnx.ModelProto, erro
 
 // CutModelFile finds the detect head of the ONNX model at path, writes the
 // cut model into cacheDir (named by a hash of the model, so it is written
-// once and never mixed up) and returns its path and the head.
+// once and never mixed up) and returns its path and the head. The cut
+// model is standard ONNX (any runtime runs it); the engine's own copy for
+// OpenCV also fuses SiLU into an operator only OpenCV knows.
 func CutModelFile(path, output, cacheDir string) (string, *DetectHead, error) {
-	p, head, err := openCVModelFile(path, true, output, cacheDir)
-	if err == nil && head == nil {
-		err = fmt.Errorf("model %s has no detect head", path)
-	}
-	return p, head, err
-}
-
-// openCVModelFile returns the file OpenCV should load for the model at
-// path: the model cut at its detect head when cut is set and it has one,
-// with zero-valued attributes made explicit (explicitZeroAttributes). It
-// returns path itself when nothing needs changing. Rewritten models go to
-// cacheDir, named by a hash of the source, so each is written once.
-func openCVModelFile(path string, cut bool, output, cacheDir string) (string, *DetectHead, error) {
 	raw, err := os.ReadFile(path)
 	if err != nil {
 		return "", nil, err
@@ -386,12 +375,30 @@ func openCVModelFile(path string, cut bool, output, cacheDir string) (string, *D
 	if err := proto.Unmarshal(raw, m); err != nil {
 		return "", nil, fmt.Errorf("parsing onnx model %s: %w", path, err)
 	}
-	return prepareForOpenCV(path, raw, m, cut, output, cacheDir)
+	p, head, err := rewriteModel(path, raw, m, true, false, output, cacheDir)
+	if err == nil && head == nil {
+		err = fmt.Errorf("model %s has no detect head", path)
+	}
+	return p, head, err
 }
 
-// prepareForOpenCV is openCVModelFile on a model already read (raw) and
-// parsed (m, which it may modify).
+// rewriteVersion names the rewrite rules below; it is part of the cache
+// file's hash, so a changed rule never reuses a file the old one wrote.
+const rewriteVersion = "cvdnn-rewrite-2"
+
+// prepareForOpenCV returns the file OpenCV should load for the model at
+// path (raw its bytes, m parsed from them; m is modified): the model cut
+// at its detect head when cut is set, with zero-valued attributes made
+// explicit (explicitZeroAttributes) and SiLU products fused (fuseSiLU).
+// It returns path itself when nothing needs changing.
 func prepareForOpenCV(path string, raw []byte, m *onnx.ModelProto, cut bool, output, cacheDir string) (string, *DetectHead, error) {
+	return rewriteModel(path, raw, m, cut, true, output, cacheDir)
+}
+
+// rewriteModel writes the rewritten model into cacheDir, named by a hash
+// of the source and the rules, so each is written once. forOpenCV adds
+// the rewrites that leave standard ONNX (fuseSiLU).
+func rewriteModel(path string, raw []byte, m *onnx.ModelProto, cut, forOpenCV bool, output, cacheDir string) (string, *DetectHead, error) {
 	var err error
 	h := sha256.New()
 	kind := "opencv"
@@ -404,11 +411,20 @@ func prepareForOpenCV(path string, raw []byte, m *onnx.ModelProto, cut bool, out
 			return "", nil, err
 		}
 		kind = "head"
+		if forOpenCV {
+			kind = "head-opencv"
+		}
 		h.Write([]byte(fmt.Sprint(head.Outputs())))
 	}
-	if !explicitZeroAttributes(m.GetGraph()) && head == nil {
+	zeros := explicitZeroAttributes(m.GetGraph())
+	fused := 0
+	if forOpenCV {
+		fused = fuseSiLU(m.GetGraph())
+	}
+	if !zeros && fused == 0 && head == nil {
 		return path, nil, nil
 	}
+	h.Write([]byte(rewriteVersion + kind))
 	h.Write(raw)
 	name := fmt.Sprintf("%s.%s-%s.onnx", trimExt(filepath.Base(path)), kind, hex.EncodeToString(h.Sum(nil))[:16])
 	dst := filepath.Join(cacheDir, name)

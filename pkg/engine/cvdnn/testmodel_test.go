@@ -201,3 +201,21 @@ func maxPoolNet() *onnx.ModelProto {
 	b.g.Output = []*onnx.ValueInfoProto{valueInfo("out", -1, 4)}
 	return b.model()
 }
+
+// siluNet has two convolutions with SiLU written as x·Sigmoid(x), in both
+// operand orders, and a Sigmoid whose output is used twice (not fusable).
+func siluNet() *onnx.ModelProto {
+	b := newGraph("tiny_silu")
+	b.g.Input = []*onnx.ValueInfoProto{valueInfo("x", -1, 3, 16, 16)}
+	c1 := b.node("Conv", "c1", []string{"x", b.weights("c1.w", 4, 3, 3, 3), b.weights("c1.b", 4)}, intsAttr("kernel_shape", 3, 3), intsAttr("pads", 1, 1, 1, 1))
+	s1 := b.node("Sigmoid", "s1", []string{c1})
+	a1 := b.node("Mul", "a1", []string{c1, s1})
+	c2 := b.node("Conv", "c2", []string{a1, b.weights("c2.w", 4, 4, 3, 3), b.weights("c2.b", 4)}, intsAttr("kernel_shape", 3, 3), intsAttr("pads", 1, 1, 1, 1))
+	s2 := b.node("Sigmoid", "s2", []string{c2})
+	a2 := b.node("Mul", "a2", []string{s2, c2})
+	s3 := b.node("Sigmoid", "s3", []string{a2})
+	a3 := b.node("Mul", "a3", []string{a2, s3})
+	b.node("Add", "y", []string{a3, s3})
+	b.g.Output = []*onnx.ValueInfoProto{valueInfo("y", -1, 4, 16, 16)}
+	return b.model()
+}
