@@ -2,6 +2,8 @@ package server
 
 import (
 	"encoding/binary"
+	"math"
+	"slices"
 	"testing"
 
 	"github.com/visionserve/visionserve/pkg/modelrepo"
@@ -94,4 +96,23 @@ func FuzzVisionTensor(f *testing.F) {
 			t.Fatalf("accepted %d bytes for %dx%d", len(in.Pixels), in.Width, in.Height)
 		}
 	})
+}
+
+func TestRawFloatsRoundTrip(t *testing.T) {
+	want := []float32{0, -1.5, 3.25e-20, float32(math.Inf(1)), 7}
+	raw := fp32Raw(want)
+	// Aligned (aliased) and unaligned (converted) input give the same.
+	unaligned := append([]byte{0}, raw...)[1:]
+	for _, b := range [][]byte{raw, unaligned} {
+		got := floatsFromLE(b)
+		if !slices.Equal(got, want) {
+			t.Errorf("floatsFromLE = %v, want %v", got, want)
+		}
+	}
+	if got := floatsToLE(want); !slices.Equal(got, raw) {
+		t.Errorf("floatsToLE = %v, want %v", got, raw)
+	}
+	if len(floatsFromLE(nil)) != 0 || len(floatsToLE(nil)) != 0 {
+		t.Error("empty input")
+	}
 }

@@ -3,7 +3,6 @@ package server
 import (
 	"context"
 	"encoding/binary"
-	"math"
 
 	"github.com/visionserve/visionserve/pkg/modelrepo"
 	"github.com/visionserve/visionserve/proto/inference"
@@ -191,11 +190,8 @@ func (s *oipService) ModelInfer(ctx context.Context, req *inference.ModelInferRe
 		}
 		ot := &inference.ModelInferResponse_InferOutputTensor{Name: out.Name, Datatype: "FP32", Shape: t.Shape}
 		if raw {
-			b := make([]byte, 4*len(t.Data))
-			for i, v := range t.Data {
-				binary.LittleEndian.PutUint32(b[4*i:], math.Float32bits(v))
-			}
-			resp.RawOutputContents = append(resp.RawOutputContents, b)
+			// t.Data is this request's own copy of the output rows.
+			resp.RawOutputContents = append(resp.RawOutputContents, floatsToLE(t.Data))
 		} else {
 			ot.Contents = &inference.InferTensorContents{Fp32Contents: t.Data}
 		}
@@ -260,7 +256,7 @@ func (s *oipService) inferInputs(req *inference.ModelInferRequest, m *Model) ([]
 			if len(raw) != 4*n*per {
 				return nil, invalid("FP32 input of shape %v needs %d raw bytes, got %d", shape, 4*n*per, len(raw))
 			}
-			data = decodeFloats(raw)
+			data = floatsFromLE(raw)
 		} else {
 			data = in.GetContents().GetFp32Contents()
 			if len(data) != n*per {

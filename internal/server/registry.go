@@ -35,7 +35,8 @@ type Runner interface {
 	// Infer runs every input and returns one result per input, in order.
 	Infer(ctx context.Context, inputs []Input, opts pipeline.Options) ([]pipeline.Result, error)
 	// InferRaw runs every input and returns the model's raw outputs for
-	// them, batch dimension len(inputs), in the model's output order.
+	// them, batch dimension len(inputs), in the model's output order. The
+	// tensors belong to the caller.
 	InferRaw(ctx context.Context, inputs []Input) ([]pipeline.Tensor, error)
 	// Backend names what runs the model.
 	Backend() string

@@ -2,7 +2,6 @@ package server
 
 import (
 	"context"
-	"encoding/binary"
 	"math"
 	"strconv"
 	"time"
@@ -179,7 +178,7 @@ func chwTensor(shape []int64, raw []byte, m *Model) ([]float32, error) {
 	if want := int(3 * h * w * 4); len(raw) != want {
 		return nil, invalid("FLOAT32 tensor of shape %v holds %d bytes, want %d", shape, len(raw), want)
 	}
-	return decodeFloats(raw), nil
+	return floatsFromLE(raw), nil
 }
 
 // hwcShape checks an [H,W,3] UINT8 image and returns H and W.
@@ -194,14 +193,6 @@ func hwcShape(shape []int64, n, maxPixels int) (int, int, error) {
 		return 0, 0, invalid("UINT8 tensor of shape %v holds %d bytes, want %d", shape, n, want)
 	}
 	return int(shape[0]), int(shape[1]), nil
-}
-
-func decodeFloats(raw []byte) []float32 {
-	out := make([]float32, len(raw)/4)
-	for i := range out {
-		out[i] = math.Float32frombits(binary.LittleEndian.Uint32(raw[4*i:]))
-	}
-	return out
 }
 
 func toResult(r *pipeline.Result, total time.Duration) *visionv1.ImageResult {
