@@ -31,6 +31,12 @@ type Level struct {
 // the agreement with ONNX Runtime the tests ask for. Inconsistent sizes
 // give an error, never a panic.
 func DecodeYOLOv8(dst []float32, n int, levels []Level, regMax, nc, inH, inW int) error {
+	return decodeYOLOv8(dst, n, levels, regMax, nc, inH, inW, nil)
+}
+
+// decodeYOLOv8 is DecodeYOLOv8 with scratch space that is grown as needed
+// and returned for reuse through *scratchp (nil: allocate per call).
+func decodeYOLOv8(dst []float32, n int, levels []Level, regMax, nc, inH, inW int, scratchp *[]float32) error {
 	if n < 1 || regMax < 1 || nc < 1 || inH < 1 || inW < 1 || len(levels) == 0 {
 		return fmt.Errorf("decoding yolov8: bad sizes n=%d reg_max=%d classes=%d input=%dx%d levels=%d", n, regMax, nc, inW, inH, len(levels))
 	}
@@ -59,7 +65,15 @@ func DecodeYOLOv8(dst []float32, n int, levels []Level, regMax, nc, inH, inW int
 	// Scratch rows, so the DFL walks every bin plane sequentially rather
 	// than striding across planes per anchor (the planes of the first level
 	// are 25 KB apart).
-	scratch := make([]float32, 3*maxHW)
+	var scratch []float32
+	if scratchp != nil && cap(*scratchp) >= 2*maxHW {
+		scratch = (*scratchp)[:2*maxHW]
+	} else {
+		scratch = make([]float32, 2*maxHW)
+		if scratchp != nil {
+			*scratchp = scratch
+		}
+	}
 	for img := range n {
 		out := dst[img*rows*anchors : (img+1)*rows*anchors]
 		base := 0
@@ -202,8 +216,15 @@ func (h *DetectHead) Decode(dst []float32, n int, data [][]float32, shapes [][]i
 	if err != nil {
 		return 0, err
 	}
-	for _, l := range levels {
-		anchors += l.H * l.W
-	}
+	anchors = anchorCount(levels)
 	return anchors, DecodeYOLOv8(dst, n, levels, h.RegMax, h.NumClasses, inH, inW)
+}
+
+// anchorCount is the anchor count of levels.
+func anchorCount(levels []Level) int {
+	a := 0
+	for _, l := range levels {
+		a += l.H * l.W
+	}
+	return a
 }

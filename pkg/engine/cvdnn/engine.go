@@ -102,9 +102,10 @@ type Engine struct {
 }
 
 type runBuffers struct {
-	net    [][]float32
-	shapes [][]int
-	result []pipeline.Tensor
+	net     [][]float32
+	shapes  [][]int
+	result  []pipeline.Tensor
+	scratch []float32 // the host decode's
 }
 
 // NewForModel loads a repository model; names set in its config win over
@@ -382,10 +383,7 @@ func (e *Engine) decodeLocked(b *pipeline.Batch, bufs *runBuffers) ([]pipeline.T
 	if err != nil {
 		return nil, fmt.Errorf("opencv: model %s: %w", e.path, err)
 	}
-	anchors := 0
-	for _, l := range levels {
-		anchors += l.H * l.W
-	}
+	anchors := anchorCount(levels)
 	rows := 4 + e.head.NumClasses
 	if bufs.result == nil {
 		bufs.result = []pipeline.Tensor{{Name: e.head.Output}}
@@ -397,7 +395,7 @@ func (e *Engine) decodeLocked(b *pipeline.Batch, bufs *runBuffers) ([]pipeline.T
 	} else {
 		out.Data = out.Data[:n]
 	}
-	if err := DecodeYOLOv8(out.Data, b.N, levels, e.head.RegMax, e.head.NumClasses, b.H, b.W); err != nil {
+	if err := decodeYOLOv8(out.Data, b.N, levels, e.head.RegMax, e.head.NumClasses, b.H, b.W, &bufs.scratch); err != nil {
 		return nil, fmt.Errorf("opencv: %w", err)
 	}
 	return bufs.result, nil
