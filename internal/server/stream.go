@@ -154,6 +154,9 @@ func (s *visionService) stream(st frameStream, task modelrepo.Task) error {
 			if err := s.serveQueued(ctx, st, q, m, opts); err != nil {
 				return err
 			}
+			if done, rerr := q.finished(); done && rerr == nil {
+				return nil // the client had finished too
+			}
 			return status.Error(codes.Unavailable, "server is shutting down; reconnect")
 		}
 		if err := s.serveQueued(ctx, st, q, m, opts); err != nil {
