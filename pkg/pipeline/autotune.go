@@ -185,9 +185,10 @@ type MeasureOptions struct {
 	// Warmup untimed runs precede each size's timed ones (default 1):
 	// engines allocate per shape on first use.
 	Warmup int
-	// MinRuns and MinTime: each size runs at least MinRuns times (default
-	// 3) and until MinTime passed (default 200ms), but no longer than
-	// MaxTime (default 3s) once MinRuns are done.
+	// MinRuns and MinTime: the sizes are run in rounds, one run of each
+	// size a round, at least MinRuns rounds (default 3) and until MinTime
+	// per size passed (default 200ms), but no longer than MaxTime per size
+	// (default 3s) once MinRuns are done.
 	MinRuns          int
 	MinTime, MaxTime time.Duration
 }
@@ -243,45 +244,51 @@ func MeasureBatchSizes(ctx context.Context, e Engine, c, h, w int, opts MeasureO
 	for i := range b.Data {
 		b.Data[i] = float32(i%251) / 250
 	}
-	ms := make([]BatchMeasurement, 0, len(sizes))
-	for _, n := range slices.Sorted(slices.Values(sizes)) {
-		if len(ms) > 0 && ms[len(ms)-1].Size == n {
-			continue
-		}
+	sizes = slices.Compact(slices.Sorted(slices.Values(sizes)))
+	run := func(n int) (time.Duration, error) {
 		b.N = n
-		run := func() (time.Duration, error) {
-			t := time.Now()
-			outs, err := e.Run(ctx, b)
-			d := time.Since(t)
-			if err != nil {
-				return 0, fmt.Errorf("measuring batch size %d on %s: %w", n, e.Backend(), err)
-			}
-			if err := batchCheckOutputs(outs, n); err != nil {
-				return 0, fmt.Errorf("measuring batch size %d on %s: %w", n, e.Backend(), err)
-			}
-			return d, nil
+		t := time.Now()
+		outs, err := e.Run(ctx, b)
+		d := time.Since(t)
+		if err != nil {
+			return 0, fmt.Errorf("measuring batch size %d on %s: %w", n, e.Backend(), err)
 		}
+		if err := batchCheckOutputs(outs, n); err != nil {
+			return 0, fmt.Errorf("measuring batch size %d on %s: %w", n, e.Backend(), err)
+		}
+		return d, nil
+	}
+	for _, n := range sizes {
 		for range warmup {
-			if _, err := run(); err != nil {
+			if _, err := run(n); err != nil {
 				return nil, err
 			}
 		}
-		var times []time.Duration
-		start := time.Now()
-		for len(times) < minRuns || (time.Since(start) < minTime) {
+	}
+	// Rounds over all sizes rather than one size after the other: on a
+	// shared machine a burst of load then hits every size alike instead
+	// of making one look slow.
+	times := make([][]time.Duration, len(sizes))
+	start := time.Now()
+	for round := 1; ; round++ {
+		for i, n := range sizes {
 			if err := ctx.Err(); err != nil {
 				return nil, fmt.Errorf("measuring batch size %d: %w", n, err)
 			}
-			d, err := run()
+			d, err := run(n)
 			if err != nil {
 				return nil, err
 			}
-			times = append(times, d)
-			if len(times) >= minRuns && time.Since(start) >= maxTime {
-				break
-			}
+			times[i] = append(times[i], d)
 		}
-		ms = append(ms, measurement(n, times))
+		spent := time.Since(start)
+		if round >= minRuns && (spent >= minTime*time.Duration(len(sizes)) || spent >= maxTime*time.Duration(len(sizes))) {
+			break
+		}
+	}
+	ms := make([]BatchMeasurement, len(sizes))
+	for i, n := range sizes {
+		ms[i] = measurement(n, times[i])
 	}
 	return ms, nil
 }
