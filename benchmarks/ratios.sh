@@ -14,7 +14,8 @@
 #
 # usage: benchmarks/ratios.sh [BENCHTIME] [MODEL...]
 #   BENCHTIME is go test's -benchtime per benchmark (default 10s);
-#   MODELS default to yolov8s resnet50 mobilenetv3_large.
+#   MODELS default to yolov8s resnet50 mobilenetv3_large, $BACKENDS to
+#   "ort-cpu opencv".
 # The raw `go test` output and the table are kept under
 # benchmarks/results/<date>-<host>/ (ratios-bench.txt, ratios.md).
 set -euo pipefail
@@ -26,13 +27,20 @@ models=("$@")
 out=benchmarks/results/$(date -u +%F)-${MACHINE:-$(hostname | tr -c 'A-Za-z0-9._\n-' '-')}
 mkdir -p "$out"
 raw=$out/ratios-bench.txt
-pat=$(IFS='|'; echo "${models[*]}")
-cmd=(go test -run '^$' -bench "^Benchmark(Engine|Pipeline|Serve|Batching)\$/^($pat)\$/^(ort-cpu|opencv)\$/^(batch=.*|conc=(1|16)|tuned|fixed=.*)\$" -benchtime "$benchtime" ./benchmarks/)
+backends=(${BACKENDS:-ort-cpu opencv})
 {
 	echo "# $(date -u '+%F %T UTC') load: $(cut -d' ' -f1-3 /proc/loadavg) commit: $(git rev-parse --short=12 HEAD)"
-	echo "# ${cmd[*]}"
 } > "$raw"
-"${cmd[@]}" 2>&1 | tee -a "$raw" >&2
+# One go test per model and backend, so that the benchmarks a ratio
+# compares run back to back (go test would otherwise run every model's
+# engine benchmarks first and the served ones minutes later).
+for model in "${models[@]}"; do
+	for be in "${backends[@]}"; do
+		cmd=(go test -run '^$' -timeout 30m -bench "^Benchmark(Engine|Pipeline|Serve|Batching)\$/^$model\$/^$be\$/^(batch=.*|conc=(1|16)|tuned|fixed=.*)\$" -benchtime "$benchtime" ./benchmarks/)
+		echo "# $(date -u '+%T') load: $(cut -d' ' -f1-3 /proc/loadavg): ${cmd[*]}" >> "$raw"
+		"${cmd[@]}" 2>&1 | tee -a "$raw" >&2
+	done
+done
 echo "# end $(date -u '+%F %T UTC') load: $(cut -d' ' -f1-3 /proc/loadavg)" >> "$raw"
 
 awk -v benchtime="$benchtime" '
