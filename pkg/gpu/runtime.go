@@ -11,21 +11,19 @@ import "C"
 import (
 	"errors"
 	"fmt"
-	"io/fs"
-	"os"
-	"path/filepath"
 	"sync"
 	"unsafe"
+
+	"github.com/visionserve/visionserve/internal/ortlib"
 )
 
 // EnvLibPath names the environment variable that points at the ONNX Runtime
-// shared library; it is the same variable the CPU engine reads, so both
-// load one library and share one runtime environment.
-const EnvLibPath = "VISIONSERVE_ORT_LIB"
+// shared library when no path is given.
+const EnvLibPath = ortlib.EnvLibPath
 
 // DefaultLibPath is where scripts/setup.sh installs ONNX Runtime, relative to
 // the repository root.
-const DefaultLibPath = ".deps/onnxruntime-1.29.0/libonnxruntime.so.1.29.0"
+const DefaultLibPath = ortlib.DefaultLibPath
 
 var (
 	rtMu sync.Mutex // guards the fields below
@@ -70,34 +68,7 @@ func RuntimeVersion() string { return C.GoString(C.vs_ort_version()) }
 // ResolveLibPath returns the library Init would load for libPath, or an
 // error that says how to get one.
 func ResolveLibPath(libPath string) (string, error) {
-	from := "--ort-lib"
-	if libPath == "" {
-		libPath, from = os.Getenv(EnvLibPath), "$"+EnvLibPath
-	}
-	if libPath != "" {
-		if _, err := os.Stat(libPath); err != nil {
-			return "", fmt.Errorf("ONNX Runtime library %s (from %s): %w; run scripts/setup.sh or pass --ort-lib", libPath, from, err)
-		}
-		return libPath, nil
-	}
-	dir, err := os.Getwd()
-	if err != nil {
-		return "", fmt.Errorf("finding ONNX Runtime library: %w", err)
-	}
-	for {
-		p := filepath.Join(dir, DefaultLibPath)
-		if _, err := os.Stat(p); err == nil {
-			return p, nil
-		} else if !errors.Is(err, fs.ErrNotExist) {
-			return "", fmt.Errorf("ONNX Runtime library %s: %w", p, err)
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			break
-		}
-		dir = parent
-	}
-	return "", fmt.Errorf("ONNX Runtime library not found: no %s in the working directory or its parents and $%s is unset; run scripts/setup.sh or pass --ort-lib", DefaultLibPath, EnvLibPath)
+	return ortlib.Resolve(libPath)
 }
 
 // cerr converts a message from the C shim into an error and frees it.

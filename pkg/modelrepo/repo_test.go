@@ -2,6 +2,7 @@ package modelrepo
 
 import (
 	"os"
+	"slices"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -283,10 +284,10 @@ func TestRealExports(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(io.Inputs) != 1 || io.Inputs[0].Name != "images" || !equal(io.Inputs[0].Shape, []int64{1, 3, 640, 640}) {
+	if len(io.Inputs) != 1 || io.Inputs[0].Name != "images" || !slices.Equal(io.Inputs[0].Shape, []int64{1, 3, 640, 640}) {
 		t.Errorf("yolov8n inputs %+v", io.Inputs)
 	}
-	if len(io.Outputs) != 1 || io.Outputs[0].Name != "output0" || !equal(io.Outputs[0].Shape, []int64{1, 84, 8400}) {
+	if len(io.Outputs) != 1 || io.Outputs[0].Name != "output0" || !slices.Equal(io.Outputs[0].Shape, []int64{1, 84, 8400}) {
 		t.Errorf("yolov8n outputs %+v", io.Outputs)
 	}
 	io, err = ReadGraphIO(filepath.Join(dir, "mobilenetv2-12-int8.onnx"))
@@ -296,18 +297,6 @@ func TestRealExports(t *testing.T) {
 	if len(io.Inputs) != 1 || io.Inputs[0].Name != "input" || len(io.Outputs) != 1 || io.Outputs[0].Name != "output" {
 		t.Errorf("mobilenetv2 io %+v", io)
 	}
-}
-
-func equal(a, b []int64) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }
 
 func FuzzParseConfig(f *testing.F) {
