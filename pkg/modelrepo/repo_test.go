@@ -2,8 +2,8 @@ package modelrepo
 
 import (
 	"os"
-	"slices"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
