@@ -3,7 +3,11 @@ package benchmarks
 import (
 	"context"
 	"fmt"
+	"slices"
+	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/visionserve/visionserve/internal/server"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
@@ -168,4 +172,125 @@ func BenchmarkBatching(b *testing.B) {
 			})
 		}
 	})
+}
+
+// overheadWindow sizes the windows of BenchmarkOverhead at saturation: each
+// round is one window of this many requests per client in process, then
+// one over gRPC.
+const overheadWindow = 3
+
+// BenchmarkOverhead measures what serving over gRPC adds to the
+// in-process pipeline, paired so that a shared machine's drifting load
+// hits both alike: "conc=1" alternates one in-process call and one gRPC
+// call (in turn first) and reports the median of the per-pair
+// differences as added-p50-ms; "conc=16" alternates windows of
+// 16×overheadWindow requests from 16 clients, in process then over
+// gRPC, and reports each side's images/s over its own windows and their
+// ratio served/inproc. One op is one pair (conc=1) or one pair of
+// windows (conc=16).
+func BenchmarkOverhead(b *testing.B) {
+	forEach(b, func(b *testing.B, model, be string) {
+		b.Run("conc=1", func(b *testing.B) {
+			s, err := sharedServer(model, be)
+			if err != nil {
+				skipOrFail(b, err)
+			}
+			img := testImage(s.model)
+			ctx := context.Background()
+			if err := s.infer(ctx, img); err != nil {
+				b.Fatal(err)
+			}
+			if err := s.call(ctx, img); err != nil {
+				b.Fatal(err)
+			}
+			b.ReportAllocs()
+			inproc := make([]time.Duration, 0, b.N)
+			served := make([]time.Duration, 0, b.N)
+			diff := make([]time.Duration, 0, b.N)
+			b.ResetTimer()
+			for i := range b.N {
+				var a, c time.Duration
+				timed := func(f func(context.Context, []byte) error) time.Duration {
+					t := time.Now()
+					if err := f(ctx, img); err != nil {
+						b.Fatal(err)
+					}
+					return time.Since(t)
+				}
+				if i%2 == 0 {
+					a = timed(s.infer)
+					c = timed(s.call)
+				} else {
+					c = timed(s.call)
+					a = timed(s.infer)
+				}
+				inproc, served, diff = append(inproc, a), append(served, c), append(diff, c-a)
+			}
+			b.StopTimer()
+			b.ReportMetric(median(inproc), "inproc-p50-ms")
+			b.ReportMetric(median(served), "served-p50-ms")
+			b.ReportMetric(median(diff), "added-p50-ms")
+		})
+		b.Run("conc=16", func(b *testing.B) {
+			const conc = 16
+			s, err := sharedServer(model, be)
+			if err != nil {
+				skipOrFail(b, err)
+			}
+			img := testImage(s.model)
+			window := func(f func(context.Context, []byte) error) time.Duration {
+				var (
+					next    atomic.Int64
+					wg      sync.WaitGroup
+					errOnce sync.Once
+					first   error
+				)
+				t := time.Now()
+				for range conc {
+					wg.Go(func() {
+						for next.Add(1) <= conc*overheadWindow {
+							if err := f(context.Background(), img); err != nil {
+								errOnce.Do(func() { first = err })
+								return
+							}
+						}
+					})
+				}
+				wg.Wait()
+				if first != nil {
+					b.Fatal(first)
+				}
+				return time.Since(t)
+			}
+			window(s.infer) // warm both paths up
+			window(s.call)
+			b.ReportAllocs()
+			var inproc, served time.Duration
+			b.ResetTimer()
+			for i := range b.N {
+				if i%2 == 0 {
+					inproc += window(s.infer)
+					served += window(s.call)
+				} else {
+					served += window(s.call)
+					inproc += window(s.infer)
+				}
+			}
+			b.StopTimer()
+			images := float64(b.N * conc * overheadWindow)
+			a, c := images/inproc.Seconds(), images/served.Seconds()
+			b.ReportMetric(a, "inproc-images/s")
+			b.ReportMetric(c, "served-images/s")
+			b.ReportMetric(c/a, "served/inproc")
+		})
+	})
+}
+
+// median of d in ms (d is sorted in place).
+func median(d []time.Duration) float64 {
+	if len(d) == 0 {
+		return 0
+	}
+	slices.Sort(d)
+	return float64(d[len(d)/2].Nanoseconds()) / 1e6
 }

@@ -2,15 +2,18 @@
 # ratios.sh measures the performance goals side by side, in one run on one
 # machine, and prints them as a markdown table:
 #
-#   served/in-process  BenchmarkServe conc=16 images/s over BenchmarkPipeline
-#                      conc=16 (the server's own runner called in process:
-#                      same batcher and engine; goal >= 0.95)
-#   added p50          BenchmarkServe conc=1 p50 minus BenchmarkPipeline
-#                      conc=1 p50 (goal <= 1 ms)
+#   served/in-process  BenchmarkOverhead conc=16: images/s over gRPC over
+#                      images/s of the server's own runner called in
+#                      process (same batcher and engine), in alternating
+#                      windows (goal >= 0.95)
+#   added p50          BenchmarkOverhead conc=1: median of paired
+#                      differences, gRPC call minus in-process call
+#                      (goal <= 1 ms)
 #   tuned/best fixed   BenchmarkBatching tuned over the best fixed=N
 #                      (goal >= 0.95), and tuned over fixed=1 (goal >= 0.95)
-#   served/engine      opencv only: BenchmarkServe conc=16 over the best
-#                      BenchmarkEngine batch (goal >= 0.90)
+#   served/engine      opencv only: BenchmarkOverhead conc=16 served
+#                      images/s over the best BenchmarkEngine batch
+#                      (goal >= 0.90)
 #
 # usage: benchmarks/ratios.sh [BENCHTIME] [MODEL...]
 #   BENCHTIME is go test's -benchtime per benchmark (default 10s);
@@ -36,7 +39,7 @@ backends=(${BACKENDS:-ort-cpu opencv})
 # engine benchmarks first and the served ones minutes later).
 for model in "${models[@]}"; do
 	for be in "${backends[@]}"; do
-		cmd=(go test -run '^$' -timeout 30m -bench "^Benchmark(Engine|Pipeline|Serve|Batching)\$/^$model\$/^$be\$/^(batch=.*|conc=(1|16)|tuned|fixed=.*)\$" -benchtime "$benchtime" ./benchmarks/)
+		cmd=(go test -run '^$' -timeout 30m -bench "^Benchmark(Engine|Overhead|Batching)\$/^$model\$/^$be\$/^(batch=.*|conc=(1|16)|tuned|fixed=.*)\$" -benchtime "$benchtime" ./benchmarks/)
 		echo "# $(date -u '+%T') load: $(cut -d' ' -f1-3 /proc/loadavg): ${cmd[*]}" >> "$raw"
 		"${cmd[@]}" 2>&1 | tee -a "$raw" >&2
 	done
@@ -56,18 +59,25 @@ function metric(line, unit,   n, f, i) {
 	rest = substr(name, length(p[1]) + length(p[2]) + length(p[3]) + 4)
 	ips[p[1] "/" key "/" rest] = metric($0, "images/s")
 	p50[p[1] "/" key "/" rest] = metric($0, "p50-ms")
+	sv[p[1] "/" key "/" rest] = metric($0, "served-images/s")
+	ip[p[1] "/" key "/" rest] = metric($0, "inproc-images/s")
+	sr[p[1] "/" key "/" rest] = metric($0, "served/inproc")
+	ad[p[1] "/" key "/" rest] = metric($0, "added-p50-ms")
+	sp[p[1] "/" key "/" rest] = metric($0, "served-p50-ms")
+	ipp[p[1] "/" key "/" rest] = metric($0, "inproc-p50-ms")
 	if (!(key in seen)) { seen[key] = 1; order[++nk] = key }
 }
 function ratio(a, b) { return (a == "" || b == "" || b == 0) ? "n/a" : sprintf("%.3f", a / b) }
 function verdict(v, goal, ge) { if (v == "n/a") return "not measured"; return ((ge && v + 0 >= goal) || (!ge && v + 0 <= goal)) ? "met" : "MISSED" }
 END {
-	printf "| model / backend | served ÷ in-process at conc 16 (≥ 0.95) | added p50 at conc 1, ms (≤ 1) | tuned ÷ best fixed (≥ 0.95) | tuned ÷ batch 1 (≥ 0.95) | served ÷ bare engine, opencv (≥ 0.90) |\n"
+	printf "| model / backend | served ÷ in-process at conc 16 (≥ 0.95) | added p50 at conc 1, ms: median of paired differences (≤ 1) | tuned ÷ best fixed (≥ 0.95) | tuned ÷ batch 1 (≥ 0.95) | served ÷ bare engine, opencv (≥ 0.90) |\n"
 	printf "|---|---|---|---|---|---|\n"
 	for (i = 1; i <= nk; i++) {
 		k = order[i]
-		sat = ratio(ips["BenchmarkServe/" k "/conc=16"], ips["BenchmarkPipeline/" k "/conc=16"])
-		a = p50["BenchmarkServe/" k "/conc=1"]; b = p50["BenchmarkPipeline/" k "/conc=1"]
-		add = (a == "" || b == "") ? "n/a" : sprintf("%.2f", a - b)
+		o16 = "BenchmarkOverhead/" k "/conc=16"; o1 = "BenchmarkOverhead/" k "/conc=1"
+		sat = (sr[o16] == "") ? "n/a" : sprintf("%.3f", sr[o16])
+		a = sp[o1]; b = ipp[o1]
+		add = (ad[o1] == "") ? "n/a" : sprintf("%.2f", ad[o1])
 		best = ""; bestn = ""
 		for (x in ips) if (index(x, "BenchmarkBatching/" k "/fixed=") == 1 && (best == "" || ips[x] + 0 > best + 0)) { best = ips[x]; bestn = substr(x, length("BenchmarkBatching/" k "/") + 1) }
 		tuned = ratio(ips["BenchmarkBatching/" k "/tuned"], best)
@@ -76,13 +86,13 @@ END {
 		if (k ~ /\/opencv$/) {
 			e = ""
 			for (x in ips) if (index(x, "BenchmarkEngine/" k "/batch=") == 1 && (e == "" || ips[x] + 0 > e + 0)) e = ips[x]
-			eng = ratio(ips["BenchmarkServe/" k "/conc=16"], e)
+			eng = ratio(sv[o16], e) " (" sv[o16] " ÷ " e " img/s)"
 		}
-		printf "| %s | %s (%s ÷ %s img/s): %s | %s (%s − %s): %s | %s (tuned %s, best %s %s): %s | %s: %s | %s |\n", k,
-			sat, ips["BenchmarkServe/" k "/conc=16"], ips["BenchmarkPipeline/" k "/conc=16"], verdict(sat, 0.95, 1),
+		printf "| %s | %s (%s ÷ %s img/s): %s | %s (p50 served %s, in-process %s): %s | %s (tuned %s, best %s %s): %s | %s: %s | %s |\n", k,
+			sat, sv[o16], ip[o16], verdict(sat, 0.95, 1),
 			add, a, b, verdict(add, 1, 0),
 			tuned, ips["BenchmarkBatching/" k "/tuned"], bestn, best, verdict(tuned, 0.95, 1),
 			t1, verdict(t1, 0.95, 1),
-			(eng == "n/a" ? "—" : eng ": " verdict(eng, 0.90, 1))
+			(eng == "n/a" ? "—" : eng ": " verdict(substr(eng, 1, index(eng, " ") - 1), 0.90, 1))
 	}
 }' "$raw" | tee "$out/ratios.md"
