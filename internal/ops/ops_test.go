@@ -92,6 +92,8 @@ func TestReadinessLifecycle(t *testing.T) {
 		{"one warm", func() { ready.Warmed("yolov8s") }, 503, "loading: 1 of 2 models not warmed up: resnet50", healthpb.HealthCheckResponse_NOT_SERVING},
 		{"both warm", func() { ready.Warmed("resnet50") }, 200, "ready", healthpb.HealthCheckResponse_SERVING},
 		{"expect again keeps state", func() { ready.Expect("resnet50") }, 200, "ready", healthpb.HealthCheckResponse_SERVING},
+		{"a third model", func() { ready.Expect("mobilenetv3_large") }, 503, "loading: 1 of 3 models not warmed up: mobilenetv3_large", healthpb.HealthCheckResponse_NOT_SERVING},
+		{"removed, not waited for", func() { ready.Forget("mobilenetv3_large") }, 200, "ready", healthpb.HealthCheckResponse_SERVING},
 		{"draining", ready.Drain, 503, "draining", healthpb.HealthCheckResponse_NOT_SERVING},
 		{"warm after drain stays down", func() { ready.Warmed("resnet50") }, 503, "draining", healthpb.HealthCheckResponse_NOT_SERVING},
 	}

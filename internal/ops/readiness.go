@@ -114,6 +114,16 @@ func (r *Readiness) set(name string, state modelState, err error) {
 	r.updateLocked()
 }
 
+// Forget drops model from what readiness waits for: it is no longer
+// served (it failed to load or warm up and was removed), so the server
+// may be ready without it.
+func (r *Readiness) Forget(name string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	delete(r.models, name)
+	r.updateLocked()
+}
+
 // Drain marks the server as shutting down: not ready from now on, for
 // good. Call it first thing in shutdown, so load balancers stop sending
 // before the server stops accepting.
