@@ -16,6 +16,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -234,6 +235,7 @@ func sharedServer(model, backendName string) (*served, error) {
 			Limits:          server.Limits{MaxPixels: 40_000_000, MaxImagesPerRequest: 64, MaxStreams: 64},
 			MaxMessageBytes: 64 << 20,
 			Logger:          discard,
+			ServerOptions:   windowServerOptions(),
 		}
 		srv, err := server.New(cfg)
 		if err != nil {
@@ -258,8 +260,9 @@ func sharedServer(model, backendName string) (*served, error) {
 			return nil, nil, err
 		}
 		srv.SetServing()
-		conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()),
-			grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(64<<20)))
+		dial := append([]grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials()),
+			grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(64 << 20))}, windowDialOptions()...)
+		conn, err := grpc.NewClient(lis.Addr().String(), dial...)
 		if err != nil {
 			stop()
 			return nil, nil, err
@@ -267,6 +270,32 @@ func sharedServer(model, backendName string) (*served, error) {
 		s := &served{model: m, entry: entry, client: visionv1.NewVisionServiceClient(conn), addr: lis.Addr().String()}
 		return s, func() { conn.Close(); stop() }, nil
 	})
+}
+
+// benchWindow is $VISIONSERVE_BENCH_GRPC_WINDOW: when set, the HTTP/2
+// stream and connection flow-control windows of the benchmark server and
+// client, in bytes (gRPC's default is 64 KiB growing by BDP estimation).
+// It is there to measure what a window as big as an image saves.
+func benchWindow() int32 {
+	n, err := strconv.Atoi(os.Getenv("VISIONSERVE_BENCH_GRPC_WINDOW"))
+	if err != nil || n < 64<<10 || n > 1<<30 {
+		return 0
+	}
+	return int32(n)
+}
+
+func windowServerOptions() []grpc.ServerOption {
+	if w := benchWindow(); w > 0 {
+		return []grpc.ServerOption{grpc.InitialWindowSize(w), grpc.InitialConnWindowSize(w)}
+	}
+	return nil
+}
+
+func windowDialOptions() []grpc.DialOption {
+	if w := benchWindow(); w > 0 {
+		return []grpc.DialOption{grpc.WithInitialWindowSize(w), grpc.WithInitialConnWindowSize(w)}
+	}
+	return nil
 }
 
 // call sends one image to the served model over gRPC.
