@@ -9,10 +9,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"log/slog"
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 
 	"github.com/visionserve/visionserve/internal/config"
 	"github.com/visionserve/visionserve/internal/server"
@@ -32,23 +32,27 @@ func main() {
 		fmt.Fprintf(os.Stderr, "infer-server: %v\n", err)
 		os.Exit(2)
 	}
-	log := newLogger(cfg)
+	// Metrics, traces and request-id logging plug in through RunOptions
+	// (see observability.go).
+	obs, err := setupObservability(context.Background(), cfg)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "infer-server: %v\n", err)
+		os.Exit(2)
+	}
+	log := obs.run.Logger
 	stop := make(chan os.Signal, 1)
 	signal.Notify(stop, syscall.SIGTERM, syscall.SIGINT)
-	// Metrics and tracing plug in through RunOptions (interceptors, batch
-	// observer, HTTP handlers).
-	if err := server.Run(context.Background(), cfg, server.RunOptions{Logger: log, Stop: stop}); err != nil {
+	opts := obs.run
+	opts.Stop = stop
+	err = server.Run(context.Background(), cfg, opts)
+	// Flush the last spans after the server stopped.
+	flushCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	if cerr := obs.close(flushCtx); cerr != nil {
+		log.Warn("flushing telemetry", "err", cerr)
+	}
+	cancel()
+	if err != nil {
 		log.Error("infer-server failed", "err", err)
 		os.Exit(1)
 	}
-}
-
-func newLogger(cfg config.Config) *slog.Logger {
-	var level slog.Level
-	_ = level.UnmarshalText([]byte(cfg.LogLevel))
-	opts := &slog.HandlerOptions{Level: level}
-	if cfg.LogFormat == "json" {
-		return slog.New(slog.NewJSONHandler(os.Stderr, opts))
-	}
-	return slog.New(slog.NewTextHandler(os.Stderr, opts))
 }

@@ -41,7 +41,7 @@ func LoadModels(ctx context.Context, repo *modelrepo.Repo, reg *Registry, opts L
 			errs = append(errs, err)
 			continue
 		}
-		if err := reg.Add(&Model{Model: m, Runner: r}); err != nil {
+		if err := reg.Add(&Model{Model: m, Runner: r, LoadTime: time.Since(start)}); err != nil {
 			_ = r.Close(ctx)
 			errs = append(errs, err)
 			continue
@@ -96,6 +96,7 @@ func WarmUp(ctx context.Context, reg *Registry, log *slog.Logger) error {
 			}
 			continue
 		}
+		m.WarmupTime = time.Since(start)
 		m.SetReady(true)
 		log.Info("model ready", "model", m.Name, "backend", m.Runner.Backend(), "warmup", time.Since(start).Round(time.Millisecond))
 	}

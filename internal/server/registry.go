@@ -8,6 +8,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/visionserve/visionserve/pkg/modelrepo"
 	"github.com/visionserve/visionserve/pkg/pipeline"
@@ -49,7 +50,10 @@ type Runner interface {
 type Model struct {
 	*modelrepo.Model
 	Runner Runner
-	ready  atomic.Bool
+	// LoadTime and WarmupTime are how long loading and the warm-up batch
+	// took (for metrics); WarmupTime is set before the model turns ready.
+	LoadTime, WarmupTime time.Duration
+	ready                atomic.Bool
 }
 
 // Ready reports whether the model has warmed up and takes requests.

@@ -16,6 +16,8 @@ import (
 
 	"github.com/visionserve/visionserve/internal/backend"
 	"github.com/visionserve/visionserve/internal/config"
+	"github.com/visionserve/visionserve/internal/metrics"
+	"github.com/visionserve/visionserve/internal/ops"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
 	"github.com/visionserve/visionserve/pkg/pipeline"
 )
@@ -42,6 +44,12 @@ type RunOptions struct {
 	// they warm up: the place to track each model's queue (a
 	// PipelineRunner's Stats) or GPU memory.
 	OnLoaded func(*Registry)
+	// ServerOptions are added to the gRPC server's (the OpenTelemetry
+	// stats handler).
+	ServerOptions []grpc.ServerOption
+	// Metrics, when set, is told each served model's backend, load and
+	// warm-up times, and reads each model's batch queue at scrape time.
+	Metrics *metrics.Metrics
 }
 
 // Run serves cfg until a signal arrives on opts.Stop or ctx ends, then
@@ -94,10 +102,22 @@ func Run(ctx context.Context, cfg config.Config, opts RunOptions) error {
 		Logger:             log,
 		UnaryInterceptors:  opts.UnaryInterceptors,
 		StreamInterceptors: opts.StreamInterceptors,
+		ServerOptions:      opts.ServerOptions,
 	})
 	if err != nil {
 		_ = reg.Close(context.Background())
 		return err
+	}
+	// One readiness state answers /readyz and drives gRPC health checking,
+	// so the two cannot disagree (see ops.Readiness).
+	ready := ops.NewReadiness(srv.health)
+	var loaded []string
+	for _, m := range reg.Models() {
+		loaded = append(loaded, m.Name)
+		ready.Expect(m.Name)
+		if q, ok := m.Runner.(interface{ Stats() pipeline.BatcherStats }); ok {
+			opts.Metrics.TrackQueue(m.Name, metrics.QueueStatsOf(q.Stats))
+		}
 	}
 	grpcLis, err := net.Listen("tcp", cfg.GRPCAddr)
 	if err != nil {
@@ -130,7 +150,7 @@ func Run(ctx context.Context, cfg config.Config, opts RunOptions) error {
 	var httpSrv *http.Server
 	httpDone := make(chan error, 1)
 	if httpLis != nil {
-		httpSrv = &http.Server{Handler: httpMux(srv, opts.HTTPHandlers), ReadHeaderTimeout: 10 * time.Second}
+		httpSrv = &http.Server{Handler: httpMux(ready, opts.HTTPHandlers), ReadHeaderTimeout: 10 * time.Second}
 		go func() {
 			if err := httpSrv.Serve(httpLis); err != nil && !errors.Is(err, http.ErrServerClosed) {
 				httpDone <- err
@@ -156,7 +176,22 @@ func Run(ctx context.Context, cfg config.Config, opts RunOptions) error {
 				stopping = true
 				break
 			}
-			srv.SetServing()
+			// WarmUp removed the models that failed; readiness stops
+			// waiting for them and turns true with the last warm one.
+			served := map[string]bool{}
+			for _, m := range reg.Models() {
+				served[m.Name] = true
+			}
+			for _, name := range loaded {
+				if !served[name] {
+					ready.Forget(name)
+					opts.Metrics.ModelUnloaded(name)
+				}
+			}
+			for _, m := range reg.Models() {
+				opts.Metrics.ModelLoaded(m.Name, m.Runner.Backend(), m.LoadTime, m.WarmupTime)
+				ready.Warmed(m.Name)
+			}
 			log.Info("serving", "models", len(reg.Models()))
 		case sig := <-opts.Stop:
 			log.Info("shutting down", "signal", sig.String(), "grace", cfg.GracePeriod)
@@ -184,6 +219,7 @@ func Run(ctx context.Context, cfg config.Config, opts RunOptions) error {
 	// streams told to finish, GracefulStop bounded by the grace period,
 	// then the batchers drain and the sessions are freed. The HTTP server
 	// goes last so that /readyz reports not ready during the drain.
+	ready.Drain()
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), cfg.GracePeriod+time.Minute)
 	defer cancel()
 	if err := srv.Shutdown(shutdownCtx, cfg.GracePeriod); err != nil {
@@ -199,19 +235,13 @@ func Run(ctx context.Context, cfg config.Config, opts RunOptions) error {
 }
 
 // httpMux serves /healthz (the process answers) and /readyz (every model
-// warm and not draining), plus extra handlers.
-func httpMux(srv *Server, extra map[string]http.Handler) *http.ServeMux {
+// warm and not draining, with the reason when not), plus extra handlers.
+func httpMux(ready *ops.Readiness, extra map[string]http.Handler) *http.ServeMux {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
 		_, _ = w.Write([]byte("ok\n"))
 	})
-	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
-		if !srv.Ready() {
-			http.Error(w, "not ready", http.StatusServiceUnavailable)
-			return
-		}
-		_, _ = w.Write([]byte("ready\n"))
-	})
+	mux.Handle(ops.ReadyzPath, ops.ReadyzHandler(ready))
 	for path, h := range extra {
 		mux.Handle(path, h)
 	}

@@ -5,9 +5,11 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"time"
 
 	"google.golang.org/grpc/peer"
 
+	"github.com/visionserve/visionserve/internal/telemetry"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
 	"github.com/visionserve/visionserve/pkg/pipeline"
 )
@@ -65,7 +67,8 @@ func NewPipelineRunner(m *modelrepo.Model, engines []pipeline.Engine, opts Runne
 		PreferredBatchSizes: b.PreferredBatchSizes,
 		QueueSize:           b.QueueSize,
 		C:                   c, H: h, W: w,
-		Engines:  engines,
+		// Each engine run is an inference span under its batch's span.
+		Engines:  telemetry.TraceEngines(engines),
 		Observer: observer,
 	})
 	if err != nil {
@@ -135,6 +138,7 @@ func (it *resultItem) Postprocess(outputs []pipeline.Tensor, i int) (pipeline.Re
 
 // Infer implements Runner.
 func (r *PipelineRunner) Infer(ctx context.Context, inputs []Input, opts pipeline.Options) ([]pipeline.Result, error) {
+	start := time.Now()
 	opts, err := r.post.Resolve(opts)
 	if err != nil {
 		return nil, err
@@ -149,7 +153,12 @@ func (r *PipelineRunner) Infer(ctx context.Context, inputs []Input, opts pipelin
 	for i, p := range prepared {
 		items[i] = &resultItem{p: p, post: r.post, opts: opts}
 	}
-	return r.batcher.Submit(ctx, fairnessKey(ctx), items)
+	res, err := r.batcher.Submit(ctx, fairnessKey(ctx), items)
+	if err == nil {
+		// Stage spans under the request's span (a no-op when not traced).
+		telemetry.RecordResults(ctx, r.name, start, res)
+	}
+	return res, err
 }
 
 // rawItem is one image whose batch output rows are copied out as they are.

@@ -1,0 +1,69 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"os"
+
+	"google.golang.org/grpc"
+
+	"github.com/visionserve/visionserve/internal/config"
+	"github.com/visionserve/visionserve/internal/metrics"
+	"github.com/visionserve/visionserve/internal/metrics/nvmlsource"
+	"github.com/visionserve/visionserve/internal/ops"
+	"github.com/visionserve/visionserve/internal/server"
+	"github.com/visionserve/visionserve/internal/telemetry"
+)
+
+// observability is what the server reports through: the logger (request
+// ids and trace ids on every line of a request), the Prometheus registry
+// behind /metrics, the GPU series, and tracing from the OTEL_* variables.
+type observability struct {
+	// run holds the RunOptions fields observability fills in.
+	run   server.RunOptions
+	close func(context.Context) error
+}
+
+// setupObservability builds it from cfg; close flushes the traces and
+// releases NVML once the server has stopped.
+func setupObservability(ctx context.Context, cfg config.Config) (*observability, error) {
+	level, err := telemetry.ParseLevel(cfg.LogLevel)
+	if err != nil {
+		return nil, err
+	}
+	log, err := telemetry.NewLogger(os.Stderr, cfg.LogFormat, level)
+	if err != nil {
+		return nil, err
+	}
+	shutdownTracing, err := telemetry.Setup(ctx, telemetry.Options{Logger: log})
+	if err != nil {
+		return nil, fmt.Errorf("setting up tracing: %w", err)
+	}
+	reg := metrics.NewRegistry()
+	m, err := metrics.New(reg)
+	if err != nil {
+		return nil, errors.Join(err, shutdownTracing(ctx))
+	}
+	gpus, reason := nvmlsource.Open(nil, nil)
+	if err := metrics.RegisterGPU(reg, gpus.GPUSource(), reason, log); err != nil {
+		return nil, errors.Join(err, gpus.Close(), shutdownTracing(ctx))
+	}
+	return &observability{
+		run: server.RunOptions{
+			Logger:   log,
+			Observer: telemetry.BatchTracer{Next: m.BatchObserver()},
+			// Request ids first, so that the metrics interceptor and the
+			// handlers log with them.
+			UnaryInterceptors:  []grpc.UnaryServerInterceptor{telemetry.UnaryServerInterceptor(log), m.UnaryServerInterceptor()},
+			StreamInterceptors: []grpc.StreamServerInterceptor{telemetry.StreamServerInterceptor(log), m.StreamServerInterceptor()},
+			ServerOptions:      []grpc.ServerOption{telemetry.GRPCServerOption()},
+			HTTPHandlers:       map[string]http.Handler{ops.MetricsPath: ops.MetricsHandler(reg, log)},
+			Metrics:            m,
+		},
+		close: func(ctx context.Context) error {
+			return errors.Join(shutdownTracing(ctx), gpus.Close())
+		},
+	}, nil
+}
