@@ -2,6 +2,7 @@ package benchmarks
 
 import (
 	"context"
+	"flag"
 	"fmt"
 	"slices"
 	"sync"
@@ -192,18 +193,18 @@ func benchBatching(b *testing.B, model, be string) {
 		}
 	}
 	for _, c := range configs {
-		saturate(b, batchingConc, batchingConc, infer(c.r)) // warm up
+		saturate(b, batchingConc, warmRequests(batchingConc), infer(c.r))
 	}
 	b.ReportAllocs()
 	b.ResetTimer()
 	for i := range b.N {
 		for j := range configs {
 			c := configs[(i+j)%len(configs)]
-			c.busy += saturate(b, batchingConc, batchingConc*overheadWindow, infer(c.r))
+			c.busy += saturate(b, batchingConc, windowRequests(batchingConc), infer(c.r))
 		}
 	}
 	b.StopTimer()
-	images := float64(b.N * batchingConc * overheadWindow)
+	images := float64(b.N * windowRequests(batchingConc))
 	var tuned, best, one float64
 	for _, c := range configs {
 		ips := images / c.busy.Seconds()
@@ -248,6 +249,31 @@ func saturate(b *testing.B, conc, n int, call func(context.Context) error) time.
 		b.Fatal(first)
 	}
 	return time.Since(t)
+}
+
+// smoke reports whether the benchmarks run once each (-benchtime=1x, as
+// CI does): then the windowed benchmarks only check that every path
+// works, with windows of a few requests, since their figures mean
+// nothing at one round anyway.
+func smoke() bool {
+	f := flag.Lookup("test.benchtime")
+	return f != nil && f.Value.String() == "1x"
+}
+
+// windowRequests is the size of one window of conc clients.
+func windowRequests(conc int) int {
+	if smoke() {
+		return 2
+	}
+	return conc * overheadWindow
+}
+
+// warmRequests is the untimed window before the timed ones.
+func warmRequests(conc int) int {
+	if smoke() {
+		return 1
+	}
+	return conc
 }
 
 // overheadWindow sizes the windows of BenchmarkOverhead at saturation: each
@@ -315,10 +341,11 @@ func BenchmarkOverhead(b *testing.B) {
 			}
 			img := testImage(s.model)
 			window := func(f func(context.Context, []byte) error) time.Duration {
-				return saturate(b, conc, conc*overheadWindow, func(ctx context.Context) error { return f(ctx, img) })
+				return saturate(b, conc, windowRequests(conc), func(ctx context.Context) error { return f(ctx, img) })
 			}
-			window(s.infer) // warm both paths up
-			window(s.call)
+			// Warm both paths up.
+			saturate(b, conc, warmRequests(conc), func(ctx context.Context) error { return s.infer(ctx, img) })
+			saturate(b, conc, warmRequests(conc), func(ctx context.Context) error { return s.call(ctx, img) })
 			b.ReportAllocs()
 			var inproc, served time.Duration
 			b.ResetTimer()
@@ -332,7 +359,7 @@ func BenchmarkOverhead(b *testing.B) {
 				}
 			}
 			b.StopTimer()
-			images := float64(b.N * conc * overheadWindow)
+			images := float64(b.N * windowRequests(conc))
 			a, c := images/inproc.Seconds(), images/served.Seconds()
 			b.ReportMetric(a, "inproc-images/s")
 			b.ReportMetric(c, "served-images/s")
