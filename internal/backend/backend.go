@@ -85,9 +85,10 @@ func Names() []string {
 	return names
 }
 
-// autoOrder is what auto tries, best first: a GPU when there is one, else
-// OpenCV, else ONNX Runtime on the CPU.
-var autoOrder = []string{ORTCUDA, OpenCV, ORTCPU}
+// autoOrder is what auto tries, best first: a GPU when there is one
+// (TensorRT where its libraries load, else CUDA), else OpenCV, else ONNX
+// Runtime on the CPU.
+var autoOrder = []string{ORTTensorRT, ORTCUDA, OpenCV, ORTCPU}
 
 // fallback is where a model goes that its backend cannot serve.
 const fallback = ORTCPU

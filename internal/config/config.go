@@ -62,7 +62,23 @@ type Config struct {
 	// LogFormat is text or json; LogLevel is debug, info, warn or error.
 	LogFormat string `yaml:"log_format"`
 	LogLevel  string `yaml:"log_level"`
+	// GPUMemoryBudget is the GPU memory, in bytes, the models may take per
+	// device; a model that would not fit is refused. 0 means no budget.
+	GPUMemoryBudget int `yaml:"gpu_memory_budget"`
+	// GPUFailover says what a failing GPU batch does: "off" (the error
+	// goes to its callers), "fail" (its callers get Unavailable, later
+	// batches run on the CPU until the GPU answers again) or "retry" (as
+	// fail, but the batch is rerun on the CPU so its callers succeed).
+	GPUFailover string `yaml:"gpu_failover"`
+	// TensorRTCacheDir keeps TensorRT engine and timing caches across
+	// restarts; empty turns the caches off.
+	TensorRTCacheDir string `yaml:"tensorrt_cache_dir"`
+	// TensorRTFP16 lets TensorRT use half-precision kernels.
+	TensorRTFP16 bool `yaml:"tensorrt_fp16"`
 }
+
+// GPU failover modes.
+var GPUFailoverModes = []string{"off", "fail", "retry"}
 
 // Bounds of the numeric settings.
 const (
@@ -89,6 +105,7 @@ func Default() Config {
 		GracePeriod:         30 * time.Second,
 		LogFormat:           "text",
 		LogLevel:            "info",
+		GPUFailover:         "fail",
 	}
 }
 
@@ -126,6 +143,17 @@ func integer(f func(*Config) *int) func(*Config, string) error {
 	}
 }
 
+func boolean(f func(*Config) *bool) func(*Config, string) error {
+	return func(c *Config, v string) error {
+		b, err := strconv.ParseBool(v)
+		if err != nil {
+			return fmt.Errorf("%q is not true or false", v)
+		}
+		*f(c) = b
+		return nil
+	}
+}
+
 func duration(f func(*Config) *time.Duration) func(*Config, string) error {
 	return func(c *Config, v string) error {
 		d, err := time.ParseDuration(v)
@@ -155,6 +183,10 @@ var settings = []setting{
 	{"auth-token", "bearer token required on API calls (health and reflection stay open)", str(func(c *Config) *string { return &c.AuthToken })},
 	{"log-format", "log format: text|json", str(func(c *Config) *string { return &c.LogFormat })},
 	{"log-level", "log level: debug|info|warn|error", str(func(c *Config) *string { return &c.LogLevel })},
+	{"gpu-memory-budget", "GPU memory in bytes the models may take per device (0: no budget)", integer(func(c *Config) *int { return &c.GPUMemoryBudget })},
+	{"gpu-failover", "on a GPU failure: off|fail (Unavailable, then CPU until the GPU recovers)|retry (rerun the batch on the CPU)", str(func(c *Config) *string { return &c.GPUFailover })},
+	{"tensorrt-cache-dir", "folder for TensorRT engine and timing caches (empty: no cache)", str(func(c *Config) *string { return &c.TensorRTCacheDir })},
+	{"tensorrt-fp16", "let TensorRT use FP16 kernels", boolean(func(c *Config) *bool { return &c.TensorRTFP16 })},
 }
 
 // ConfigFlag names the flag (and, as VISIONSERVE_CONFIG, the variable) of
@@ -188,6 +220,7 @@ func Load(args []string, getenv func(string) string, usage io.Writer) (Config, e
 		"max-pixels": strconv.Itoa(def.MaxPixels), "max-images-per-request": strconv.Itoa(def.MaxImagesPerRequest),
 		"max-streams": strconv.Itoa(def.MaxStreams), "grace-period": def.GracePeriod.String(),
 		"log-format": def.LogFormat, "log-level": def.LogLevel, "ort-threads": "0",
+		"gpu-memory-budget": "0", "gpu-failover": def.GPUFailover, "tensorrt-fp16": "false",
 	}
 	for i, s := range settings {
 		raw[i] = &rawValue{v: defaults[s.name]}
@@ -297,6 +330,12 @@ func (c Config) Validate() error {
 	case "debug", "info", "warn", "error":
 	default:
 		bad("log-level %q unknown (want debug, info, warn or error)", c.LogLevel)
+	}
+	if c.GPUMemoryBudget < 0 {
+		bad("gpu-memory-budget %d is negative", c.GPUMemoryBudget)
+	}
+	if !slices.Contains(GPUFailoverModes, c.GPUFailover) {
+		bad("gpu-failover %q unknown (want %s)", c.GPUFailover, strings.Join(GPUFailoverModes, ", "))
 	}
 	return errors.Join(errs...)
 }

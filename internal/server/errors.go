@@ -8,6 +8,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/visionserve/visionserve/pkg/engine/failover"
 	"github.com/visionserve/visionserve/pkg/pipeline"
 )
 
@@ -29,6 +30,9 @@ func toStatus(err error) error {
 		return status.Error(codes.ResourceExhausted, err.Error()+"; retry later")
 	case errors.Is(err, pipeline.ErrBatcherClosed):
 		return status.Error(codes.Unavailable, err.Error())
+	case errors.Is(err, failover.ErrBackendUnavailable):
+		// The GPU failed this batch; later ones run on the CPU fallback.
+		return status.Error(codes.Unavailable, err.Error()+"; retry")
 	case errors.Is(err, context.DeadlineExceeded):
 		return status.Error(codes.DeadlineExceeded, "deadline exceeded before the request was served")
 	case errors.Is(err, context.Canceled):
