@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc"
@@ -63,15 +64,46 @@ func Run(ctx context.Context, cfg config.Config, opts RunOptions) error {
 		log = slog.Default()
 	}
 	var tlsConfig *tls.Config
+	var err error
 	if cfg.TLS() {
-		var err error
 		if tlsConfig, err = TLSConfig(cfg.TLSCert, cfg.TLSKey, cfg.TLSClientCA); err != nil {
 			return err
 		}
 	}
 
+	// Actor: HTTP server for probes and metrics. It listens before the
+	// models load so that liveness answers during a long load; /readyz
+	// says "loading" until the readiness state exists.
+	var httpLis net.Listener
+	httpHandler := &swapHandler{}
+	httpHandler.set(loadingMux(opts.HTTPHandlers))
+	var httpSrv *http.Server
+	httpDone := make(chan error, 1)
+	if cfg.HTTPAddr != "" {
+		if httpLis, err = net.Listen("tcp", cfg.HTTPAddr); err != nil {
+			return fmt.Errorf("listening for HTTP on %s: %w", cfg.HTTPAddr, err)
+		}
+		httpSrv = &http.Server{Handler: httpHandler, ReadHeaderTimeout: 10 * time.Second}
+		go func() {
+			if err := httpSrv.Serve(httpLis); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				httpDone <- err
+			}
+			close(httpDone)
+		}()
+		log.Info("HTTP listening", "addr", httpLis.Addr().String())
+	}
+	// stopHTTP ends the HTTP actor on the paths that return before the
+	// main loop; the loop's own shutdown stops it last.
+	stopHTTP := func() {
+		if httpSrv != nil {
+			_ = httpSrv.Close()
+			<-httpDone
+		}
+	}
+
 	repo, err := modelrepo.LoadRepo(cfg.ModelRepo)
 	if err != nil {
+		stopHTTP()
 		return fmt.Errorf("loading model repository %s: %w", cfg.ModelRepo, err)
 	}
 	reg := NewRegistry()
@@ -84,6 +116,7 @@ func Run(ctx context.Context, cfg config.Config, opts RunOptions) error {
 	})
 	if err != nil {
 		_ = reg.Close(context.Background())
+		stopHTTP()
 		return err
 	}
 
@@ -106,6 +139,7 @@ func Run(ctx context.Context, cfg config.Config, opts RunOptions) error {
 	})
 	if err != nil {
 		_ = reg.Close(context.Background())
+		stopHTTP()
 		return err
 	}
 	// One readiness state answers /readyz and drives gRPC health checking,
@@ -122,16 +156,10 @@ func Run(ctx context.Context, cfg config.Config, opts RunOptions) error {
 	grpcLis, err := net.Listen("tcp", cfg.GRPCAddr)
 	if err != nil {
 		_ = reg.Close(context.Background())
+		stopHTTP()
 		return fmt.Errorf("listening for gRPC on %s: %w", cfg.GRPCAddr, err)
 	}
-	var httpLis net.Listener
-	if cfg.HTTPAddr != "" {
-		if httpLis, err = net.Listen("tcp", cfg.HTTPAddr); err != nil {
-			grpcLis.Close()
-			_ = reg.Close(context.Background())
-			return fmt.Errorf("listening for HTTP on %s: %w", cfg.HTTPAddr, err)
-		}
-	}
+	httpHandler.set(httpMux(ready, opts.HTTPHandlers))
 	if opts.OnListen != nil {
 		var ha net.Addr
 		if httpLis != nil {
@@ -145,20 +173,6 @@ func Run(ctx context.Context, cfg config.Config, opts RunOptions) error {
 	grpcDone := make(chan error, 1)
 	go func() { grpcDone <- srv.Serve(grpcLis) }()
 	log.Info("gRPC listening", "addr", grpcLis.Addr().String(), "tls", cfg.TLS(), "mtls", cfg.TLSClientCA != "", "auth", cfg.AuthToken != "")
-
-	// Actor: HTTP server for probes (and metrics when added).
-	var httpSrv *http.Server
-	httpDone := make(chan error, 1)
-	if httpLis != nil {
-		httpSrv = &http.Server{Handler: httpMux(ready, opts.HTTPHandlers), ReadHeaderTimeout: 10 * time.Second}
-		go func() {
-			if err := httpSrv.Serve(httpLis); err != nil && !errors.Is(err, http.ErrServerClosed) {
-				httpDone <- err
-			}
-			close(httpDone)
-		}()
-		log.Info("HTTP listening", "addr", httpLis.Addr().String())
-	}
 
 	warm := make(chan error, 1)
 	warmCtx, cancelWarm := context.WithCancel(ctx)
@@ -232,6 +246,33 @@ func Run(ctx context.Context, cfg config.Config, opts RunOptions) error {
 	}
 	log.Info("stopped")
 	return runErr
+}
+
+// swapHandler lets the HTTP server start before the handler it ends with
+// can be built.
+type swapHandler struct {
+	h atomic.Pointer[http.Handler]
+}
+
+func (s *swapHandler) set(h http.Handler) { s.h.Store(&h) }
+
+func (s *swapHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	(*s.h.Load()).ServeHTTP(w, r)
+}
+
+// loadingMux answers while the models load: alive, not ready.
+func loadingMux(extra map[string]http.Handler) *http.ServeMux {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
+		_, _ = w.Write([]byte("ok\n"))
+	})
+	mux.HandleFunc(ops.ReadyzPath, func(w http.ResponseWriter, _ *http.Request) {
+		http.Error(w, "not ready: loading the model repository", http.StatusServiceUnavailable)
+	})
+	for path, h := range extra {
+		mux.Handle(path, h)
+	}
+	return mux
 }
 
 // httpMux serves /healthz (the process answers) and /readyz (every model
