@@ -1,16 +1,11 @@
 package benchmarks
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
-	"image"
-	"image/color"
-	"image/jpeg"
 	"io"
 	"log/slog"
-	"math/rand/v2"
 	"net"
 	"os"
 	"path/filepath"
@@ -29,6 +24,7 @@ import (
 
 	"github.com/visionserve/visionserve/internal/backend"
 	"github.com/visionserve/visionserve/internal/server"
+	"github.com/visionserve/visionserve/internal/testimage"
 	"github.com/visionserve/visionserve/pkg/engine/cvdnn"
 	"github.com/visionserve/visionserve/pkg/engine/onnxrt"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
@@ -337,25 +333,9 @@ func testImage(m *modelrepo.Model) []byte {
 		if data, err := os.ReadFile(filepath.Join(repoRoot(), "..", "shared", "testdata", "images", name)); err == nil {
 			return data, nil, nil
 		}
-		return syntheticJPEG(w, h), nil, nil
+		return testimage.JPEG(w, h), nil, nil
 	})
 	return v
-}
-
-// syntheticJPEG is a w×h JPEG with gradients and noise, so that decoding
-// does the work a photo needs.
-func syntheticJPEG(w, h int) []byte {
-	rng := rand.New(rand.NewPCG(1, 2))
-	img := image.NewNRGBA(image.Rect(0, 0, w, h))
-	for y := range h {
-		for x := range w {
-			n := uint8(rng.IntN(24))
-			img.SetNRGBA(x, y, color.NRGBA{uint8(x*255/w) + n, uint8(y*255/h) + n, uint8((x+y)*127/(w+h)) + n, 255})
-		}
-	}
-	var buf bytes.Buffer
-	_ = jpeg.Encode(&buf, img, &jpeg.Options{Quality: 90})
-	return buf.Bytes()
 }
 
 // measure runs op b.N times from conc goroutines after one untimed op

@@ -1,14 +1,9 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"fmt"
-	"image"
-	"image/color"
-	"image/jpeg"
 	"io"
-	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"slices"
@@ -18,6 +13,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
+	"github.com/visionserve/visionserve/internal/testimage"
 	visionv1 "github.com/visionserve/visionserve/proto/visionserve/v1"
 )
 
@@ -45,7 +41,7 @@ func loadImages(o options) (images, error) {
 		if b, err := os.ReadFile(filepath.Join(shared, sharedName)); err == nil {
 			return testImage{b, "shared testdata " + sharedName}, nil
 		}
-		return testImage{syntheticJPEG(w, h), fmt.Sprintf("synthetic %dx%d JPEG", w, h)}, nil
+		return testImage{testimage.JPEG(w, h), fmt.Sprintf("synthetic %dx%d JPEG", w, h)}, nil
 	}
 	var imgs images
 	var err error
@@ -54,22 +50,6 @@ func loadImages(o options) (images, error) {
 	}
 	imgs.classify, err = pick(o.imageClassify, "dog.jpg", 640, 480)
 	return imgs, err
-}
-
-// syntheticJPEG is a w×h JPEG with gradients and noise, so that decoding
-// does the work a photo needs.
-func syntheticJPEG(w, h int) []byte {
-	rng := rand.New(rand.NewPCG(1, 2))
-	img := image.NewNRGBA(image.Rect(0, 0, w, h))
-	for y := range h {
-		for x := range w {
-			n := uint8(rng.IntN(24))
-			img.SetNRGBA(x, y, color.NRGBA{uint8(x*255/w) + n, uint8(y*255/h) + n, uint8((x+y)*127/(w+h)) + n, 255})
-		}
-	}
-	var buf bytes.Buffer
-	_ = jpeg.Encode(&buf, img, &jpeg.Options{Quality: 90})
-	return buf.Bytes()
 }
 
 // sweepServer sweeps the models of the server at addr.

@@ -1,29 +1,14 @@
 package pipeline
 
 import (
-	"image"
-	"image/color"
 	"math/rand/v2"
 	"slices"
 	"testing"
 	"time"
 
+	"github.com/visionserve/visionserve/internal/testimage"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
 )
-
-// photoLike is a w×h image with gradients and noise, closer to a photo's
-// entropy than a flat image, so encoders and decoders do real work.
-func photoLike(w, h int) *image.NRGBA {
-	rng := rand.New(rand.NewPCG(1, 2))
-	img := image.NewNRGBA(image.Rect(0, 0, w, h))
-	for y := range h {
-		for x := range w {
-			n := uint8(rng.IntN(24))
-			img.SetNRGBA(x, y, color.NRGBA{uint8(x*255/w) + n, uint8(y*255/h) + n, uint8((x+y)*127/(w+h)) + n, 255})
-		}
-	}
-	return img
-}
 
 // latencies records per-iteration times and reports images/s, p50 and p99.
 type latencies struct {
@@ -59,7 +44,7 @@ func (l *latencies) report() {
 }
 
 func BenchmarkDecode(b *testing.B) {
-	img := photoLike(1280, 720)
+	img := testimage.PhotoLike(1280, 720)
 	for _, tc := range []struct {
 		name string
 		data []byte
@@ -88,7 +73,7 @@ func BenchmarkDecode(b *testing.B) {
 // model input (resize/letterbox/crop, a native uint8 Mat) and filling a
 // slot of a pooled batch, separately: Fill must allocate nothing.
 func BenchmarkPreprocess(b *testing.B) {
-	src := photoLike(1280, 720)
+	src := testimage.PhotoLike(1280, 720)
 	pix := make([]byte, 0, 1280*720*3)
 	for i := 0; i < len(src.Pix); i += 4 {
 		pix = append(pix, src.Pix[i+2], src.Pix[i+1], src.Pix[i])
