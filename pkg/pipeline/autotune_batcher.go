@@ -6,12 +6,8 @@ import (
 	"time"
 )
 
-// The setters the self-tuner needs from a running Batcher. They live
-// apart from batcher.go so that the batcher's owner sees the addition at a
-// glance. Batcher.maxBatch, .preferred and .delay are read only by
-// batchDecideLocked, which runs with b.mu held, so writing them under
-// b.mu is race-free even though batcher.go lists them with the fields set
-// at construction.
+// The setters the self-tuner needs from a running Batcher. The policy
+// fields they change (maxBatch, preferred, delay) are guarded by b.mu.
 
 // BatchPolicy is the part of a Batcher's release policy that may change
 // while it runs.
