@@ -26,6 +26,7 @@ import (
 	"github.com/visionserve/visionserve/internal/server"
 	"github.com/visionserve/visionserve/internal/testimage"
 	"github.com/visionserve/visionserve/pkg/engine/cvdnn"
+	"github.com/visionserve/visionserve/pkg/engine/ortgpu"
 	"github.com/visionserve/visionserve/pkg/engine/onnxrt"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
 	"github.com/visionserve/visionserve/pkg/pipeline"
@@ -55,7 +56,10 @@ func (r sharedRun) Run() int {
 func TestMain(m *testing.M) {
 	// The OpenCV backend probes models by re-executing this binary.
 	cvdnn.RunProbeIfRequested()
-	goleak.VerifyTestMain(sharedRun{m})
+	// ort-cuda and ort-tensorrt, as infer-server registers them: on a
+	// machine without a GPU they skip with the discovery's reason.
+	ortgpu.Register(ortgpu.RegisterOptions{})
+	goleak.VerifyTestMain(sharedRun{m}, goleak.IgnoreAnyFunction("github.com/NVIDIA/go-nvml/pkg/dl.(*DynamicLibrary).Open"))
 }
 
 var (

@@ -162,7 +162,8 @@ func (r *Registration) newEngine(ctx context.Context, name string, m *modelrepo.
 		return nil, fmt.Errorf("%s: model %q has %d instances, not %d", name, m.Name, l.perDevice*len(l.devices), instance+1)
 	}
 	ge := l.model.Engines[d*l.perDevice+k]
-	var e pipeline.Engine = &instanceEngine{Engine: New(ge), release: func() { r.release(m) }}
+	var e pipeline.Engine = &instanceEngine{Engine: New(ge), release: func() { r.release(m) },
+		memory: func() (uint64, error) { return r.memoryOf(m.Name, l.devices[d]) }}
 	r.mu.Lock()
 	l.open++
 	r.mu.Unlock()
@@ -243,6 +244,17 @@ func (r *Registration) memoryReader() gpu.MemoryReader {
 	return r.memory
 }
 
+// memoryOf is the GPU memory the ledger holds for model on device: the
+// measured peak, or the estimate where nothing could be measured.
+func (r *Registration) memoryOf(model string, device int) (uint64, error) {
+	for _, mm := range r.o.Ledger.Snapshot() {
+		if mm.Model == model && mm.Device == device {
+			return mm.Footprint(), nil
+		}
+	}
+	return 0, fmt.Errorf("no GPU memory record of model %q on GPU %d", model, device)
+}
+
 // release drops one instance of m and unloads the model with the last.
 func (r *Registration) release(m *modelrepo.Model) {
 	r.mu.Lock()
@@ -275,7 +287,12 @@ type instanceEngine struct {
 	*Engine
 	once    sync.Once
 	release func()
+	memory  func() (uint64, error)
 }
+
+// GPUMemoryBytes is the GPU memory of the engine's model on its device, as
+// the ledger has it (shared by the model's instances on that device).
+func (e *instanceEngine) GPUMemoryBytes() (uint64, error) { return e.memory() }
 
 func (e *instanceEngine) Close() error {
 	var err error

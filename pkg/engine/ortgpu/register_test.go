@@ -95,6 +95,14 @@ func TestRegisteredBackendLoadsInstancesAcrossGPUs(t *testing.T) {
 	if recs := r.Ledger().Snapshot(); len(recs) != 2 || recs[0].Device != 0 || recs[1].Device != 1 || !recs[0].Measured {
 		t.Errorf("ledger %+v, want measured records on GPUs 0 and 1", recs)
 	}
+	// Each instance reports its device's record: instance i runs on GPU i mod 2.
+	recs := r.Ledger().Snapshot()
+	for i, e := range engines {
+		got, err := e.(interface{ GPUMemoryBytes() (uint64, error) }).GPUMemoryBytes()
+		if want := recs[i%2].Footprint(); err != nil || got != want {
+			t.Errorf("instance %d: GPUMemoryBytes = %d, %v; want %d (GPU %d's record)", i, got, err, want, i%2)
+		}
+	}
 	for i, e := range engines {
 		out := runProbe(t, e, float32(i))
 		if out != 2*float32(i) {
