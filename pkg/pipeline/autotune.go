@@ -45,10 +45,28 @@ type BatchMeasurement struct {
 	// ImagesPerSec is Size over Median.
 	ImagesPerSec float64
 	// Chosen says whether ChooseBatchSizes picked the size, and Why says
-	// why or why not.
-	Chosen bool
-	Why    string
+	// why or why not. Verdict is the same in one fixed word (a Verdict
+	// constant), for metric labels: Why carries the figures.
+	Chosen  bool
+	Why     string
+	Verdict string
 }
+
+// Verdicts of ChooseBatchSizes on one measured size
+// (BatchMeasurement.Verdict).
+const (
+	// VerdictSmallest: the smallest size, always chosen.
+	VerdictSmallest = "smallest"
+	// VerdictFaster: chosen, faster per image than every smaller chosen
+	// size by more than MinGain.
+	VerdictFaster = "faster"
+	// VerdictDominated: not chosen, a smaller chosen size is as fast
+	// within MinGain.
+	VerdictDominated = "dominated"
+	// VerdictSlower: not chosen, slower per image than the smallest size
+	// by more than Tolerance.
+	VerdictSlower = "slower"
+)
 
 // TuneOptions are the knobs of ChooseBatchSizes; zero fields take the
 // defaults.
@@ -153,14 +171,16 @@ func ChooseBatchSizes(ms []BatchMeasurement, opts TuneOptions) (TuneDecision, er
 		}
 		switch {
 		case i == 0:
-			m.Chosen = true
+			m.Chosen, m.Verdict = true, VerdictSmallest
 			m.Why = "smallest size: a lone image goes at once"
 		case m.ImagesPerSec < floor:
+			m.Verdict = VerdictSlower
 			m.Why = fmt.Sprintf("%.0f%% slower per image than batch %d", 100*(1-m.ImagesPerSec/base.ImagesPerSec), base.Size)
 		case m.ImagesPerSec <= best.ImagesPerSec*(1+opts.MinGain):
+			m.Verdict = VerdictDominated
 			m.Why = fmt.Sprintf("dominated by batch %d (%.1f img/s at lower latency)", best.Size, best.ImagesPerSec)
 		default:
-			m.Chosen = true
+			m.Chosen, m.Verdict = true, VerdictFaster
 			m.Why = fmt.Sprintf("%.0f%% faster per image than batch %d", 100*(m.ImagesPerSec/best.ImagesPerSec-1), best.Size)
 			best = *m
 		}

@@ -50,10 +50,34 @@ type ControlState struct {
 	RunP99  time.Duration
 	Batches int
 	Backlog bool
-	// Decisions counts windows decided; Reason says what the last one did.
+	// Decisions counts windows decided; Reason says what the last one did
+	// and why, and Action says what it did in one fixed word (an Action
+	// constant), for metric labels.
 	Decisions int
 	Reason    string
+	Action    string
 }
+
+// Actions of a LatencyController decision (ControlState.Action).
+const (
+	// ActionStart: no window decided yet; the smallest batch, no delay.
+	ActionStart = "start"
+	// ActionSmallerBatch: the batch run alone was over budget; smaller
+	// batch, shorter delay.
+	ActionSmallerBatch = "smaller_batch"
+	// ActionShorterDelay: over budget from queueing; shorter delay.
+	ActionShorterDelay = "shorter_delay"
+	// ActionDrainQueue: over budget from queueing with a backlog;
+	// shorter delay and a bigger batch to drain the queue.
+	ActionDrainQueue = "drain_queue"
+	// ActionBiggerBatch: images queued with budget to spare; bigger batch.
+	ActionBiggerBatch = "bigger_batch"
+	// ActionLongerDelay: images queued at the largest batch with budget
+	// to spare; longer delay.
+	ActionLongerDelay = "longer_delay"
+	// ActionHold: within budget; nothing changed.
+	ActionHold = "hold"
+)
 
 // LatencyController adapts a batcher's maximum batch size and queue delay
 // to the most throughput that keeps the p99 latency budget, AIMD-style
@@ -118,7 +142,7 @@ func NewLatencyController(cfg LatencyTarget) (*LatencyController, error) {
 		cfg.Headroom = 0.25
 	}
 	c := &LatencyController{cfg: cfg, samples: make([]time.Duration, 0, cfg.Window), runs: make([]time.Duration, 0, cfg.Window)}
-	c.state = ControlState{Target: cfg.P99, MaxBatchSize: cfg.Sizes[0], Reason: "start at the smallest batch, no delay"}
+	c.state = ControlState{Target: cfg.P99, MaxBatchSize: cfg.Sizes[0], Reason: "start at the smallest batch, no delay", Action: ActionStart}
 	return c, nil
 }
 
@@ -168,7 +192,7 @@ func (c *LatencyController) Step() (ControlState, bool) {
 			delay = 0
 		}
 	}
-	var reason string
+	var reason, action string
 	switch {
 	case runP99 > target:
 		half := max(c.cfg.Sizes[level]/2, 1)
@@ -176,33 +200,36 @@ func (c *LatencyController) Step() (ControlState, bool) {
 			level--
 		}
 		halveDelay()
+		action = ActionSmallerBatch
 		reason = fmt.Sprintf("batch run p99 %v over budget %v: smaller batch", runP99.Round(time.Microsecond), target)
 	case p99 > target:
 		halveDelay()
+		action = ActionShorterDelay
 		reason = fmt.Sprintf("p99 %v over budget %v from queueing: shorter delay", p99.Round(time.Microsecond), target)
 		if backlog && nextFits {
 			level++
+			action = ActionDrainQueue
 			reason += ", bigger batch to drain the queue"
 		}
 	case p99 < roomy && backlog:
 		switch {
 		case nextFits:
 			level++
-			reason = "images queued with budget to spare: bigger batch"
+			action, reason = ActionBiggerBatch, "images queued with budget to spare: bigger batch"
 		case level == len(c.cfg.Sizes)-1 && delay < c.cfg.MaxDelay:
 			delay = min(delay+c.cfg.DelayStep, c.cfg.MaxDelay)
-			reason = "images queued at the largest batch: longer delay"
+			action, reason = ActionLongerDelay, "images queued at the largest batch: longer delay"
 		default:
-			reason = "within budget, no bigger batch fits"
+			action, reason = ActionHold, "within budget, no bigger batch fits"
 		}
 	default:
-		reason = "within budget"
+		action, reason = ActionHold, "within budget"
 	}
 	changed := level != c.level || delay != c.delay
 	c.level, c.delay = level, delay
 	c.state = ControlState{
 		Target: target, MaxBatchSize: c.cfg.Sizes[level], MaxQueueDelay: delay,
-		P99: p99, RunP99: runP99, Batches: batches, Backlog: backlog, Decisions: c.state.Decisions + 1, Reason: reason,
+		P99: p99, RunP99: runP99, Batches: batches, Backlog: backlog, Decisions: c.state.Decisions + 1, Reason: reason, Action: action,
 	}
 	return c.state, changed
 }

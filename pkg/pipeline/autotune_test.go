@@ -73,6 +73,9 @@ func TestChooseBatchSizes(t *testing.T) {
 				if m.Why == "" {
 					t.Errorf("size %d has no reason", m.Size)
 				}
+				if chosenVerdict := m.Verdict == pipeline.VerdictSmallest || m.Verdict == pipeline.VerdictFaster; m.Verdict == "" || chosenVerdict != m.Chosen {
+					t.Errorf("size %d chosen=%v has verdict %q (%s)", m.Size, m.Chosen, m.Verdict, m.Why)
+				}
 				if m.Size == d.MaxBatchSize && !strings.Contains(m.Why, "maximum") && !m.Chosen {
 					t.Errorf("maximum %d does not say why: %q", m.Size, m.Why)
 				}
@@ -296,7 +299,13 @@ func TestLatencyControllerGrowsWithinBudget(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	if s := c.State(); s.Action != pipeline.ActionStart {
+		t.Errorf("start state %+v, want action %q", s, pipeline.ActionStart)
+	}
 	states := simulateController(t, c, runTime, true, 30)
+	if s := states[0]; s.Action != pipeline.ActionBiggerBatch {
+		t.Errorf("first window with a backlog and room: %+v, want action %q", s, pipeline.ActionBiggerBatch)
+	}
 	last := states[len(states)-1]
 	if last.MaxBatchSize < 4 {
 		t.Errorf("settled at batch %d, want at least 4 with this budget: %+v", last.MaxBatchSize, last)
@@ -349,7 +358,7 @@ func TestLatencyControllerBacksOff(t *testing.T) {
 	}
 	slow = true
 	after := simulateController(t, c, runTime, true, 1)[0]
-	if after.MaxBatchSize > before.MaxBatchSize/2 || !strings.Contains(after.Reason, "smaller batch") {
+	if after.MaxBatchSize > before.MaxBatchSize/2 || !strings.Contains(after.Reason, "smaller batch") || after.Action != pipeline.ActionSmallerBatch {
 		t.Fatalf("after overrun: %+v, want at most half of %d", after, before.MaxBatchSize)
 	}
 	settled := simulateController(t, c, runTime, true, 10)
@@ -374,7 +383,8 @@ func TestLatencyControllerQueueingKeepsThroughput(t *testing.T) {
 		c.Observe(100*time.Millisecond, 3*time.Millisecond, true)
 	}
 	s, _ := c.Step()
-	if s.MaxBatchSize < 2 || s.MaxQueueDelay != 0 || !strings.Contains(s.Reason, "queueing") {
+	if s.MaxBatchSize < 2 || s.MaxQueueDelay != 0 || !strings.Contains(s.Reason, "queueing") ||
+		(s.Action != pipeline.ActionShorterDelay && s.Action != pipeline.ActionDrainQueue) {
 		t.Fatalf("state %+v, want batch kept or grown and no delay", s)
 	}
 }
