@@ -1,6 +1,7 @@
 // Package metrics defines visionserve's Prometheus metrics: request and
 // image counters by gRPC code, per-stage latency histograms, batcher and
-// queue series, model load and backend series, and the GPU series read
+// queue series, the self-tuning batcher's choices (tuner.go), model load
+// and backend series, and the GPU series read
 // through NVML. Everything registers on a registry passed in, never on the
 // global one, so tests and embedders get a clean set.
 //
@@ -39,6 +40,14 @@ const (
 	GPUMemoryTotalBytes   = "visionserve_gpu_memory_total_bytes"
 	GPUUtilizationRatio   = "visionserve_gpu_utilization_ratio"
 	GPUModelMemoryBytes   = "visionserve_gpu_model_memory_bytes"
+
+	AutotuneBatchImagesPerSecond = "visionserve_autotune_batch_images_per_second"
+	AutotunePreferredBatchSize   = "visionserve_autotune_preferred_batch_size"
+	AutotuneDurationSeconds      = "visionserve_autotune_duration_seconds"
+	AutotuneMaxBatchSize         = "visionserve_autotune_max_batch_size"
+	AutotuneMaxQueueDelaySeconds = "visionserve_autotune_max_queue_delay_seconds"
+	AutotuneLatencyTargetSeconds = "visionserve_autotune_latency_target_seconds"
+	AutotunePolicyChanges        = "visionserve_autotune_policy_changes_total"
 )
 
 // AutoscalingMetric is the per-pod saturation series the
@@ -96,6 +105,7 @@ type Metrics struct {
 	warmupSeconds *prometheus.GaugeVec
 	queueDropped  *prometheus.CounterVec
 	queues        *queueCollector
+	tuner         *tunerSeries
 
 	mu     sync.RWMutex            // guards the fields below
 	models map[string]*modelSeries // loaded models by name
@@ -175,12 +185,13 @@ func New(reg prometheus.Registerer) (*Metrics, error) {
 			Help: "Queued images removed without being run: their deadline passed, their client went away, or shutdown ran out of time.",
 		}, []string{"model", "reason"}),
 		queues: newQueueCollector(),
+		tuner:  newTunerSeries(),
 		models: map[string]*modelSeries{},
 	}
-	for _, c := range []prometheus.Collector{
+	for _, c := range append([]prometheus.Collector{
 		m.requests, m.images, m.stages, m.batchSize, m.batches, m.inflight,
 		m.dropped, m.backendInfo, m.loadSeconds, m.warmupSeconds, m.queueDropped, m.queues,
-	} {
+	}, m.tuner.collectors()...) {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}
@@ -212,7 +223,7 @@ func (m *Metrics) ModelLoaded(model, backend string, load, warmup time.Duration)
 	m.warmupSeconds.WithLabelValues(model, backend).Set(warmup.Seconds())
 }
 
-// ModelUnloaded removes model's backend and load series.
+// ModelUnloaded removes model's backend, load and self-tuning series.
 func (m *Metrics) ModelUnloaded(model string) {
 	if m == nil {
 		return
@@ -227,6 +238,7 @@ func (m *Metrics) ModelUnloaded(model string) {
 		m.warmupSeconds.DeleteLabelValues(model, series.backend)
 	}
 	m.queues.remove(model)
+	m.tuner.remove(model)
 }
 
 // labels returns the model and backend label values for a model name
