@@ -39,6 +39,7 @@ type Tuning struct {
 type tuner struct {
 	cfg  modelrepo.BatchingConfig
 	loop *pipeline.LatencyLoop // nil without a latency target
+	obs  pipeline.TuneObserver // nil for none
 
 	mu       sync.Mutex // guards the fields below
 	decision *pipeline.TuneDecision
@@ -47,9 +48,9 @@ type tuner struct {
 
 // newTuner returns the tuner of a model's batching config and the batcher
 // observer to use: with a latency target the controller's loop, which
-// forwards every event to next.
-func newTuner(m *modelrepo.Model, next pipeline.BatchObserver) (*tuner, pipeline.BatchObserver, error) {
-	t := &tuner{cfg: m.Batching}
+// forwards every event to next. obs (nil for none) is told each decision.
+func newTuner(m *modelrepo.Model, next pipeline.BatchObserver, obs pipeline.TuneObserver) (*tuner, pipeline.BatchObserver, error) {
+	t := &tuner{cfg: m.Batching, obs: obs}
 	if m.Batching.LatencyTargetP99 <= 0 {
 		return t, next, nil
 	}
@@ -94,10 +95,17 @@ func (r *PipelineRunner) AutoTune(ctx context.Context, log *slog.Logger) error {
 	if log != nil {
 		log.Info("batch sizes tuned", "model", r.name, "backend", d.Backend, "decision", d.String(), "took", d.Took.Round(time.Millisecond))
 	}
+	if t.obs != nil {
+		t.obs.BatchSizesTuned(d)
+	}
 	if t.loop == nil {
-		return r.batcher.SetPolicy(pipeline.BatchPolicy{
+		if err := r.batcher.SetPolicy(pipeline.BatchPolicy{
 			MaxBatchSize: d.MaxBatchSize, PreferredBatchSizes: d.Preferred, MaxQueueDelay: t.cfg.MaxQueueDelay,
-		})
+		}); err != nil {
+			return err
+		}
+		t.policySet(r.name, r.batcher.Policy(), nil)
+		return nil
 	}
 	ctrl, err := pipeline.NewLatencyController(pipeline.LatencyTarget{
 		P99: t.cfg.LatencyTargetP99, Capacity: r.batcher.Capacity(), Sizes: d.Preferred,
@@ -109,12 +117,26 @@ func (r *PipelineRunner) AutoTune(ctx context.Context, log *slog.Logger) error {
 	if err := t.loop.SetController(ctrl); err != nil {
 		return fmt.Errorf("model %q: %w", r.name, err)
 	}
+	// Start applies the controller's start state without reporting it as
+	// a change; it is told here, before the loop runs, so that it cannot
+	// overtake the loop's first change. A failed Start fails the model's
+	// warm-up, which removes the model and its series.
+	start := ctrl.State()
+	t.policySet(r.name, ctrl.Policy(start), &start)
 	return t.loop.Start(r.batcher, latencyInterval, func(s pipeline.ControlState) {
 		if log != nil {
 			log.Info("batching adapted to latency target", "model", r.name, "max_batch", s.MaxBatchSize,
 				"delay", s.MaxQueueDelay, "p99", s.P99, "target", s.Target, "reason", s.Reason)
 		}
+		t.policySet(r.name, ctrl.Policy(s), &s)
 	})
+}
+
+// policySet tells the observer, if any, the policy set on the batcher.
+func (t *tuner) policySet(model string, p pipeline.BatchPolicy, s *pipeline.ControlState) {
+	if t.obs != nil {
+		t.obs.PolicySet(model, p, s)
+	}
 }
 
 // Tuning reports what the self-tuner measured and chose.

@@ -49,7 +49,8 @@ type RunOptions struct {
 	// stats handler).
 	ServerOptions []grpc.ServerOption
 	// Metrics, when set, is told each served model's backend, load and
-	// warm-up times, and reads each model's batch queue at scrape time.
+	// warm-up times and what its self-tuner chose, and reads each model's
+	// batch queue at scrape time.
 	Metrics *metrics.Metrics
 }
 
@@ -111,7 +112,7 @@ func Run(ctx context.Context, cfg config.Config, opts RunOptions) error {
 	err = LoadModels(ctx, repo, reg, LoadOptions{
 		Backend: cfg.Backend,
 		Engine:  backend.Options{ORTLib: cfg.ORTLib, ORTThreads: cfg.ORTThreads},
-		Runner:  RunnerOptions{MaxPixels: cfg.MaxPixels, Observer: opts.Observer},
+		Runner:  RunnerOptions{MaxPixels: cfg.MaxPixels, Observer: opts.Observer, TuneObserver: opts.Metrics.TuneObserver()},
 		Logger:  log,
 	})
 	if err != nil {

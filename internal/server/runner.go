@@ -37,6 +37,9 @@ type RunnerOptions struct {
 	// Observer receives the batcher's events (metrics, traces); nil for
 	// none.
 	Observer pipeline.BatchObserver
+	// TuneObserver is told what the self-tuner chose (metrics); nil for
+	// none.
+	TuneObserver pipeline.TuneObserver
 }
 
 // NewPipelineRunner serves m on engines, one batcher worker per engine.
@@ -56,7 +59,7 @@ func NewPipelineRunner(m *modelrepo.Model, engines []pipeline.Engine, opts Runne
 	}
 	c, h, w := pre.InputShape()
 	b := m.Batching
-	tn, observer, err := newTuner(m, opts.Observer)
+	tn, observer, err := newTuner(m, opts.Observer, opts.TuneObserver)
 	if err != nil {
 		return nil, err
 	}
