@@ -19,19 +19,33 @@ import (
 
 // LoadReport is what a load run measured.
 type LoadReport struct {
+	// Requests counts the calls answered, Errors those that failed; the
+	// percentiles are of their latencies.
 	Requests, Errors int
-	Elapsed          time.Duration
-	P50, P90, P99    time.Duration
+	// Late counts the calls of Requests that were still running when the
+	// measurement window ended and were answered after it, LateErrors
+	// those of them that failed. Their latencies are in the percentiles
+	// (leaving them out would drop the calls most likely to be long),
+	// but Throughput does not count them.
+	Late, LateErrors int
+	// Canceled counts the calls cut short because ctx ended: not answered,
+	// so in none of the above.
+	Canceled int
+	// Elapsed is the measurement window: until --duration passed, or
+	// until the last call was answered when that came first.
+	Elapsed       time.Duration
+	P50, P90, P99 time.Duration
 	// ErrorCodes counts the failures by gRPC code.
 	ErrorCodes map[string]int
 }
 
-// Throughput is the successful requests per second.
+// Throughput is the successful requests answered within the window, per
+// second.
 func (r LoadReport) Throughput() float64 {
 	if r.Elapsed <= 0 {
 		return 0
 	}
-	return float64(r.Requests-r.Errors) / r.Elapsed.Seconds()
+	return float64(r.Requests-r.Errors-(r.Late-r.LateErrors)) / r.Elapsed.Seconds()
 }
 
 // runLoad sends one image over and over from o.Concurrency clients for
@@ -60,6 +74,9 @@ func runLoad(ctx context.Context, c visionv1.VisionServiceClient, o Options, fil
 		return err
 	}, stderr)
 	fmt.Fprintf(stdout, "model %s (%s, %s): %d requests, %d errors in %v\n", o.Model, task, info.Backend, rep.Requests, rep.Errors, rep.Elapsed.Round(time.Millisecond))
+	if rep.Late > 0 || rep.Canceled > 0 {
+		fmt.Fprintf(stdout, "%d answered after the window (%d errors), not in throughput; %d canceled\n", rep.Late, rep.LateErrors, rep.Canceled)
+	}
 	fmt.Fprintf(stdout, "throughput %.1f req/s  latency p50 %v  p90 %v  p99 %v\n", rep.Throughput(),
 		rep.P50.Round(10*time.Microsecond), rep.P90.Round(10*time.Microsecond), rep.P99.Round(10*time.Microsecond))
 	if len(rep.ErrorCodes) > 0 {
@@ -69,28 +86,25 @@ func runLoad(ctx context.Context, c visionv1.VisionServiceClient, o Options, fil
 }
 
 // Load calls call from o.Concurrency goroutines until o.Duration passed or
-// o.Requests calls were started, and measures each call. Every goroutine
-// has exited when it returns.
+// o.Requests calls were started, and measures each call. The end of the
+// window does not cancel the calls still running: Load waits for them and
+// reports them as Late, so that every call started is accounted for
+// (only an end of ctx cuts calls short, counted as Canceled). Every
+// goroutine has exited when it returns.
 func Load(ctx context.Context, o Options, call func(context.Context) error, progress io.Writer) LoadReport {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	if o.Duration > 0 {
-		ctx, cancel = context.WithTimeout(ctx, o.Duration)
-		defer cancel()
-	}
 	var (
 		started atomic.Int64
 		done    atomic.Int64
 		mu      sync.Mutex // guards the fields below
 		lat     []time.Duration
 		codes   = map[string]int{}
+		rep     = LoadReport{ErrorCodes: codes}
 	)
 	begin := time.Now()
 	end := begin.Add(o.Duration)
-	// over is checked by time as well as by ctx: the timer that ends ctx
-	// may fire late on a busy machine, while calls made after the
-	// deadline already fail at once.
-	over := func() bool { return ctx.Err() != nil || (o.Duration > 0 && !time.Now().Before(end)) }
+	// over says whether the window ended, by the clock rather than by a
+	// timer, which may fire late on a busy machine.
+	over := func(t time.Time) bool { return o.Duration > 0 && !t.Before(end) }
 	stopBar := make(chan struct{})
 	barDone := make(chan struct{})
 	go func() {
@@ -111,33 +125,46 @@ func Load(ctx context.Context, o Options, call func(context.Context) error, prog
 	var wg sync.WaitGroup
 	for range max(o.Concurrency, 1) {
 		wg.Go(func() {
-			for !over() {
+			for ctx.Err() == nil && !over(time.Now()) {
 				if o.Requests > 0 && started.Add(1) > int64(o.Requests) {
 					return
 				}
 				t := time.Now()
 				err := call(ctx)
-				d := time.Since(t)
-				if err != nil && over() {
-					return // the run ended under this call
-				}
+				answered := time.Now()
 				mu.Lock()
-				lat = append(lat, d)
-				if err != nil {
-					codes[status.Code(err).String()]++
+				switch {
+				case err != nil && ctx.Err() != nil:
+					rep.Canceled++ // cut short by ctx: no answer to measure
+				default:
+					lat = append(lat, answered.Sub(t))
+					if err != nil {
+						codes[status.Code(err).String()]++
+						rep.Errors++
+					}
+					if over(answered) {
+						rep.Late++
+						if err != nil {
+							rep.LateErrors++
+						}
+					}
+					done.Add(1)
 				}
 				mu.Unlock()
-				done.Add(1)
 			}
 		})
 	}
 	wg.Wait()
+	// The window is --duration, or shorter when the calls stopped first
+	// (--requests ran out, ctx ended); waiting for the late calls is not
+	// part of it.
+	rep.Elapsed = time.Since(begin)
+	if o.Duration > 0 {
+		rep.Elapsed = min(rep.Elapsed, o.Duration)
+	}
 	close(stopBar)
 	<-barDone
-	rep := LoadReport{Requests: len(lat), Elapsed: time.Since(begin), ErrorCodes: codes}
-	for _, n := range codes {
-		rep.Errors += n
-	}
+	rep.Requests = len(lat)
 	slices.Sort(lat)
 	pct := func(p float64) time.Duration {
 		if len(lat) == 0 {
