@@ -21,40 +21,76 @@ const decodeFlags = gocv.IMReadColor | gocv.IMReadIgnoreOrientation
 // orientations 1..8 are applied. Failures are typed errors (see errors.go);
 // OpenCV failures never end the process because imdecode catches them.
 func Decode(data []byte, maxPixels int) (gocv.Mat, error) {
-	h, err := CheckHeader(data, maxPixels)
+	img, _, _, err := decode(data, maxPixels, nil)
+	return img, err
+}
+
+// decode is Decode that may let libjpeg scale a JPEG down while decoding
+// (DCT scaling: a smaller inverse DCT per block and fewer pixels to
+// convert and store), much cheaper than decoding in full and resizing.
+// reduce, when not nil, gets the upright size of a JPEG and returns the
+// denominator r: 1, 2, 4 or 8. The Mat is then ceil(w/r)×ceil(h/r), what
+// libjpeg's jpeg_calc_output_dimensions gives; other formats are always
+// decoded in full. w and h are the upright size of the original image.
+func decode(data []byte, maxPixels int, reduce func(w, h int) int) (img gocv.Mat, w, h int, err error) {
+	hd, err := CheckHeader(data, maxPixels)
 	if err != nil {
-		return gocv.Mat{}, err
+		return gocv.Mat{}, 0, 0, err
 	}
-	img, err := gocv.IMDecode(data, decodeFlags)
+	orientation := 1
+	if hd.Format == FormatJPEG {
+		orientation = JPEGOrientation(data)
+	}
+	w, h = hd.Width, hd.Height
+	if orientation >= 5 { // stored transposed
+		w, h = h, w
+	}
+	r := 1
+	if reduce != nil && hd.Format == FormatJPEG {
+		r = reduce(w, h)
+	}
+	flags := decodeFlags
+	switch r {
+	case 1:
+	case 2:
+		flags |= gocv.IMReadReducedColor2
+	case 4:
+		flags |= gocv.IMReadReducedColor4
+	case 8:
+		flags |= gocv.IMReadReducedColor8
+	default:
+		return gocv.Mat{}, 0, 0, fmt.Errorf("decode: reduction 1/%d not one of 1, 1/2, 1/4, 1/8", r)
+	}
+	img, err = gocv.IMDecode(data, flags)
 	if err != nil {
-		return gocv.Mat{}, fmt.Errorf("%s: %v: %w", h.Format, err, ErrCorrupt)
+		return gocv.Mat{}, 0, 0, fmt.Errorf("%s: %v: %w", hd.Format, err, ErrCorrupt)
 	}
 	if img.Empty() {
 		img.Close()
-		return gocv.Mat{}, fmt.Errorf("%s of %dx%d: decoder could not read the image data: %w", h.Format, h.Width, h.Height, ErrCorrupt)
+		return gocv.Mat{}, 0, 0, fmt.Errorf("%s of %dx%d: decoder could not read the image data: %w", hd.Format, hd.Width, hd.Height, ErrCorrupt)
 	}
 	// The decoder reads the same header; a different size means the file
 	// holds something other than what was checked.
-	if img.Cols() != h.Width || img.Rows() != h.Height {
+	if wantW, wantH := ceilDiv(hd.Width, r), ceilDiv(hd.Height, r); img.Cols() != wantW || img.Rows() != wantH {
 		img.Close()
-		return gocv.Mat{}, fmt.Errorf("%s header says %dx%d but decodes to %dx%d: %w", h.Format, h.Width, h.Height, img.Cols(), img.Rows(), ErrCorrupt)
+		return gocv.Mat{}, 0, 0, fmt.Errorf("%s header says %dx%d (%dx%d at 1/%d) but decodes to %dx%d: %w", hd.Format, hd.Width, hd.Height, wantW, wantH, r, img.Cols(), img.Rows(), ErrCorrupt)
 	}
 	if img.Type() != gocv.MatTypeCV8UC3 {
 		// Not expected with IMReadColor; refuse rather than misread.
 		t := img.Type()
 		img.Close()
-		return gocv.Mat{}, fmt.Errorf("%s decoded to Mat type %v, want 8-bit BGR: %w", h.Format, t, ErrUnsupportedImage)
+		return gocv.Mat{}, 0, 0, fmt.Errorf("%s decoded to Mat type %v, want 8-bit BGR: %w", hd.Format, t, ErrUnsupportedImage)
 	}
-	if h.Format == FormatJPEG {
-		if o := JPEGOrientation(data); o != 1 {
-			oriented := gocv.NewMat()
-			orient(img, &oriented, o)
-			img.Close()
-			img = oriented
-		}
+	if orientation != 1 {
+		oriented := gocv.NewMat()
+		orient(img, &oriented, orientation)
+		img.Close()
+		img = oriented
 	}
-	return img, nil
+	return img, w, h, nil
 }
+
+func ceilDiv(a, b int) int { return (a + b - 1) / b }
 
 // orient writes src turned upright for EXIF orientation o into dst, the
 // same operations OpenCV's own ApplyExifOrientation uses.

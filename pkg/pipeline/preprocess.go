@@ -18,6 +18,10 @@ type PreprocessOptions struct {
 	// MaxPixels limits width×height of an input image, encoded or raw;
 	// DefaultMaxPixels when zero.
 	MaxPixels int
+	// FullDecode turns off decoding large JPEGs at 1/2, 1/4 or 1/8 size
+	// (libjpeg DCT scaling), which Prepare does by default whenever the
+	// reduced image is still at least as large as what it is resized to.
+	FullDecode bool
 }
 
 // Transform maps model-input pixel coordinates back to the original
@@ -43,6 +47,7 @@ type Preprocessor struct {
 	pad       uint8
 	rgb       bool // model wants RGB; decoded Mats are BGR
 	maxPixels int
+	reduce    bool // decode JPEGs at reduced size where fit allows it
 	// lut[c][v] is the normalised value of 8-bit sample v in model
 	// channel c: (v*scale - mean[c]) / std[c]. A lookup is exact and
 	// cheaper than converting and multiplying per sample.
@@ -55,7 +60,7 @@ func NewPreprocessor(m *modelrepo.Model, opts PreprocessOptions) (*Preprocessor,
 	if in.Width <= 0 || in.Height <= 0 || in.Width > modelrepo.MaxInputSide || in.Height > modelrepo.MaxInputSide {
 		return nil, fmt.Errorf("model %q: input size %dx%d out of range", m.Name, in.Width, in.Height)
 	}
-	p := &Preprocessor{w: in.Width, h: in.Height, mode: in.Resize, shorter: in.ResizeShorter, pad: in.PadValue, maxPixels: opts.MaxPixels}
+	p := &Preprocessor{w: in.Width, h: in.Height, mode: in.Resize, shorter: in.ResizeShorter, pad: in.PadValue, maxPixels: opts.MaxPixels, reduce: !opts.FullDecode}
 	if p.maxPixels <= 0 {
 		p.maxPixels = DefaultMaxPixels
 	}
@@ -111,16 +116,22 @@ type Prepared struct {
 
 // Prepare decodes an encoded image (JPEG, PNG, WebP or BMP; see Decode for
 // the limits and typed errors) and fits it to the model input by the
-// model's resize mode.
+// model's resize mode. Unless PreprocessOptions.FullDecode is set, a large
+// JPEG is decoded at a reduced size (see reduction); Width, Height and the
+// Transform still refer to the original image.
 func (p *Preprocessor) Prepare(data []byte) (*Prepared, error) {
 	start := time.Now()
-	img, err := Decode(data, p.maxPixels)
+	var reduce func(w, h int) int
+	if p.reduce {
+		reduce = p.reduction
+	}
+	img, w, h, err := decode(data, p.maxPixels, reduce)
 	if err != nil {
 		return nil, err
 	}
 	defer img.Close()
 	decoded := time.Now()
-	pr, err := p.fit(img)
+	pr, err := p.fit(img, w, h)
 	if err != nil {
 		return nil, err
 	}
@@ -158,7 +169,7 @@ func (p *Preprocessor) PrepareHWC(pix []byte, h, w int, rgb bool) (*Prepared, er
 	} else {
 		copy(dst, pix)
 	}
-	pr, err := p.fit(img)
+	pr, err := p.fit(img, w, h)
 	if err != nil {
 		return nil, err
 	}
@@ -182,20 +193,27 @@ func (p *Preprocessor) PrepareTensor(chw []float32) (*Prepared, error) {
 }
 
 // fit resizes the upright BGR image img (not consumed) to the model input.
-func (p *Preprocessor) fit(img gocv.Mat) (*Prepared, error) {
-	w, h := img.Cols(), img.Rows()
-	if w <= 0 || h <= 0 || img.Type() != gocv.MatTypeCV8UC3 {
+// img shows the whole original image of w×h pixels: at that size, or
+// smaller when the decoder reduced it. The Transform maps to original
+// pixels either way, through the exact ratio of the two sizes per axis.
+func (p *Preprocessor) fit(img gocv.Mat, w, h int) (*Prepared, error) {
+	iw, ih := img.Cols(), img.Rows()
+	if iw <= 0 || ih <= 0 || img.Type() != gocv.MatTypeCV8UC3 {
 		// OpenCV aborts the process on an empty resize: never reach it.
-		return nil, fmt.Errorf("image of %dx%d type %v: %w", w, h, img.Type(), ErrZeroSize)
+		return nil, fmt.Errorf("image of %dx%d type %v: %w", iw, ih, img.Type(), ErrZeroSize)
 	}
+	if w < iw || h < ih {
+		return nil, fmt.Errorf("preprocess: image of %dx%d larger than its original %dx%d", iw, ih, w, h)
+	}
+	// Original pixels per pixel of img.
+	rx, ry := float64(w)/float64(iw), float64(h)/float64(ih)
 	pr := &Prepared{Width: w, Height: h, pre: p}
 	switch p.mode {
 	case modelrepo.ResizeLetterbox:
-		// Ultralytics LetterBox: one ratio for both axes, centred, the
-		// odd pixel of padding going to the bottom/right.
-		r := math.Min(float64(p.w)/float64(w), float64(p.h)/float64(h))
-		nw := clamp(int(math.Round(float64(w)*r)), 1, p.w)
-		nh := clamp(int(math.Round(float64(h)*r)), 1, p.h)
+		// Ultralytics LetterBox: centred, the odd pixel of padding going
+		// to the bottom/right. The layout comes from the original size,
+		// so a reduced decode gives the same padding and Transform.
+		nw, nh := p.letterboxSize(w, h)
 		left := int(math.Round(float64(p.w-nw)/2 - 0.1))
 		top := int(math.Round(float64(p.h-nh)/2 - 0.1))
 		left, top = max(left, 0), max(top, 0)
@@ -211,18 +229,21 @@ func (p *Preprocessor) fit(img gocv.Mat) (*Prepared, error) {
 		pr.Transform = Transform{ScaleX: sx, ScaleY: sy, OffsetX: -float64(left) * sx, OffsetY: -float64(top) * sy}
 	case modelrepo.ResizeShorterCrop:
 		// Scaling the shorter side to p.shorter and cutting the centre
-		// w×h is the same as cutting the matching centre region of the
+		// p.w×p.h is the same as cutting the matching centre region of the
 		// original and scaling that: no huge intermediate for a thin
-		// image, one resize.
-		s := float64(p.shorter) / float64(min(w, h))
-		cw := clamp(int(math.Round(float64(p.w)/s)), 1, w)
-		ch := clamp(int(math.Round(float64(p.h)/s)), 1, h)
-		x0, y0 := (w-cw)/2, (h-ch)/2
+		// image, one resize. The region is whole pixels of img.
+		s := float64(p.shorter) / float64(min(iw, ih))
+		cw := clamp(int(math.Round(float64(p.w)/s)), 1, iw)
+		ch := clamp(int(math.Round(float64(p.h)/s)), 1, ih)
+		x0, y0 := (iw-cw)/2, (ih-ch)/2
 		region := img.Region(image.Rect(x0, y0, x0+cw, y0+ch))
 		pr.mat = gocv.NewMatWithSize(p.h, p.w, gocv.MatTypeCV8UC3)
 		resizeInto(region, &pr.mat, p.w, p.h)
 		region.Close()
-		pr.Transform = Transform{ScaleX: float64(cw) / float64(p.w), ScaleY: float64(ch) / float64(p.h), OffsetX: float64(x0), OffsetY: float64(y0)}
+		pr.Transform = Transform{
+			ScaleX: float64(cw) / float64(p.w) * rx, ScaleY: float64(ch) / float64(p.h) * ry,
+			OffsetX: float64(x0) * rx, OffsetY: float64(y0) * ry,
+		}
 	case modelrepo.ResizeStretch:
 		pr.mat = gocv.NewMatWithSize(p.h, p.w, gocv.MatTypeCV8UC3)
 		resizeInto(img, &pr.mat, p.w, p.h)
@@ -235,6 +256,15 @@ func (p *Preprocessor) fit(img gocv.Mat) (*Prepared, error) {
 		return nil, errors.New("preprocess: resize gave an unexpected image layout")
 	}
 	return pr, nil
+}
+
+// letterboxSize is the size a w×h image is resized to inside the
+// letterbox: Ultralytics LetterBox, one ratio for both axes.
+func (p *Preprocessor) letterboxSize(w, h int) (nw, nh int) {
+	r := math.Min(float64(p.w)/float64(w), float64(p.h)/float64(h))
+	nw = clamp(int(math.Round(float64(w)*r)), 1, p.w)
+	nh = clamp(int(math.Round(float64(h)*r)), 1, p.h)
+	return nw, nh
 }
 
 // resizeInto scales src to w×h into dst, which already has that size.
