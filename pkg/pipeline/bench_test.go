@@ -45,19 +45,24 @@ func (l *latencies) report() {
 
 func BenchmarkDecode(b *testing.B) {
 	img := testimage.PhotoLike(1280, 720)
+	jpg := encodeJPEG(b, img, 90)
 	for _, tc := range []struct {
 		name string
 		data []byte
+		r    int // libjpeg DCT scaling denominator
 	}{
-		{"jpeg_1280x720", encodeJPEG(b, img, 90)},
-		{"png_1280x720", encodePNG(b, img)},
+		{"jpeg_1280x720", jpg, 1},
+		{"jpeg_1280x720_reduced2", jpg, 2},
+		{"jpeg_1280x720_reduced4", jpg, 4},
+		{"png_1280x720", encodePNG(b, img), 1},
 	} {
 		b.Run(tc.name, func(b *testing.B) {
 			b.SetBytes(int64(len(tc.data)))
+			reduce := func(int, int) int { return tc.r }
 			l := newLatencies(b, 1)
 			for b.Loop() {
 				l.begin()
-				m, err := Decode(tc.data, 0)
+				m, _, _, err := decode(tc.data, 0, reduce)
 				if err != nil {
 					b.Fatal(err)
 				}
@@ -66,6 +71,45 @@ func BenchmarkDecode(b *testing.B) {
 			}
 			l.report()
 		})
+	}
+}
+
+// BenchmarkPrepare measures Prepare, decode and fit, on photo-sized JPEGs
+// with the reduced JPEG decode on (the default) and off.
+func BenchmarkPrepare(b *testing.B) {
+	for _, tc := range []struct {
+		name string
+		m    *modelrepo.Model
+		w, h int
+	}{
+		{"crop_224_from_1280x720", classifier(), 1280, 720},
+		{"letterbox_640_from_1920x1080", detector(), 1920, 1080},
+	} {
+		data := testimage.JPEG(tc.w, tc.h)
+		for _, full := range []bool{false, true} {
+			pre, err := NewPreprocessor(tc.m, PreprocessOptions{FullDecode: full})
+			if err != nil {
+				b.Fatal(err)
+			}
+			name := tc.name + "/reduced"
+			if full {
+				name = tc.name + "/full"
+			}
+			b.Run(name, func(b *testing.B) {
+				b.SetBytes(int64(len(data)))
+				l := newLatencies(b, 1)
+				for b.Loop() {
+					l.begin()
+					p, err := pre.Prepare(data)
+					if err != nil {
+						b.Fatal(err)
+					}
+					p.Close()
+					l.end()
+				}
+				l.report()
+			})
+		}
 	}
 }
 
@@ -104,7 +148,7 @@ func BenchmarkPreprocess(b *testing.B) {
 			l := newLatencies(b, 1)
 			for b.Loop() {
 				l.begin()
-				p, err := pre.fit(img)
+				p, err := pre.fit(img, 1280, 720)
 				if err != nil {
 					b.Fatal(err)
 				}
@@ -114,7 +158,7 @@ func BenchmarkPreprocess(b *testing.B) {
 			l.report()
 		})
 		b.Run(tc.name+"/fill", func(b *testing.B) {
-			p, err := pre.fit(img)
+			p, err := pre.fit(img, 1280, 720)
 			if err != nil {
 				b.Fatal(err)
 			}
