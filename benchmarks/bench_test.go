@@ -164,10 +164,10 @@ func benchBatching(b *testing.B, model, be string) {
 		mc := *m
 		mc.Batching.PreferredBatchSizes = nil
 		mc.Batching.QueueSize = max(mc.Batching.QueueSize, 4*batchingConc)
+		// The shipped configs turn auto_tune on: only "tuned" may tune.
+		mc.Batching.AutoTune = i < 0
 		name := "tuned"
-		if i < 0 {
-			mc.Batching.AutoTune = true
-		} else {
+		if i >= 0 {
 			mc.Batching.MaxBatchSize = sizes[i]
 			name = fmt.Sprintf("fixed=%d", sizes[i])
 		}

@@ -8,6 +8,7 @@ package servertest
 import (
 	"os"
 	"path/filepath"
+	"regexp"
 	"runtime"
 	"testing"
 )
@@ -111,8 +112,11 @@ func Image(t testing.TB, name string) []byte {
 
 // GeneratedRepo writes a model repository in a temporary folder holding
 // the named models of the project's own repository (models/<name>, written
-// by `make models`), linked, not copied. It skips the test when a model
-// file is missing.
+// by `make models`), linked, not copied. The configs are the shipped ones
+// with batching.auto_tune turned off: its warm-up measurement takes tens
+// of seconds for YOLOv8s on a shared CPU, and the tests using this repo
+// are about serving (the tuner has its own tests, on fake engines). It
+// skips the test when a model file is missing.
 func GeneratedRepo(t testing.TB, names ...string) string {
 	t.Helper()
 	_, file, _, _ := runtime.Caller(0)
@@ -127,7 +131,7 @@ func GeneratedRepo(t testing.TB, names ...string) string {
 		if err := os.Mkdir(dir, 0o755); err != nil {
 			t.Fatal(err)
 		}
-		for _, f := range []string{"model.onnx", "config.yaml", "labels.txt"} {
+		for _, f := range []string{"model.onnx", "labels.txt"} {
 			abs, err := filepath.Abs(filepath.Join(from, f))
 			if err != nil {
 				t.Fatal(err)
@@ -136,6 +140,18 @@ func GeneratedRepo(t testing.TB, names ...string) string {
 				t.Fatal(err)
 			}
 		}
+		cfg, err := os.ReadFile(filepath.Join(from, "config.yaml"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		cfg = autoTuneOn.ReplaceAll(cfg, []byte("${1}false"))
+		if err := os.WriteFile(filepath.Join(dir, "config.yaml"), cfg, 0o644); err != nil {
+			t.Fatal(err)
+		}
 	}
 	return root
 }
+
+// autoTuneOn matches the batching.auto_tune line of a config that turns
+// it on; group 1 is all but the value.
+var autoTuneOn = regexp.MustCompile(`(?m)^(\s+auto_tune:\s*)true\b`)
