@@ -178,7 +178,7 @@ func New(reg prometheus.Registerer) (*Metrics, error) {
 		}, modelBackend),
 		warmupSeconds: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: ModelWarmupSeconds,
-			Help: "Time the warm-up batch of each model took after loading.",
+			Help: "Time the warm-up of each model took after loading: its warm-up batch and, with batching.auto_tune, the batch-size measurement.",
 		}, modelBackend),
 		queueDropped: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: QueueDroppedImages,
