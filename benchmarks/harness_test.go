@@ -58,7 +58,9 @@ func TestMain(m *testing.M) {
 	cvdnn.RunProbeIfRequested()
 	// ort-cuda and ort-tensorrt, as infer-server registers them: on a
 	// machine without a GPU they skip with the discovery's reason.
-	ortgpu.Register(ortgpu.RegisterOptions{})
+	// $VISIONSERVE_BENCH_GPU_PADDING picks their batch padding (warmed,
+	// max or none; infer-server's --gpu-batch-padding).
+	ortgpu.Register(ortgpu.RegisterOptions{BatchPadding: os.Getenv("VISIONSERVE_BENCH_GPU_PADDING")})
 	goleak.VerifyTestMain(sharedRun{m}, goleak.IgnoreAnyFunction("github.com/NVIDIA/go-nvml/pkg/dl.(*DynamicLibrary).Open"))
 }
 

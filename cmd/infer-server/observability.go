@@ -28,7 +28,8 @@ func gpuOptions(cfg config.Config) ortgpu.RegisterOptions {
 			IntraOpThreads: cfg.ORTThreads,
 			TensorRT:       gpu.TensorRTOptions{FP16: cfg.TensorRTFP16, CacheDir: cfg.TensorRTCacheDir},
 		},
-		Budget: gpu.Budget{Bytes: uint64(cfg.GPUMemoryBudget)},
+		Budget:       gpu.Budget{Bytes: uint64(cfg.GPUMemoryBudget)},
+		BatchPadding: cfg.GPUBatchPadding,
 	}
 	switch cfg.GPUFailover {
 	case "fail":

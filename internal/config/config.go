@@ -70,6 +70,11 @@ type Config struct {
 	// batches run on the CPU until the GPU answers again) or "retry" (as
 	// fail, but the batch is rerun on the CPU so its callers succeed).
 	GPUFailover string `yaml:"gpu_failover"`
+	// GPUBatchPadding says what batch sizes GPU engines run at: "warmed"
+	// (a batch runs at the smallest warmed-up size that holds it: the
+	// model's preferred sizes and max), "max" (always max_batch_size) or
+	// "none" (its own size; the CUDA provider re-plans on every new size).
+	GPUBatchPadding string `yaml:"gpu_batch_padding"`
 	// TensorRTCacheDir keeps TensorRT engine and timing caches across
 	// restarts; empty turns the caches off.
 	TensorRTCacheDir string `yaml:"tensorrt_cache_dir"`
@@ -79,6 +84,9 @@ type Config struct {
 
 // GPU failover modes.
 var GPUFailoverModes = []string{"off", "fail", "retry"}
+
+// GPU batch padding policies.
+var GPUBatchPaddings = []string{"warmed", "max", "none"}
 
 // Bounds of the numeric settings.
 const (
@@ -106,6 +114,7 @@ func Default() Config {
 		LogFormat:           "text",
 		LogLevel:            "info",
 		GPUFailover:         "fail",
+		GPUBatchPadding:     "warmed",
 	}
 }
 
@@ -185,6 +194,7 @@ var settings = []setting{
 	{"log-level", "log level: debug|info|warn|error", str(func(c *Config) *string { return &c.LogLevel })},
 	{"gpu-memory-budget", "GPU memory in bytes the models may take per device (0: no budget)", integer(func(c *Config) *int { return &c.GPUMemoryBudget })},
 	{"gpu-failover", "on a GPU failure: off|fail (Unavailable, then CPU until the GPU recovers)|retry (rerun the batch on the CPU)", str(func(c *Config) *string { return &c.GPUFailover })},
+	{"gpu-batch-padding", "batch sizes GPU engines run at: warmed (pad to the smallest warmed-up size)|max|none", str(func(c *Config) *string { return &c.GPUBatchPadding })},
 	{"tensorrt-cache-dir", "folder for TensorRT engine and timing caches (empty: no cache)", str(func(c *Config) *string { return &c.TensorRTCacheDir })},
 	{"tensorrt-fp16", "let TensorRT use FP16 kernels", boolean(func(c *Config) *bool { return &c.TensorRTFP16 })},
 }
@@ -221,6 +231,7 @@ func Load(args []string, getenv func(string) string, usage io.Writer) (Config, e
 		"max-streams": strconv.Itoa(def.MaxStreams), "grace-period": def.GracePeriod.String(),
 		"log-format": def.LogFormat, "log-level": def.LogLevel, "ort-threads": "0",
 		"gpu-memory-budget": "0", "gpu-failover": def.GPUFailover, "tensorrt-fp16": "false",
+		"gpu-batch-padding": def.GPUBatchPadding,
 	}
 	for i, s := range settings {
 		raw[i] = &rawValue{v: defaults[s.name]}
@@ -336,6 +347,9 @@ func (c Config) Validate() error {
 	}
 	if !slices.Contains(GPUFailoverModes, c.GPUFailover) {
 		bad("gpu-failover %q unknown (want %s)", c.GPUFailover, strings.Join(GPUFailoverModes, ", "))
+	}
+	if !slices.Contains(GPUBatchPaddings, c.GPUBatchPadding) {
+		bad("gpu-batch-padding %q unknown (want %s)", c.GPUBatchPadding, strings.Join(GPUBatchPaddings, ", "))
 	}
 	return errors.Join(errs...)
 }

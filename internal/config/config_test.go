@@ -36,8 +36,8 @@ func TestPrecedence(t *testing.T) {
 		{"flag over env", []string{"--config", file, "--grpc-addr", "flag:1", "--max-pixels", "40e6"}, map[string]string{"VISIONSERVE_GRPC_ADDR": "env:1", "VISIONSERVE_AUTH_TOKEN": "tok"}, func(c Config) bool {
 			return c.GRPCAddr == "flag:1" && c.AuthToken == "tok" && c.MaxPixels == 40_000_000 && c.Backend == "opencv"
 		}},
-		{"gpu settings", []string{"--gpu-failover", "retry", "--tensorrt-fp16", "true", "--gpu-memory-budget", "8e9"}, map[string]string{"VISIONSERVE_TENSORRT_CACHE_DIR": "/cache"}, func(c Config) bool {
-			return c.GPUFailover == "retry" && c.TensorRTFP16 && c.GPUMemoryBudget == 8e9 && c.TensorRTCacheDir == "/cache"
+		{"gpu settings", []string{"--gpu-failover", "retry", "--tensorrt-fp16", "true", "--gpu-memory-budget", "8e9", "--gpu-batch-padding", "max"}, map[string]string{"VISIONSERVE_TENSORRT_CACHE_DIR": "/cache"}, func(c Config) bool {
+			return c.GPUFailover == "retry" && c.GPUBatchPadding == "max" && c.TensorRTFP16 && c.GPUMemoryBudget == 8e9 && c.TensorRTCacheDir == "/cache"
 		}},
 		{"flag equal to default still wins", []string{"--config", file, "--backend", "auto"}, nil, func(c Config) bool { return c.Backend == "auto" }},
 	}
@@ -79,6 +79,7 @@ func TestRefusals(t *testing.T) {
 		{"unknown flag", []string{"--nope"}, nil, "flag provided but not defined"},
 		{"log format", []string{"--log-format", "xml"}, nil, `log-format "xml"`},
 		{"gpu failover mode", []string{"--gpu-failover", "maybe"}, nil, `gpu-failover "maybe" unknown`},
+		{"gpu batch padding", []string{"--gpu-batch-padding", "some"}, nil, `gpu-batch-padding "some" unknown`},
 		{"negative gpu budget", nil, map[string]string{"VISIONSERVE_GPU_MEMORY_BUDGET": "-1"}, "gpu-memory-budget -1 is negative"},
 		{"bad bool", []string{"--tensorrt-fp16", "perhaps"}, nil, `"perhaps" is not true or false`},
 	}

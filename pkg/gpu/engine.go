@@ -43,6 +43,14 @@ type EngineOptions struct {
 	// the model's. Only these are bound, so ONNX Runtime computes only
 	// what they need.
 	OutputNames []string
+	// PadBatchSizes are the batch sizes the engine runs at: a batch of n
+	// images runs at the smallest of them that is at least n, with the
+	// extra slots holding whatever the buffer held, and only the first n
+	// results returned. The CUDA provider re-plans its kernels whenever the
+	// input shape changes, so a few fixed shapes (the warmed-up ones) are
+	// much faster than every size from 1 to the maximum. nil runs every
+	// batch at its own size, as do sizes above the largest.
+	PadBatchSizes []int
 
 	// pinnedInfoOnCPU binds pinned buffers with the CUDA-pinned memory
 	// info even on the CPU provider, so tests reach that path (and its
@@ -56,6 +64,8 @@ type EngineStats struct {
 	// CopiedBatches ran from a buffer not obtained through AllocBatch and
 	// were copied into the engine's staging buffer first.
 	CopiedBatches int64
+	// PaddedBatches ran at a larger pad batch size than they held.
+	PaddedBatches int64
 	// Memory is the kind of host memory the inputs and outputs live in.
 	Memory MemoryKind
 	// MemoryReason says why memory is not pinned, "" when it is.
@@ -85,6 +95,7 @@ type Engine struct {
 	ro         *C.OrtRunOptions
 	inName     *C.char
 	outNames   []*C.char
+	pad        []int // sorted, distinct PadBatchSizes
 
 	mu      sync.Mutex // guards the fields below
 	closed  bool
@@ -94,6 +105,7 @@ type Engine struct {
 	owned   map[unsafe.Pointer]*HostBuffer // buffers handed out by AllocBatch
 	inputs  map[inputKey]*C.OrtValue
 	staging *HostBuffer
+	views   map[[2]int][]Tensor // first-n views of a padded run's results, by {run size, n}
 	stats   EngineStats
 }
 
@@ -161,6 +173,15 @@ func NewEngine(s *Session, opts EngineOptions) (*Engine, error) {
 		sizes:   map[int]*binding{},
 		owned:   map[unsafe.Pointer]*HostBuffer{},
 		inputs:  map[inputKey]*C.OrtValue{},
+		views:   map[[2]int][]Tensor{},
+	}
+	for _, n := range opts.PadBatchSizes {
+		if n < 1 {
+			return nil, fmt.Errorf("gpu engine: pad batch size %d is not positive", n)
+		}
+	}
+	if in.Shape[0] <= 0 { // a graph that fixes its batch runs in chunks of it instead
+		e.pad = slices.Compact(slices.Sorted(slices.Values(opts.PadBatchSizes)))
 	}
 	if e.backend == "" {
 		e.backend = s.opts.Provider.Backend()
@@ -318,15 +339,20 @@ func (e *Engine) Run(ctx context.Context, data []float32, n, c, h, w int) ([]Ten
 	if e.closed {
 		return nil, errors.New("gpu engine: closed")
 	}
+	run := e.padSize(n)
+	runSize, ok := floatCount(run, c, h, w)
+	if !ok {
+		return nil, fmt.Errorf("gpu engine: padded batch %dx%dx%dx%d too large", run, c, h, w)
+	}
 	ptr := unsafe.Pointer(&data[0])
-	if buf, ok := e.owned[ptr]; !ok || buf.n < size {
+	if buf, ok := e.owned[ptr]; !ok || buf.n < runSize {
 		var err error
-		if ptr, err = e.stageLocked(data[:size]); err != nil {
+		if ptr, err = e.stageLocked(data[:size], runSize); err != nil {
 			return nil, err
 		}
 		e.stats.CopiedBatches++
 	}
-	out, err := e.runLocked(ctx, ptr, n, c, h, w)
+	out, err := e.runLocked(ctx, ptr, run, c, h, w)
 	if err != nil && e.memInfo == e.pinned && e.stats.Batches == 0 && ctx.Err() == nil {
 		// The first run with buffers bound as CUDA-pinned memory failed:
 		// bind the same pinned buffers as plain CPU memory, which the
@@ -336,13 +362,43 @@ func (e *Engine) Run(ctx context.Context, data []float32, n, c, h, w int) ([]Ten
 		e.memInfo = e.cpuInfo
 		e.stats.BindPinned = false
 		e.stats.PinnedBindError = err.Error()
-		out, err = e.runLocked(ctx, ptr, n, c, h, w)
+		out, err = e.runLocked(ctx, ptr, run, c, h, w)
 	}
 	if err != nil {
 		return nil, err
 	}
 	e.stats.Batches++
+	if run != n {
+		e.stats.PaddedBatches++
+		return e.viewLocked(out, run, n), nil
+	}
 	return out, nil
+}
+
+// padSize is the batch size a batch of n images runs at.
+func (e *Engine) padSize(n int) int {
+	i, ok := slices.BinarySearch(e.pad, n)
+	if ok || i == len(e.pad) {
+		return n
+	}
+	return e.pad[i]
+}
+
+// viewLocked returns the first n images' part of out, the results of a run
+// at batch size run; the views are made once per pair of sizes.
+func (e *Engine) viewLocked(out []Tensor, run, n int) []Tensor {
+	key := [2]int{run, n}
+	v, ok := e.views[key]
+	if !ok {
+		v = make([]Tensor, len(out))
+		for i, t := range out {
+			shape := slices.Clone(t.Shape)
+			shape[0] = int64(n)
+			v[i] = Tensor{Name: t.Name, Shape: shape, Data: t.Data[:len(t.Data)/run*n]}
+		}
+		e.views[key] = v
+	}
+	return v
 }
 
 // runLocked binds the input at ptr to the binding of batch size n and runs
@@ -372,15 +428,17 @@ func (e *Engine) runLocked(ctx context.Context, ptr unsafe.Pointer, n, c, h, w i
 	return b.result, nil
 }
 
-// stageLocked copies data into the staging buffer, growing it as needed.
-func (e *Engine) stageLocked(data []float32) (unsafe.Pointer, error) {
-	if e.staging == nil || e.staging.n < len(data) {
+// stageLocked copies data into the staging buffer, growing it to hold at
+// least size floats (a padded batch's).
+func (e *Engine) stageLocked(data []float32, size int) (unsafe.Pointer, error) {
+	size = max(size, len(data))
+	if e.staging == nil || e.staging.n < size {
 		if e.staging != nil {
 			e.forgetBufferLocked(e.staging)
 			e.staging.Free()
 			e.staging = nil
 		}
-		buf, err := e.alloc.Alloc(len(data))
+		buf, err := e.alloc.Alloc(size)
 		if err != nil {
 			return nil, fmt.Errorf("gpu engine: staging buffer: %w", err)
 		}
@@ -484,6 +542,7 @@ func int64sToInts(s []int64) []int {
 
 // dropBindingsLocked frees every binding and cached input value.
 func (e *Engine) dropBindingsLocked() {
+	clear(e.views)
 	for n, b := range e.sizes {
 		e.releaseBinding(b)
 		delete(e.sizes, n)

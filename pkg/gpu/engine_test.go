@@ -142,8 +142,13 @@ func TestBindingMatchesPlainSession(t *testing.T) {
 	if st.Batches != 10 || st.CopiedBatches != 5 {
 		t.Errorf("stats %+v, want 10 batches of which 5 copied", st)
 	}
-	if st.Memory != MemoryPageable || st.BindPinned {
-		t.Errorf("on the CPU twin memory is %s (bind pinned %v), want pageable", st.Memory, st.BindPinned)
+	// The CPU twin binds its buffers as CPU memory; they are pinned where
+	// the CUDA runtime is present (a GPU machine), else pageable.
+	if st.BindPinned {
+		t.Errorf("the CPU twin binds its buffers as CUDA-pinned memory: %+v", st)
+	}
+	if err := loadCUDARuntime(); err != nil && st.Memory != MemoryPageable {
+		t.Errorf("without the CUDA runtime (%v) memory is %s, want pageable", err, st.Memory)
 	}
 }
 
@@ -209,6 +214,74 @@ func TestRunSteadyStateAllocatesNothing(t *testing.T) {
 	})
 	if allocs != 0 {
 		t.Errorf("steady-state Run allocates %v times, want 0", allocs)
+	}
+}
+
+// TestPaddedBatchesMatchUnpadded runs batches padded up to the engine's
+// pad sizes and checks that the first n results are those of an unpadded
+// run, that the returned shapes say n, that sizes above the largest pad
+// size run as they are, and that a padded run allocates nothing.
+func TestPaddedBatchesMatchUnpadded(t *testing.T) {
+	initRuntime(t)
+	path := convModel(t)
+	_, plain := newCPUEngine(t, path)
+	s, err := OpenSession(path, SessionOptions{Provider: ProviderCPU, IntraOpThreads: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	padded, err := NewEngine(s, EngineOptions{PadBatchSizes: []int{4, 2, 4}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer padded.Close()
+	const c, h, w = 3, 8, 8
+	buf, free, err := padded.AllocBatch(6, c, h, w)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer free()
+	ctx := context.Background()
+	runs := []struct{ n, at int }{{1, 2}, {3, 4}, {2, 2}, {4, 4}, {5, 5}, {3, 4}}
+	for i, r := range runs {
+		input := randomInput(uint64(i+20), r.n*c*h*w)
+		want, err := plain.Run(ctx, input, r.n, c, h, w)
+		if err != nil {
+			t.Fatal(err)
+		}
+		before := padded.Stats().PaddedBatches
+		copy(buf, input)
+		got, err := padded.Run(ctx, buf, r.n, c, h, w)
+		if err != nil {
+			t.Fatalf("batch %d: %v", r.n, err)
+		}
+		if pads := padded.Stats().PaddedBatches - before; (pads == 1) != (r.at != r.n) {
+			t.Errorf("batch %d: %d padded runs, want it run at %d", r.n, pads, r.at)
+		}
+		for o := range want {
+			if got[o].Shape[0] != int64(r.n) || len(got[o].Data) != len(want[o].Data) {
+				t.Fatalf("batch %d output %s: shape %v, %d values; want %v, %d", r.n, want[o].Name, got[o].Shape, len(got[o].Data), want[o].Shape, len(want[o].Data))
+			}
+			sameBits(t, want[o].Name, got[o].Data, want[o].Data)
+		}
+		// Images staged from Go memory are padded the same way.
+		got, err = padded.Run(ctx, input, r.n, c, h, w)
+		if err != nil {
+			t.Fatalf("batch %d from Go memory: %v", r.n, err)
+		}
+		for o := range want {
+			sameBits(t, want[o].Name+" (staged)", got[o].Data, want[o].Data)
+		}
+	}
+	if allocs := testing.AllocsPerRun(20, func() {
+		if _, err := padded.Run(ctx, buf, 3, c, h, w); err != nil {
+			t.Fatal(err)
+		}
+	}); allocs != 0 {
+		t.Errorf("steady-state padded Run allocates %v times, want 0", allocs)
+	}
+	if _, err := NewEngine(s, EngineOptions{PadBatchSizes: []int{0}}); err == nil {
+		t.Error("pad batch size 0 accepted")
 	}
 }
 

@@ -9,6 +9,7 @@ import (
 	"context"
 	"fmt"
 	"math"
+	"math/rand/v2"
 	"os"
 	"os/signal"
 	"slices"
@@ -191,4 +192,84 @@ func benchEngine(b *testing.B, e *Engine, kind MemoryKind, n int) {
 	b.ReportMetric(float64(n*len(lat))/total.Seconds(), "images/s")
 	b.ReportMetric(pct(0.50), "p50_ms")
 	b.ReportMetric(pct(0.99), "p99_ms")
+}
+
+// BenchmarkGPUMixedBatches runs batches of sizes drawn from 1 to 8, as a
+// dynamic batcher under moderate load forms them, with each cuDNN
+// algorithm search and each padding policy: none (every size runs as it
+// is, every size warmed up first), warmed (padded to 1, 4 or 8) and max
+// (always 8). It measures what a change of input shape costs the CUDA
+// provider after warm-up.
+func BenchmarkGPUMixedBatches(b *testing.B) {
+	requireGPU(b)
+	pads := []struct {
+		name string
+		pad  []int
+		warm []int
+	}{
+		{"none", nil, []int{1, 2, 3, 4, 5, 6, 7, 8}},
+		{"warmed", []int{1, 4, 8}, []int{1, 4, 8}},
+		{"max", []int{8}, []int{8}},
+	}
+	for _, model := range []string{"mobilenetv3_large", "resnet50"} {
+		b.Run(model, func(b *testing.B) {
+			path := repoModel(b, model)
+			for _, search := range []string{"EXHAUSTIVE", "HEURISTIC"} {
+				for _, p := range pads {
+					b.Run(fmt.Sprintf("search=%s/pad=%s", search, p.name), func(b *testing.B) {
+						m, err := LoadModel(context.Background(), path, LoadOptions{
+							Name:             model,
+							Session:          SessionOptions{Provider: ProviderCUDA, CUDA: CUDAOptions{ConvAlgoSearch: search}},
+							WarmUpBatchSizes: p.warm,
+							PadBatchSizes:    p.pad,
+						})
+						if err != nil {
+							b.Fatal(err)
+						}
+						defer m.Close()
+						benchMixed(b, m.Engines[0])
+					})
+				}
+			}
+		})
+	}
+}
+
+func benchMixed(b *testing.B, e *Engine) {
+	in := e.Input()
+	c, h, w := int(in.Shape[1]), int(in.Shape[2]), int(in.Shape[3])
+	buf, free, err := e.AllocBatch(8, c, h, w)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer free()
+	copy(buf, randomInput(2, len(buf)))
+	sizes := make([]int, b.N)
+	rng := rand.New(rand.NewPCG(7, 11))
+	images := 0
+	for i := range sizes {
+		sizes[i] = 1 + rng.IntN(8)
+		images += sizes[i]
+	}
+	lat := make([]time.Duration, 0, b.N)
+	ctx := context.Background()
+	b.ResetTimer()
+	start := time.Now()
+	for _, n := range sizes {
+		t0 := time.Now()
+		if _, err := e.Run(ctx, buf, n, c, h, w); err != nil {
+			b.Fatal(err)
+		}
+		lat = append(lat, time.Since(t0))
+	}
+	wall := time.Since(start)
+	b.StopTimer()
+	slices.Sort(lat)
+	pct := func(p float64) float64 {
+		return float64(lat[min(len(lat)-1, int(p*float64(len(lat))))]) / 1e6
+	}
+	b.ReportMetric(float64(images)/wall.Seconds(), "images/s")
+	b.ReportMetric(pct(0.50), "p50_ms")
+	b.ReportMetric(pct(0.99), "p99_ms")
+	b.ReportMetric(float64(e.Stats().PaddedBatches), "padded")
 }

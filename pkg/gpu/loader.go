@@ -25,6 +25,9 @@ type LoadOptions struct {
 	InputMemory MemoryKind
 	// OutputNames are the outputs the engines return; nil means all.
 	OutputNames []string
+	// PadBatchSizes are the sizes batches are padded up to (see
+	// EngineOptions.PadBatchSizes); nil runs every batch at its size.
+	PadBatchSizes []int
 	// WarmUpBatchSizes are run once each with zeros after loading, in
 	// increasing order, so the first requests do not pay for cuDNN's
 	// algorithm search and arena growth, and so the memory peak of each
@@ -116,7 +119,7 @@ func LoadModel(ctx context.Context, path string, o LoadOptions) (*Model, error) 
 		}
 		first := len(m.Engines)
 		for range instances {
-			e, err := NewEngine(s, EngineOptions{InputMemory: o.InputMemory, OutputNames: o.OutputNames})
+			e, err := NewEngine(s, EngineOptions{InputMemory: o.InputMemory, OutputNames: o.OutputNames, PadBatchSizes: o.PadBatchSizes})
 			if err != nil {
 				return fail(fmt.Errorf("loading model %q: %w", o.Name, err))
 			}

@@ -27,6 +27,11 @@ type RegisterOptions struct {
 	Session gpu.SessionOptions
 	// Budget refuses models that would not fit in GPU memory.
 	Budget gpu.Budget
+	// BatchPadding is how batches are padded before they run: PadWarmed
+	// (the default) pads each batch to the smallest of the model's
+	// warmed-up sizes (preferred sizes and max) that holds it, PadMax to
+	// max_batch_size, PadNone runs every batch at its own size.
+	BatchPadding string
 	// Ledger receives every model's GPU memory; nil means a new one,
 	// returned by Registration.Ledger.
 	Ledger *gpu.MemoryLedger
@@ -214,6 +219,11 @@ func (r *Registration) load(ctx context.Context, name string, m *modelrepo.Model
 		Ledger:             r.o.Ledger,
 	}
 	lo.Session.Provider = r.providers[name]
+	pad, err := padSizes(r.o.BatchPadding, m.Batching)
+	if err != nil {
+		return nil, err
+	}
+	lo.PadBatchSizes = pad
 	if m.Config.Output.Name != "" {
 		lo.OutputNames = []string{m.Config.Output.Name}
 	}
@@ -271,6 +281,27 @@ func (r *Registration) release(m *modelrepo.Model) {
 	if ok {
 		l.model.Close()
 	}
+}
+
+// Batch padding policies of RegisterOptions.BatchPadding.
+const (
+	PadWarmed = "warmed"
+	PadMax    = "max"
+	PadNone   = "none"
+)
+
+// padSizes are the batch sizes a model's batches are padded to under
+// policy.
+func padSizes(policy string, b modelrepo.BatchingConfig) ([]int, error) {
+	switch policy {
+	case "", PadWarmed:
+		return warmUpSizes(b), nil
+	case PadMax:
+		return []int{max(b.MaxBatchSize, 1)}, nil
+	case PadNone:
+		return nil, nil
+	}
+	return nil, fmt.Errorf("gpu batch padding %q unknown (want %s, %s or %s)", policy, PadWarmed, PadMax, PadNone)
 }
 
 // warmUpSizes are the batch sizes a model warms up at: its preferred sizes

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -216,3 +217,24 @@ func (cpuFake) Run(context.Context, *pipeline.Batch) ([]pipeline.Tensor, error) 
 }
 func (cpuFake) Backend() string { return "ort-cpu" }
 func (cpuFake) Close() error    { return nil }
+
+func TestPadSizes(t *testing.T) {
+	b := modelrepo.BatchingConfig{MaxBatchSize: 8, PreferredBatchSizes: []int{4, 1}}
+	for _, tt := range []struct {
+		policy string
+		want   []int
+	}{
+		{"", []int{1, 4, 8}},
+		{PadWarmed, []int{1, 4, 8}},
+		{PadMax, []int{8}},
+		{PadNone, nil},
+	} {
+		got, err := padSizes(tt.policy, b)
+		if err != nil || !slices.Equal(got, tt.want) {
+			t.Errorf("padSizes(%q) = %v, %v; want %v", tt.policy, got, err, tt.want)
+		}
+	}
+	if _, err := padSizes("some", b); err == nil || !strings.Contains(err.Error(), `"some" unknown`) {
+		t.Errorf("unknown policy: %v", err)
+	}
+}
