@@ -70,10 +70,11 @@ type Config struct {
 	// batches run on the CPU until the GPU answers again) or "retry" (as
 	// fail, but the batch is rerun on the CPU so its callers succeed).
 	GPUFailover string `yaml:"gpu_failover"`
-	// GPUBatchPadding says what batch sizes GPU engines run at: "warmed"
-	// (a batch runs at the smallest warmed-up size that holds it: the
-	// model's preferred sizes and max), "max" (always max_batch_size) or
-	// "none" (its own size; the CUDA provider re-plans on every new size).
+	// GPUBatchPadding says what batch sizes GPU engines run at: "max"
+	// (always max_batch_size: one input shape), "warmed" (the smallest
+	// warmed-up size that holds the batch: the model's preferred sizes and
+	// max) or "none" (its own size). The CUDA provider re-plans whenever
+	// the input shape changes, which costs more than the padding.
 	GPUBatchPadding string `yaml:"gpu_batch_padding"`
 	// TensorRTCacheDir keeps TensorRT engine and timing caches across
 	// restarts; empty turns the caches off.
@@ -86,7 +87,7 @@ type Config struct {
 var GPUFailoverModes = []string{"off", "fail", "retry"}
 
 // GPU batch padding policies.
-var GPUBatchPaddings = []string{"warmed", "max", "none"}
+var GPUBatchPaddings = []string{"max", "warmed", "none"}
 
 // Bounds of the numeric settings.
 const (
@@ -114,7 +115,7 @@ func Default() Config {
 		LogFormat:           "text",
 		LogLevel:            "info",
 		GPUFailover:         "fail",
-		GPUBatchPadding:     "warmed",
+		GPUBatchPadding:     "max",
 	}
 }
 
@@ -194,7 +195,7 @@ var settings = []setting{
 	{"log-level", "log level: debug|info|warn|error", str(func(c *Config) *string { return &c.LogLevel })},
 	{"gpu-memory-budget", "GPU memory in bytes the models may take per device (0: no budget)", integer(func(c *Config) *int { return &c.GPUMemoryBudget })},
 	{"gpu-failover", "on a GPU failure: off|fail (Unavailable, then CPU until the GPU recovers)|retry (rerun the batch on the CPU)", str(func(c *Config) *string { return &c.GPUFailover })},
-	{"gpu-batch-padding", "batch sizes GPU engines run at: warmed (pad to the smallest warmed-up size)|max|none", str(func(c *Config) *string { return &c.GPUBatchPadding })},
+	{"gpu-batch-padding", "batch sizes GPU engines run at: max (pad every batch to max_batch_size)|warmed (to the smallest warmed-up size)|none", str(func(c *Config) *string { return &c.GPUBatchPadding })},
 	{"tensorrt-cache-dir", "folder for TensorRT engine and timing caches (empty: no cache)", str(func(c *Config) *string { return &c.TensorRTCacheDir })},
 	{"tensorrt-fp16", "let TensorRT use FP16 kernels", boolean(func(c *Config) *bool { return &c.TensorRTFP16 })},
 }

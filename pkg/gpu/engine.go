@@ -573,7 +573,7 @@ func (e *Engine) releaseBinding(b *binding) {
 func (e *Engine) CheckBoundOutputs(n int) error {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	b, ok := e.sizes[n]
+	b, ok := e.sizes[e.padSize(n)] // a padded batch runs on its pad size's binding
 	if !ok {
 		return fmt.Errorf("gpu engine: no binding for batch size %d yet", n)
 	}

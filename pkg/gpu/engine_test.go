@@ -280,8 +280,25 @@ func TestPaddedBatchesMatchUnpadded(t *testing.T) {
 	}); allocs != 0 {
 		t.Errorf("steady-state padded Run allocates %v times, want 0", allocs)
 	}
+	if err := padded.CheckBoundOutputs(3); err != nil {
+		t.Errorf("bound outputs of a padded batch: %v", err)
+	}
 	if _, err := NewEngine(s, EngineOptions{PadBatchSizes: []int{0}}); err == nil {
 		t.Error("pad batch size 0 accepted")
+	}
+	// A model loaded with padding to its largest size warms up at every
+	// size it is asked to (each run padded).
+	m, err := LoadModel(ctx, path, LoadOptions{
+		Session:          SessionOptions{Provider: ProviderCPU, IntraOpThreads: 1},
+		WarmUpBatchSizes: []int{1, 2, 8},
+		PadBatchSizes:    []int{8},
+	})
+	if err != nil {
+		t.Fatalf("loading with padding to 8: %v", err)
+	}
+	defer m.Close()
+	if st := m.Engines[0].Stats(); st.Batches != 3 || st.PaddedBatches != 2 {
+		t.Errorf("warm-up stats %+v, want 3 batches of which 2 padded", st)
 	}
 }
 

@@ -27,10 +27,13 @@ type RegisterOptions struct {
 	Session gpu.SessionOptions
 	// Budget refuses models that would not fit in GPU memory.
 	Budget gpu.Budget
-	// BatchPadding is how batches are padded before they run: PadWarmed
-	// (the default) pads each batch to the smallest of the model's
-	// warmed-up sizes (preferred sizes and max) that holds it, PadMax to
-	// max_batch_size, PadNone runs every batch at its own size.
+	// BatchPadding is how batches are padded before they run: PadMax (the
+	// default) runs every batch at max_batch_size, PadWarmed at the
+	// smallest of the model's warmed-up sizes (preferred sizes and max)
+	// that holds it, PadNone at its own size. The CUDA provider re-plans
+	// its convolutions whenever the input shape differs from the last
+	// run's, which on an H100 costs far more than the padding (see
+	// pkg/gpu/README.md), so one shape is the default.
 	BatchPadding string
 	// Ledger receives every model's GPU memory; nil means a new one,
 	// returned by Registration.Ledger.
@@ -294,9 +297,9 @@ const (
 // policy.
 func padSizes(policy string, b modelrepo.BatchingConfig) ([]int, error) {
 	switch policy {
-	case "", PadWarmed:
+	case PadWarmed:
 		return warmUpSizes(b), nil
-	case PadMax:
+	case "", PadMax:
 		return []int{max(b.MaxBatchSize, 1)}, nil
 	case PadNone:
 		return nil, nil

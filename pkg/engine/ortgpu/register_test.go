@@ -224,7 +224,7 @@ func TestPadSizes(t *testing.T) {
 		policy string
 		want   []int
 	}{
-		{"", []int{1, 4, 8}},
+		{"", []int{8}},
 		{PadWarmed, []int{1, 4, 8}},
 		{PadMax, []int{8}},
 		{PadNone, nil},
