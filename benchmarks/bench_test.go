@@ -221,7 +221,12 @@ func benchBatching(b *testing.B, model, be string) {
 	}
 	b.ReportMetric(tuned/best, "tuned/best-fixed")
 	b.ReportMetric(tuned/one, "tuned/fixed=1")
-	b.ReportMetric(float64(configs[0].r.Tuning().Policy.MaxBatchSize), "tuned-max-batch")
+	tu := configs[0].r.Tuning()
+	b.ReportMetric(float64(tu.Policy.MaxBatchSize), "tuned-max-batch")
+	if tu.Decision != nil {
+		b.Logf("tuned: %v", tu.Decision)
+	}
+	b.Logf("tuned policy: %+v", tu.Policy)
 }
 
 // saturate sends n requests from conc clients through call and returns
