@@ -55,6 +55,7 @@ test-race: setup models
 
 vet: setup
 	$(GO) vet ./...
+	$(GO) vet -tags gpu ./pkg/gpu/  # the GPU-only tests and benchmarks must keep compiling
 
 ## bench: every benchmark (BENCHTIME=1x for a smoke run)
 BENCHTIME ?= 1s

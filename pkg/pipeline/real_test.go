@@ -60,15 +60,16 @@ func readAll(t *testing.T, paths ...string) [][]byte {
 	return out
 }
 
-// TestRealYOLOv8n runs the real Ultralytics YOLOv8n export on bus.jpg and
-// zidane.jpg in one batch and checks the well-known detections.
-func TestRealYOLOv8n(t *testing.T) {
-	f := sharedFiles(t, "models/yolov8n_int8.onnx", "labels/coco80.txt", "images/bus.jpg", "images/zidane.jpg")
-	labels, err := modelrepo.ReadLabels(f[1])
+// realYOLOv8n is the shared test data's YOLOv8n export (model and label
+// file at the given paths) as the model repository would load it, with
+// batches of up to maxBatch images.
+func realYOLOv8n(t *testing.T, model, labelFile string, maxBatch int) *modelrepo.Model {
+	t.Helper()
+	labels, err := modelrepo.ReadLabels(labelFile)
 	if err != nil {
 		t.Fatal(err)
 	}
-	m := &modelrepo.Model{
+	return &modelrepo.Model{
 		Config: modelrepo.Config{
 			Name: "yolov8n", Task: modelrepo.TaskDetect,
 			Input: modelrepo.InputConfig{
@@ -77,10 +78,41 @@ func TestRealYOLOv8n(t *testing.T) {
 			},
 			Output:   modelrepo.OutputConfig{Name: "output0", Decoding: modelrepo.DecodeYOLOv8},
 			Defaults: modelrepo.DefaultOptions{TopK: 5, Confidence: 0.25, IoU: 0.45, MaxDetections: 300},
-			Batching: modelrepo.BatchingConfig{MaxBatchSize: 2},
+			Batching: modelrepo.BatchingConfig{MaxBatchSize: maxBatch},
 		},
-		Path: f[0], LabelNames: labels, NumClasses: len(labels),
+		Path: model, LabelNames: labels, NumClasses: len(labels),
 	}
+}
+
+// realMobileNetV2 is the shared test data's ONNX zoo MobileNetV2 (model and
+// label file at the given paths) as the model repository would load it.
+func realMobileNetV2(t *testing.T, model, labelFile string) *modelrepo.Model {
+	t.Helper()
+	labels, err := modelrepo.ReadLabels(labelFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &modelrepo.Model{
+		Config: modelrepo.Config{
+			Name: "mobilenetv2", Task: modelrepo.TaskClassify,
+			Input: modelrepo.InputConfig{
+				Name: "input", Width: 224, Height: 224, Layout: "NCHW", Color: "RGB",
+				Scale: 1.0 / 255, Mean: [3]float32{0.485, 0.456, 0.406}, Std: [3]float32{0.229, 0.224, 0.225},
+				Resize: modelrepo.ResizeShorterCrop, ResizeShorter: 256,
+			},
+			Output:   modelrepo.OutputConfig{Name: "output", Decoding: modelrepo.DecodeLogits},
+			Defaults: modelrepo.DefaultOptions{TopK: 5, Confidence: 0.25, IoU: 0.45, MaxDetections: 300},
+			Batching: modelrepo.BatchingConfig{MaxBatchSize: 4},
+		},
+		Path: model, LabelNames: labels, NumClasses: len(labels),
+	}
+}
+
+// TestRealYOLOv8n runs the real Ultralytics YOLOv8n export on bus.jpg and
+// zidane.jpg in one batch and checks the well-known detections.
+func TestRealYOLOv8n(t *testing.T) {
+	f := sharedFiles(t, "models/yolov8n_int8.onnx", "labels/coco80.txt", "images/bus.jpg", "images/zidane.jpg")
+	m := realYOLOv8n(t, f[0], f[1], 2)
 	r := realRunner(t, m)
 	res, err := r.Infer(context.Background(), readAll(t, f[2], f[3]), pipeline.Options{})
 	if err != nil {
@@ -124,24 +156,7 @@ func TestRealYOLOv8n(t *testing.T) {
 // TestRealMobileNetV2 runs the ONNX zoo MobileNetV2 on dog.jpg.
 func TestRealMobileNetV2(t *testing.T) {
 	f := sharedFiles(t, "models/mobilenetv2-12-int8.onnx", "labels/imagenet.txt", "images/dog.jpg")
-	labels, err := modelrepo.ReadLabels(f[1])
-	if err != nil {
-		t.Fatal(err)
-	}
-	m := &modelrepo.Model{
-		Config: modelrepo.Config{
-			Name: "mobilenetv2", Task: modelrepo.TaskClassify,
-			Input: modelrepo.InputConfig{
-				Name: "input", Width: 224, Height: 224, Layout: "NCHW", Color: "RGB",
-				Scale: 1.0 / 255, Mean: [3]float32{0.485, 0.456, 0.406}, Std: [3]float32{0.229, 0.224, 0.225},
-				Resize: modelrepo.ResizeShorterCrop, ResizeShorter: 256,
-			},
-			Output:   modelrepo.OutputConfig{Name: "output", Decoding: modelrepo.DecodeLogits},
-			Defaults: modelrepo.DefaultOptions{TopK: 5, Confidence: 0.25, IoU: 0.45, MaxDetections: 300},
-			Batching: modelrepo.BatchingConfig{MaxBatchSize: 4},
-		},
-		Path: f[0], LabelNames: labels, NumClasses: len(labels),
-	}
+	m := realMobileNetV2(t, f[0], f[1])
 	r := realRunner(t, m)
 	res, err := r.Infer(context.Background(), readAll(t, f[2]), pipeline.Options{TopK: 3})
 	if err != nil {

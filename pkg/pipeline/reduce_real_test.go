@@ -70,23 +70,7 @@ func iou(a, b pipeline.Box) float64 {
 // 3.2 original pixels (1.6 model-input pixels).
 func TestRealReducedDecodeYOLO(t *testing.T) {
 	f := sharedFiles(t, "models/yolov8n_int8.onnx", "labels/coco80.txt", "images/bus.jpg", "images/zidane.jpg", "images/dog.jpg")
-	labels, err := modelrepo.ReadLabels(f[1])
-	if err != nil {
-		t.Fatal(err)
-	}
-	m := &modelrepo.Model{
-		Config: modelrepo.Config{
-			Name: "yolov8n", Task: modelrepo.TaskDetect,
-			Input: modelrepo.InputConfig{
-				Name: "images", Width: 640, Height: 640, Layout: "NCHW", Color: "RGB",
-				Scale: 1.0 / 255, Std: [3]float32{1, 1, 1}, Resize: modelrepo.ResizeLetterbox, PadValue: 114,
-			},
-			Output:   modelrepo.OutputConfig{Name: "output0", Decoding: modelrepo.DecodeYOLOv8},
-			Defaults: modelrepo.DefaultOptions{TopK: 5, Confidence: 0.25, IoU: 0.45, MaxDetections: 300},
-			Batching: modelrepo.BatchingConfig{MaxBatchSize: 3},
-		},
-		Path: f[0], LabelNames: labels, NumClasses: len(labels),
-	}
+	m := realYOLOv8n(t, f[0], f[1], 3)
 	images := readAll(t, f[2:]...)
 	reduced, full := inferBoth(t, m, images, pipeline.Options{})
 	pre, err := pipeline.NewPreprocessor(m, pipeline.PreprocessOptions{})
@@ -144,24 +128,7 @@ func fmtBox(b pipeline.Box) string {
 // decode keeps the top-1 class (Samoyed) and its score.
 func TestRealReducedDecodeClassify(t *testing.T) {
 	f := sharedFiles(t, "models/mobilenetv2-12-int8.onnx", "labels/imagenet.txt", "images/dog.jpg")
-	labels, err := modelrepo.ReadLabels(f[1])
-	if err != nil {
-		t.Fatal(err)
-	}
-	m := &modelrepo.Model{
-		Config: modelrepo.Config{
-			Name: "mobilenetv2", Task: modelrepo.TaskClassify,
-			Input: modelrepo.InputConfig{
-				Name: "input", Width: 224, Height: 224, Layout: "NCHW", Color: "RGB",
-				Scale: 1.0 / 255, Mean: [3]float32{0.485, 0.456, 0.406}, Std: [3]float32{0.229, 0.224, 0.225},
-				Resize: modelrepo.ResizeShorterCrop, ResizeShorter: 256,
-			},
-			Output:   modelrepo.OutputConfig{Name: "output", Decoding: modelrepo.DecodeLogits},
-			Defaults: modelrepo.DefaultOptions{TopK: 5, Confidence: 0.25, IoU: 0.45, MaxDetections: 300},
-			Batching: modelrepo.BatchingConfig{MaxBatchSize: 4},
-		},
-		Path: f[0], LabelNames: labels, NumClasses: len(labels),
-	}
+	m := realMobileNetV2(t, f[0], f[1])
 	reduced, full := inferBoth(t, m, readAll(t, f[2]), pipeline.Options{TopK: 3})
 	t.Logf("reduced: %+v", reduced[0].Classes)
 	t.Logf("full:    %+v", full[0].Classes)
