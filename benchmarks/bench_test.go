@@ -100,6 +100,7 @@ func BenchmarkPipeline(b *testing.B) {
 				}
 				img := testImage(s.model)
 				measure(b, conc, 1, func(ctx context.Context) error { return s.infer(ctx, img) })
+				reportServedGPUMemory(b, model)
 			})
 		}
 	})
@@ -118,6 +119,7 @@ func BenchmarkServe(b *testing.B) {
 				}
 				img := testImage(s.model)
 				measure(b, conc, 1, func(ctx context.Context) error { return s.call(ctx, img) })
+				reportServedGPUMemory(b, model)
 			})
 		}
 	})

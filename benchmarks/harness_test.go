@@ -60,7 +60,7 @@ func TestMain(m *testing.M) {
 	// machine without a GPU they skip with the discovery's reason.
 	// $VISIONSERVE_BENCH_GPU_PADDING picks their batch padding (warmed,
 	// max or none; infer-server's --gpu-batch-padding).
-	ortgpu.Register(ortgpu.RegisterOptions{BatchPadding: os.Getenv("VISIONSERVE_BENCH_GPU_PADDING")})
+	gpuRegistration = ortgpu.Register(ortgpu.RegisterOptions{BatchPadding: os.Getenv("VISIONSERVE_BENCH_GPU_PADDING")})
 	goleak.VerifyTestMain(sharedRun{m}, goleak.IgnoreAnyFunction("github.com/NVIDIA/go-nvml/pkg/dl.(*DynamicLibrary).Open"))
 }
 
@@ -407,6 +407,26 @@ func reportLatency(b *testing.B, lat []time.Duration, imagesPerSec float64) {
 // use; benchmarks report it as gpu-mem-MB.
 type gpuMemory interface {
 	GPUMemoryBytes() (uint64, error)
+}
+
+// gpuRegistration is the GPU backends' state; its ledger holds the GPU
+// memory of every model loaded on them.
+var gpuRegistration *ortgpu.Registration
+
+// reportServedGPUMemory reports, as gpu-mem-MB, the GPU memory the ledger
+// holds for model (all devices); nothing on a model not on a GPU.
+func reportServedGPUMemory(b *testing.B, model string) {
+	var total uint64
+	found := false
+	for _, m := range gpuRegistration.Ledger().Snapshot() {
+		if m.Model == model {
+			total += m.Footprint()
+			found = true
+		}
+	}
+	if found {
+		b.ReportMetric(float64(total)/(1<<20), "gpu-mem-MB")
+	}
 }
 
 func reportGPUMemory(b *testing.B, e pipeline.Engine) {
