@@ -46,10 +46,11 @@ type EngineOptions struct {
 	// PadBatchSizes are the batch sizes the engine runs at: a batch of n
 	// images runs at the smallest of them that is at least n, with the
 	// extra slots holding whatever the buffer held, and only the first n
-	// results returned. The CUDA provider re-plans its kernels whenever the
-	// input shape changes, so a few fixed shapes (the warmed-up ones) are
-	// much faster than every size from 1 to the maximum. nil runs every
-	// batch at its own size, as do sizes above the largest.
+	// results returned. ONNX Runtime 1.29's CUDA provider is slow on every
+	// run whose input shape differs from the previous run's (measured on an
+	// H100: benchmarks/results/2026-11-23-h100), so one pad size, the
+	// largest batch, is what keeps it fast. nil runs every batch at its own
+	// size, as do sizes above the largest.
 	PadBatchSizes []int
 
 	// pinnedInfoOnCPU binds pinned buffers with the CUDA-pinned memory
