@@ -4,15 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net/http"
 	"os"
-
-	"google.golang.org/grpc"
 
 	"github.com/visionserve/visionserve/internal/config"
 	"github.com/visionserve/visionserve/internal/metrics"
 	"github.com/visionserve/visionserve/internal/metrics/nvmlsource"
-	"github.com/visionserve/visionserve/internal/ops"
 	"github.com/visionserve/visionserve/internal/server"
 	"github.com/visionserve/visionserve/internal/telemetry"
 	"github.com/visionserve/visionserve/pkg/engine/failover"
@@ -77,17 +73,7 @@ func setupObservability(ctx context.Context, cfg config.Config) (*observability,
 		return nil, errors.Join(err, gpus.Close(), shutdownTracing(ctx))
 	}
 	return &observability{
-		run: server.RunOptions{
-			Logger:   log,
-			Observer: telemetry.BatchTracer{Next: m.BatchObserver()},
-			// Request ids first, so that the metrics interceptor and the
-			// handlers log with them.
-			UnaryInterceptors:  []grpc.UnaryServerInterceptor{telemetry.UnaryServerInterceptor(log), m.UnaryServerInterceptor()},
-			StreamInterceptors: []grpc.StreamServerInterceptor{telemetry.StreamServerInterceptor(log), m.StreamServerInterceptor()},
-			ServerOptions:      []grpc.ServerOption{telemetry.GRPCServerOption()},
-			HTTPHandlers:       map[string]http.Handler{ops.MetricsPath: ops.MetricsHandler(reg, log)},
-			Metrics:            m,
-		},
+		run: server.ObservedRunOptions(log, reg, m),
 		close: func(ctx context.Context) error {
 			return errors.Join(shutdownTracing(ctx), gpus.Close())
 		},

@@ -15,10 +15,12 @@ import (
 
 	"google.golang.org/grpc"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/visionserve/visionserve/internal/backend"
 	"github.com/visionserve/visionserve/internal/config"
 	"github.com/visionserve/visionserve/internal/metrics"
 	"github.com/visionserve/visionserve/internal/ops"
+	"github.com/visionserve/visionserve/internal/telemetry"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
 	"github.com/visionserve/visionserve/pkg/pipeline"
 )
@@ -312,4 +314,23 @@ func TLSConfig(certFile, keyFile, clientCA string) (*tls.Config, error) {
 		c.ClientAuth = tls.RequireAndVerifyClientCert
 	}
 	return c, nil
+}
+
+// ObservedRunOptions are the RunOptions through which the server reports:
+// log lines with request ids, batch spans linked to their requests, the
+// metrics and tracing interceptors and stats handler, and /metrics served
+// from reg. infer-server runs with them; tests that check what operators
+// see use the same.
+func ObservedRunOptions(log *slog.Logger, reg prometheus.Gatherer, m *metrics.Metrics) RunOptions {
+	return RunOptions{
+		Logger:   log,
+		Observer: telemetry.BatchTracer{Next: m.BatchObserver()},
+		// Request ids first, so that the metrics interceptor and the
+		// handlers log with them.
+		UnaryInterceptors:  []grpc.UnaryServerInterceptor{telemetry.UnaryServerInterceptor(log), m.UnaryServerInterceptor()},
+		StreamInterceptors: []grpc.StreamServerInterceptor{telemetry.StreamServerInterceptor(log), m.StreamServerInterceptor()},
+		ServerOptions:      []grpc.ServerOption{telemetry.GRPCServerOption()},
+		HTTPHandlers:       map[string]http.Handler{ops.MetricsPath: ops.MetricsHandler(reg, log)},
+		Metrics:            m,
+	}
 }

@@ -104,17 +104,10 @@ func TestOperationsOfARealServer(t *testing.T) {
 	listening := make(chan addrs, 1)
 	done := make(chan error, 1)
 	go func() {
-		done <- server.Run(ctx, cfg, server.RunOptions{
-			Logger:             log,
-			Stop:               stop,
-			OnListen:           func(g, h net.Addr) { listening <- addrs{g, h} },
-			Observer:           telemetry.BatchTracer{Next: m.BatchObserver()},
-			UnaryInterceptors:  []grpc.UnaryServerInterceptor{telemetry.UnaryServerInterceptor(log), m.UnaryServerInterceptor()},
-			StreamInterceptors: []grpc.StreamServerInterceptor{telemetry.StreamServerInterceptor(log), m.StreamServerInterceptor()},
-			ServerOptions:      []grpc.ServerOption{telemetry.GRPCServerOption()},
-			HTTPHandlers:       map[string]http.Handler{ops.MetricsPath: ops.MetricsHandler(reg, log)},
-			Metrics:            m,
-		})
+		opts := server.ObservedRunOptions(log, reg, m)
+		opts.Stop = stop
+		opts.OnListen = func(g, h net.Addr) { listening <- addrs{g, h} }
+		done <- server.Run(ctx, cfg, opts)
 	}()
 	var a addrs
 	select {
