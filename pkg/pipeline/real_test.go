@@ -32,6 +32,12 @@ func sharedFiles(t *testing.T, rel ...string) []string {
 // installed (scripts/setup.sh).
 func realRunner(t *testing.T, m *modelrepo.Model) *pipeline.Runner {
 	t.Helper()
+	return runnerWith(t, m, pipeline.PreprocessOptions{})
+}
+
+// runnerWith is realRunner with preprocess options.
+func runnerWith(t *testing.T, m *modelrepo.Model, opts pipeline.PreprocessOptions) *pipeline.Runner {
+	t.Helper()
 	if _, err := onnxrt.ResolveLibPath(""); err != nil {
 		t.Skipf("ONNX Runtime library missing: %v", err)
 	}
@@ -40,7 +46,7 @@ func realRunner(t *testing.T, m *modelrepo.Model) *pipeline.Runner {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { eng.Close() })
-	r, err := pipeline.New(m, eng, pipeline.PreprocessOptions{})
+	r, err := pipeline.New(m, eng, opts)
 	if err != nil {
 		t.Fatal(err)
 	}

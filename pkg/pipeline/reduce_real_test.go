@@ -7,29 +7,9 @@ import (
 	"reflect"
 	"testing"
 
-	"github.com/visionserve/visionserve/pkg/engine/onnxrt"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
 	"github.com/visionserve/visionserve/pkg/pipeline"
 )
-
-// runnerWith is realRunner with preprocess options.
-func runnerWith(t *testing.T, m *modelrepo.Model, opts pipeline.PreprocessOptions) *pipeline.Runner {
-	t.Helper()
-	if _, err := onnxrt.ResolveLibPath(""); err != nil {
-		t.Skipf("ONNX Runtime library missing: %v", err)
-	}
-	eng, err := onnxrt.NewForModel(m, onnxrt.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { eng.Close() })
-	r, err := pipeline.New(m, eng, opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { r.Close() })
-	return r
-}
 
 // inferBoth runs images through m with the reduced and the full decode.
 func inferBoth(t *testing.T, m *modelrepo.Model, images [][]byte, opts pipeline.Options) (reduced, full []pipeline.Result) {
