@@ -24,6 +24,7 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	"github.com/visionserve/visionserve/internal/metrics"
+	"github.com/visionserve/visionserve/internal/metrics/metricstest"
 	visionv1 "github.com/visionserve/visionserve/proto/visionserve/v1"
 )
 
@@ -129,22 +130,8 @@ func scrape(t *testing.T, reg prometheus.Gatherer) map[string]*dto.MetricFamily 
 
 // find returns the sample of family name whose labels include want, or nil.
 func find(families map[string]*dto.MetricFamily, name string, want map[string]string) *dto.Metric {
-	f := families[name]
-	if f == nil {
-		return nil
-	}
-next:
-	for _, m := range f.GetMetric() {
-		got := map[string]string{}
-		for _, l := range m.GetLabel() {
-			got[l.GetName()] = l.GetValue()
-		}
-		for k, v := range want {
-			if got[k] != v {
-				continue next
-			}
-		}
-		return m
+	if ms := metricstest.Matching(families[name], want); len(ms) > 0 {
+		return ms[0]
 	}
 	return nil
 }

@@ -13,6 +13,7 @@ import (
 	dto "github.com/prometheus/client_model/go"
 
 	"github.com/visionserve/visionserve/internal/metrics"
+	"github.com/visionserve/visionserve/internal/metrics/metricstest"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
 	"github.com/visionserve/visionserve/pkg/pipeline"
 )
@@ -128,21 +129,8 @@ func gauge(t *testing.T, reg prometheus.Gatherer, name string, want map[string]s
 	}
 	var found []*dto.Metric
 	for _, f := range families {
-		if f.GetName() != name {
-			continue
-		}
-	next:
-		for _, m := range f.GetMetric() {
-			got := map[string]string{}
-			for _, l := range m.GetLabel() {
-				got[l.GetName()] = l.GetValue()
-			}
-			for k, v := range want {
-				if got[k] != v {
-					continue next
-				}
-			}
-			found = append(found, m)
+		if f.GetName() == name {
+			found = append(found, metricstest.Matching(f, want)...)
 		}
 	}
 	if len(found) != 1 {

@@ -34,6 +34,7 @@ import (
 
 	"github.com/visionserve/visionserve/internal/config"
 	"github.com/visionserve/visionserve/internal/metrics"
+	"github.com/visionserve/visionserve/internal/metrics/metricstest"
 	"github.com/visionserve/visionserve/internal/metrics/nvmlsource"
 	"github.com/visionserve/visionserve/internal/ops"
 	"github.com/visionserve/visionserve/internal/server"
@@ -409,18 +410,8 @@ func scrape(t *testing.T, url string) map[string]*dto.MetricFamily {
 }
 
 func find(f map[string]*dto.MetricFamily, name string, want map[string]string) *dto.Metric {
-next:
-	for _, m := range f[name].GetMetric() {
-		got := map[string]string{}
-		for _, l := range m.GetLabel() {
-			got[l.GetName()] = l.GetValue()
-		}
-		for k, v := range want {
-			if got[k] != v {
-				continue next
-			}
-		}
-		return m
+	if ms := metricstest.Matching(f[name], want); len(ms) > 0 {
+		return ms[0]
 	}
 	return nil
 }
