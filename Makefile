@@ -9,7 +9,7 @@ GO          ?= go
 ORT_LIB     ?= $(CURDIR)/.deps/onnxruntime-$(ORT_VERSION)/libonnxruntime.so.$(ORT_VERSION)
 MODELS      := resnet50 mobilenetv3_large yolov8s
 MODEL_FILES := $(MODELS:%=models/%/model.onnx)
-MODELGEN_SRC := $(shell find cmd/modelgen internal/modelgen internal/onnx -name '*.go' ! -name '*_test.go' 2>/dev/null)
+MODELGEN_SRC := $(shell find cmd/modelgen internal/modelgen pkg/onnx -name '*.go' ! -name '*_test.go' 2>/dev/null)
 ARGS        ?=
 
 export VISIONSERVE_ORT_LIB ?= $(ORT_LIB)
@@ -51,7 +51,7 @@ test: setup models
 
 ## test-race: the packages that run goroutines, under the race detector
 test-race: setup models
-	$(GO) test -race -count=1 $$($(GO) list ./... | grep -E '/(pkg/pipeline|pkg/gpu|pkg/engine|internal/server|internal/metrics|internal/ops|internal/telemetry)')
+	$(GO) test -race -count=1 $$($(GO) list ./... | grep -E '/(pkg/pipeline|pkg/batcher|pkg/gpu|pkg/engine|internal/server|internal/metrics|internal/ops|internal/telemetry)')
 
 vet: setup
 	$(GO) vet ./...

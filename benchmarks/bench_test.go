@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/visionserve/visionserve/internal/server"
+	"github.com/visionserve/visionserve/pkg/batcher"
+	"github.com/visionserve/visionserve/pkg/engine"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
 	"github.com/visionserve/visionserve/pkg/pipeline"
 )
@@ -42,7 +44,7 @@ func BenchmarkEngine(b *testing.B) {
 		c, h, w := pre.InputShape()
 		for _, n := range sizes(m) {
 			b.Run(fmt.Sprintf("batch=%d", n), func(b *testing.B) {
-				batch := pipeline.NewBatch(n, c, h, w)
+				batch := engine.NewBatch(n, c, h, w)
 				batch.N = n
 				for i := range batch.Data {
 					batch.Data[i] = float32(i%251) / 250
@@ -132,7 +134,7 @@ const batchingConc = 16
 // BenchmarkBatching compares batcher configurations in process at
 // saturation: "fixed=N" runs batches of at most N (no preferred sizes,
 // the model's queue delay), "tuned" is batching.auto_tune (batch sizes
-// measured at warm-up, see pipeline.ChooseBatchSizes). The configurations
+// measured at warm-up, see batcher.ChooseBatchSizes). The configurations
 // take turns in windows of batchingConc×overheadWindow requests from
 // batchingConc clients, the order rotating every round, so that a shared
 // machine's drifting load hits all alike; one op is one round of
@@ -161,7 +163,7 @@ func benchBatching(b *testing.B, model, be string) {
 			_ = c.r.Close(context.Background())
 		}
 	}()
-	sizes := pipeline.CandidateSizes(m.Batching.MaxBatchSize)
+	sizes := batcher.CandidateSizes(m.Batching.MaxBatchSize)
 	for i := -1; i < len(sizes); i++ {
 		mc := *m
 		mc.Batching.PreferredBatchSizes = nil
@@ -173,7 +175,7 @@ func benchBatching(b *testing.B, model, be string) {
 			mc.Batching.MaxBatchSize = sizes[i]
 			name = fmt.Sprintf("fixed=%d", sizes[i])
 		}
-		r, err := server.NewPipelineRunner(&mc, []pipeline.Engine{noClose{e}}, server.RunnerOptions{MaxPixels: 40_000_000})
+		r, err := server.NewPipelineRunner(&mc, []engine.Engine{noClose{e}}, server.RunnerOptions{MaxPixels: 40_000_000})
 		if err != nil {
 			b.Fatal(err)
 		}

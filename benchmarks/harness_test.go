@@ -1,6 +1,7 @@
 package benchmarks
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -22,12 +23,13 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
-	"github.com/visionserve/visionserve/internal/backend"
+	"github.com/visionserve/visionserve/internal/config"
 	"github.com/visionserve/visionserve/internal/server"
+	"github.com/visionserve/visionserve/internal/testenv"
 	"github.com/visionserve/visionserve/internal/testimage"
+	"github.com/visionserve/visionserve/pkg/engine"
 	"github.com/visionserve/visionserve/pkg/engine/cvdnn"
-	"github.com/visionserve/visionserve/pkg/engine/onnxrt"
-	"github.com/visionserve/visionserve/pkg/engine/ortgpu"
+	"github.com/visionserve/visionserve/pkg/gpu"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
 	"github.com/visionserve/visionserve/pkg/pipeline"
 	visionv1 "github.com/visionserve/visionserve/proto/visionserve/v1"
@@ -38,7 +40,7 @@ import (
 // none.
 var (
 	benchModels   = []string{"yolov8s", "resnet50", "mobilenetv3_large"}
-	benchBackends = []string{backend.ORTCPU, backend.OpenCV, backend.ORTCUDA, backend.ORTTensorRT}
+	benchBackends = []string{engine.ORTCPU, engine.OpenCV, engine.ORTCUDA, engine.ORTTensorRT}
 	// concurrencies of the in-process and served load levels.
 	concurrencies = []int{1, 4, 16}
 )
@@ -56,11 +58,22 @@ func (r sharedRun) Run() int {
 func TestMain(m *testing.M) {
 	// The OpenCV backend probes models by re-executing this binary.
 	cvdnn.RunProbeIfRequested()
-	// ort-cuda and ort-tensorrt, as infer-server registers them: on a
-	// machine without a GPU they skip with the discovery's reason.
+	// The backends as infer-server builds them: on a machine without a
+	// GPU, ort-cuda and ort-tensorrt skip with the discovery's reason.
 	// $VISIONSERVE_BENCH_GPU_PADDING picks their batch padding (warmed,
 	// max or none; infer-server's --gpu-batch-padding).
-	gpuRegistration = ortgpu.Register(ortgpu.RegisterOptions{BatchPadding: os.Getenv("VISIONSERVE_BENCH_GPU_PADDING")})
+	cfg := config.Default()
+	cfg.GPUBatchPadding = cmp.Or(os.Getenv("VISIONSERVE_BENCH_GPU_PADDING"), cfg.GPUBatchPadding)
+	if lib, err := testenv.FindORTLib(); err == nil {
+		cfg.ORTLib = lib
+	} else {
+		ortMissing = err
+	}
+	var err error
+	if benchEngines, gpuBackends, err = server.Backends(cfg); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
 	goleak.VerifyTestMain(sharedRun{m}, goleak.IgnoreAnyFunction("github.com/NVIDIA/go-nvml/pkg/dl.(*DynamicLibrary).Open"))
 }
 
@@ -151,11 +164,11 @@ var discard = slog.New(slog.NewTextHandler(io.Discard, nil))
 // loadEngines builds n engine instances of m on exactly the named backend;
 // a backend missing here, or one that cannot serve the model (and would
 // fall back), is a skip naming why.
-func loadEngines(ctx context.Context, name string, m *modelrepo.Model, n int) ([]pipeline.Engine, error) {
+func loadEngines(ctx context.Context, name string, m *modelrepo.Model, n int) ([]engine.Engine, error) {
 	if err := backendMissing(name); err != nil {
 		return nil, err
 	}
-	engines, choice, err := backend.Load(ctx, name, m, backend.Options{}, n)
+	engines, choice, err := benchEngines.Load(ctx, name, m, n)
 	if err != nil {
 		return nil, err
 	}
@@ -172,12 +185,12 @@ func loadEngines(ctx context.Context, name string, m *modelrepo.Model, n int) ([
 // available in this build or machine, or the ONNX Runtime library of the
 // ort-* backends not installed.
 func backendMissing(name string) error {
-	if _, err := backend.Resolve(name); err != nil {
+	if _, err := benchEngines.Resolve(name); err != nil {
 		return skipError{fmt.Sprintf("backend %s missing: %v", name, err)}
 	}
 	if strings.HasPrefix(name, "ort-") {
-		if _, err := onnxrt.ResolveLibPath(""); err != nil {
-			return skipError{fmt.Sprintf("backend %s missing: %v", name, err)}
+		if ortMissing != nil {
+			return skipError{fmt.Sprintf("backend %s missing: %v", name, ortMissing)}
 		}
 	}
 	return nil
@@ -185,12 +198,12 @@ func backendMissing(name string) error {
 
 // sharedEngine is one engine of model/backend for the engine and
 // synchronous-pipeline levels, loaded once per run.
-func sharedEngine(model, backendName string) (pipeline.Engine, *modelrepo.Model, error) {
+func sharedEngine(model, backendName string) (engine.Engine, *modelrepo.Model, error) {
 	m, err := loadModel(model)
 	if err != nil {
 		return nil, nil, err
 	}
-	e, err := once("engine/"+model+"/"+backendName, func() (pipeline.Engine, func(), error) {
+	e, err := once("engine/"+model+"/"+backendName, func() (engine.Engine, func(), error) {
 		es, err := loadEngines(context.Background(), backendName, m, 1)
 		if err != nil {
 			return nil, nil, err
@@ -409,16 +422,23 @@ type gpuMemory interface {
 	GPUMemoryBytes() (uint64, error)
 }
 
-// gpuRegistration is the GPU backends' state; its ledger holds the GPU
+// benchEngines are the backends, built once in TestMain; ortMissing is why
+// the ONNX Runtime library is not there, if it is not.
+var (
+	benchEngines *engine.Registry
+	ortMissing   error
+)
+
+// gpuBackends is the GPU backends' state; its ledger holds the GPU
 // memory of every model loaded on them.
-var gpuRegistration *ortgpu.Registration
+var gpuBackends *gpu.Backends
 
 // reportServedGPUMemory reports, as gpu-mem-MB, the GPU memory the ledger
 // holds for model (all devices); nothing on a model not on a GPU.
 func reportServedGPUMemory(b *testing.B, model string) {
 	var total uint64
 	found := false
-	for _, m := range gpuRegistration.Ledger().Snapshot() {
+	for _, m := range gpuBackends.Ledger().Snapshot() {
 		if m.Model == model {
 			total += m.Footprint()
 			found = true
@@ -429,7 +449,7 @@ func reportServedGPUMemory(b *testing.B, model string) {
 	}
 }
 
-func reportGPUMemory(b *testing.B, e pipeline.Engine) {
+func reportGPUMemory(b *testing.B, e engine.Engine) {
 	if g, ok := e.(gpuMemory); ok {
 		if n, err := g.GPUMemoryBytes(); err == nil {
 			b.ReportMetric(float64(n)/(1<<20), "gpu-mem-MB")
@@ -438,6 +458,6 @@ func reportGPUMemory(b *testing.B, e pipeline.Engine) {
 }
 
 // noClose lends a shared engine to a runner that would close it.
-type noClose struct{ pipeline.Engine }
+type noClose struct{ engine.Engine }
 
 func (noClose) Close() error { return nil }

@@ -20,7 +20,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/visionserve/visionserve/internal/server/servertest"
-	"github.com/visionserve/visionserve/pkg/engine/onnxrt"
+	"github.com/visionserve/visionserve/internal/testenv"
 	visionv1 "github.com/visionserve/visionserve/proto/visionserve/v1"
 )
 
@@ -34,10 +34,7 @@ func TestSIGTERMDrainsInFlightRequests(t *testing.T) {
 		t.Skip("builds the server binary")
 	}
 	repo := servertest.Repo(t, servertest.MobileNetV2)
-	lib, err := onnxrt.ResolveLibPath("")
-	if err != nil {
-		t.Skipf("ONNX Runtime missing (run scripts/setup.sh): %v", err)
-	}
+	lib := testenv.ORTLib(t)
 	dog := servertest.Image(t, "dog.jpg")
 	bin := filepath.Join(t.TempDir(), "infer-server")
 	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {

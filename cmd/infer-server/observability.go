@@ -11,30 +11,7 @@ import (
 	"github.com/visionserve/visionserve/internal/metrics/nvmlsource"
 	"github.com/visionserve/visionserve/internal/server"
 	"github.com/visionserve/visionserve/internal/telemetry"
-	"github.com/visionserve/visionserve/pkg/engine/failover"
-	"github.com/visionserve/visionserve/pkg/engine/ortgpu"
-	"github.com/visionserve/visionserve/pkg/gpu"
 )
-
-// gpuOptions turns the GPU settings into the GPU backends' options.
-func gpuOptions(cfg config.Config) ortgpu.RegisterOptions {
-	o := ortgpu.RegisterOptions{
-		ORTLib: cfg.ORTLib,
-		Session: gpu.SessionOptions{
-			IntraOpThreads: cfg.ORTThreads,
-			TensorRT:       gpu.TensorRTOptions{FP16: cfg.TensorRTFP16, CacheDir: cfg.TensorRTCacheDir},
-		},
-		Budget:       gpu.Budget{Bytes: uint64(cfg.GPUMemoryBudget)},
-		BatchPadding: cfg.GPUBatchPadding,
-	}
-	switch cfg.GPUFailover {
-	case "fail":
-		o.Failover = &failover.Options{}
-	case "retry":
-		o.Failover = &failover.Options{RetryOnFallback: true}
-	}
-	return o
-}
 
 // observability is what the server reports through: the logger (request
 // ids and trace ids on every line of a request), the Prometheus registry
@@ -65,15 +42,20 @@ func setupObservability(ctx context.Context, cfg config.Config) (*observability,
 	if err != nil {
 		return nil, errors.Join(err, shutdownTracing(ctx))
 	}
-	// The GPU backends replace the "no GPU" placeholders; on a machine
-	// without an NVIDIA driver their availability check answers at once.
-	gpuReg := ortgpu.Register(gpuOptions(cfg))
-	gpus, reason := nvmlsource.Open(nil, gpuReg.Ledger())
+	// The backends are built here, once, and passed down: the GPU
+	// series read the GPU backends' memory ledger.
+	engines, gpuBackends, err := server.Backends(cfg)
+	if err != nil {
+		return nil, errors.Join(err, shutdownTracing(ctx))
+	}
+	gpus, reason := nvmlsource.Open(nil, gpuBackends.Ledger())
 	if err := metrics.RegisterGPU(reg, gpus.GPUSource(), reason, log); err != nil {
 		return nil, errors.Join(err, gpus.Close(), shutdownTracing(ctx))
 	}
+	run := server.ObservedRunOptions(log, reg, m)
+	run.Engines = engines
 	return &observability{
-		run: server.ObservedRunOptions(log, reg, m),
+		run: run,
 		close: func(ctx context.Context) error {
 			return errors.Join(shutdownTracing(ctx), gpus.Close())
 		},

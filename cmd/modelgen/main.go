@@ -20,7 +20,7 @@ import (
 	"time"
 
 	"github.com/visionserve/visionserve/internal/modelgen"
-	"github.com/visionserve/visionserve/internal/onnx"
+	"github.com/visionserve/visionserve/pkg/onnx"
 )
 
 func main() {

@@ -9,7 +9,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/visionserve/visionserve/internal/onnx"
+	"github.com/visionserve/visionserve/pkg/onnx"
 )
 
 func TestRun(t *testing.T) {

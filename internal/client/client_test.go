@@ -17,6 +17,7 @@ import (
 	"gocv.io/x/gocv"
 
 	"github.com/visionserve/visionserve/internal/server"
+	"github.com/visionserve/visionserve/pkg/engine"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
 	"github.com/visionserve/visionserve/pkg/pipeline"
 )
@@ -45,7 +46,7 @@ func (f *fakeRunner) Infer(ctx context.Context, in []server.Input, _ pipeline.Op
 	return out, nil
 }
 
-func (f *fakeRunner) InferRaw(context.Context, []server.Input) ([]pipeline.Tensor, error) {
+func (f *fakeRunner) InferRaw(context.Context, []server.Input) ([]engine.Tensor, error) {
 	return nil, nil
 }
 func (f *fakeRunner) Backend() string             { return "fake" }

@@ -17,11 +17,13 @@ import (
 	"strings"
 	"time"
 
+	"github.com/visionserve/visionserve/pkg/engine"
+	"github.com/visionserve/visionserve/pkg/ortlib"
 	"gopkg.in/yaml.v3"
 )
 
 // Backends a model may be served on; "auto" picks the best one present.
-var Backends = []string{"auto", "ort-cpu", "opencv", "ort-cuda", "ort-tensorrt"}
+var Backends = engine.BackendNames
 
 // Config is everything infer-server is told.
 type Config struct {
@@ -34,8 +36,8 @@ type Config struct {
 	HTTPAddr string `yaml:"http_addr"`
 	// Backend is auto, ort-cpu, opencv, ort-cuda or ort-tensorrt.
 	Backend string `yaml:"backend"`
-	// ORTLib is the ONNX Runtime shared library; empty finds the one
-	// scripts/setup.sh installs.
+	// ORTLib is the ONNX Runtime shared library; the default is where
+	// scripts/setup.sh installs it, relative to the working directory.
 	ORTLib string `yaml:"ort_lib"`
 	// ORTThreads is ONNX Runtime's intra-op thread count; 0 means one per CPU.
 	ORTThreads int `yaml:"ort_threads"`
@@ -106,7 +108,8 @@ func Default() Config {
 		ModelRepo:           "./models",
 		GRPCAddr:            ":8001",
 		HTTPAddr:            ":8002",
-		Backend:             "auto",
+		Backend:             engine.Auto,
+		ORTLib:              ortlib.DefaultLibPath,
 		MaxMessageBytes:     64 << 20,
 		MaxPixels:           40_000_000,
 		MaxImagesPerRequest: 64,
@@ -180,7 +183,7 @@ var settings = []setting{
 	{"grpc-addr", "gRPC listen address", str(func(c *Config) *string { return &c.GRPCAddr })},
 	{"http-addr", "HTTP (health, metrics) listen address; empty turns it off", str(func(c *Config) *string { return &c.HTTPAddr })},
 	{"backend", "inference backend: " + strings.Join(Backends, "|"), str(func(c *Config) *string { return &c.Backend })},
-	{"ort-lib", "ONNX Runtime shared library (default: the one scripts/setup.sh installs)", str(func(c *Config) *string { return &c.ORTLib })},
+	{"ort-lib", "ONNX Runtime shared library (default: where scripts/setup.sh installs it)", str(func(c *Config) *string { return &c.ORTLib })},
 	{"ort-threads", "ONNX Runtime intra-op threads (0: one per CPU)", integer(func(c *Config) *int { return &c.ORTThreads })},
 	{"max-message-bytes", "largest gRPC message received", integer(func(c *Config) *int { return &c.MaxMessageBytes })},
 	{"max-pixels", "largest image, width×height", integer(func(c *Config) *int { return &c.MaxPixels })},

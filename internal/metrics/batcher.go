@@ -4,13 +4,13 @@ import (
 	"context"
 	"sync"
 
-	"github.com/visionserve/visionserve/pkg/pipeline"
+	"github.com/visionserve/visionserve/pkg/batcher"
 )
 
-// BatchObserver returns a pipeline.BatchObserver that feeds the batch
+// BatchObserver returns a batcher.BatchObserver that feeds the batch
 // size and batches-released series and the dropped-images counter from a
 // model's batcher. Give each batcher the same one or one each; both work.
-func (m *Metrics) BatchObserver() pipeline.BatchObserver {
+func (m *Metrics) BatchObserver() batcher.BatchObserver {
 	return &batchObserver{m: m, reasons: map[batchKey]string{}}
 }
 
@@ -22,28 +22,28 @@ type batchKey struct {
 // batchObserver remembers why each batch was released until it is done,
 // when its backend and the images it ran are known.
 type batchObserver struct {
-	pipeline.NopBatchObserver
+	batcher.NopBatchObserver
 	m *Metrics
 
 	mu      sync.Mutex // guards the fields below
 	reasons map[batchKey]string
 }
 
-// Dropped implements pipeline.BatchObserver.
-func (o *batchObserver) Dropped(e pipeline.BatchDropEvent) {
+// Dropped implements batcher.BatchObserver.
+func (o *batchObserver) Dropped(e batcher.BatchDropEvent) {
 	o.m.ObserveDroppedImages(e.Model, e.Images, e.Reason)
 }
 
-// BatchReleased implements pipeline.BatchObserver.
-func (o *batchObserver) BatchReleased(ctx context.Context, e pipeline.BatchReleaseEvent) context.Context {
+// BatchReleased implements batcher.BatchObserver.
+func (o *batchObserver) BatchReleased(ctx context.Context, e batcher.BatchReleaseEvent) context.Context {
 	o.mu.Lock()
 	o.reasons[batchKey{e.Model, e.Seq}] = e.Reason
 	o.mu.Unlock()
 	return ctx
 }
 
-// BatchDone implements pipeline.BatchObserver.
-func (o *batchObserver) BatchDone(_ context.Context, e pipeline.BatchDoneEvent) {
+// BatchDone implements batcher.BatchObserver.
+func (o *batchObserver) BatchDone(_ context.Context, e batcher.BatchDoneEvent) {
 	k := batchKey{e.Model, e.Seq}
 	o.mu.Lock()
 	reason, ok := o.reasons[k]
@@ -56,7 +56,7 @@ func (o *batchObserver) BatchDone(_ context.Context, e pipeline.BatchDoneEvent) 
 }
 
 // QueueStatsOf adapts a batcher's Stats to TrackQueue.
-func QueueStatsOf(stats func() pipeline.BatcherStats) func() QueueStats {
+func QueueStatsOf(stats func() batcher.Stats) func() QueueStats {
 	return func() QueueStats {
 		s := stats()
 		return QueueStats{Depth: s.Queued, OldestAge: s.OldestWait}

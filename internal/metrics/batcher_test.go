@@ -9,35 +9,37 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/visionserve/visionserve/internal/metrics"
-	"github.com/visionserve/visionserve/pkg/pipeline"
+	"github.com/visionserve/visionserve/pkg/batcher"
+	"github.com/visionserve/visionserve/pkg/engine"
 )
 
 // slowEngine is a fake engine taking a fixed time per batch and returning
 // one logit row per image.
 type slowEngine struct{ d time.Duration }
 
-func (e slowEngine) Run(ctx context.Context, b *pipeline.Batch) ([]pipeline.Tensor, error) {
+func (e slowEngine) Run(ctx context.Context, b *engine.Batch) ([]engine.Tensor, error) {
 	select {
 	case <-time.After(e.d):
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
-	return []pipeline.Tensor{{Name: "logits", Shape: []int64{int64(b.N), 2}, Data: make([]float32, 2*b.N)}}, nil
+	return []engine.Tensor{{Name: "logits", Shape: []int64{int64(b.N), 2}, Data: make([]float32, 2*b.N)}}, nil
 }
 func (slowEngine) Backend() string { return "fake" }
 func (slowEngine) Close() error    { return nil }
 
-// item is a BatchItem that writes its slot and returns an empty result.
-type item struct{}
+// item is a batcher.Item that writes its slot and keeps its Run.
+type item struct{ run batcher.Run }
 
-func (item) Fill(slot []float32) error {
+func (*item) Fill(slot []float32) error {
 	for i := range slot {
 		slot[i] = 0.5
 	}
 	return nil
 }
-func (item) Postprocess([]pipeline.Tensor, int) (pipeline.Result, error) {
-	return pipeline.Result{}, nil
+func (it *item) Postprocess(_ []engine.Tensor, _ int, run batcher.Run) error {
+	it.run = run
+	return nil
 }
 
 // TestBatcherFeedsMetrics runs real traffic through the dynamic batcher
@@ -49,9 +51,9 @@ func TestBatcherFeedsMetrics(t *testing.T) {
 		t.Fatal(err)
 	}
 	m.ModelLoaded("resnet50", "fake", time.Second, time.Second)
-	b, err := pipeline.NewBatcher(pipeline.BatcherConfig{
+	b, err := batcher.New(batcher.Config{
 		Model: "resnet50", MaxBatchSize: 4, MaxQueueDelay: 5 * time.Millisecond,
-		C: 3, H: 4, W: 4, Engines: []pipeline.Engine{slowEngine{10 * time.Millisecond}},
+		C: 3, H: 4, W: 4, Engines: []engine.Engine{slowEngine{10 * time.Millisecond}},
 		Observer: m.BatchObserver(),
 	})
 	if err != nil {
@@ -64,13 +66,13 @@ func TestBatcherFeedsMetrics(t *testing.T) {
 	errs := make(chan error, requests)
 	for range requests {
 		wg.Go(func() {
-			res, err := b.Submit(context.Background(), "client", []pipeline.BatchItem{item{}})
-			if err != nil {
+			it := &item{}
+			if err := b.Submit(context.Background(), "client", []batcher.Item{it}); err != nil {
 				errs <- err
 				return
 			}
-			t := res[0].Timings
-			m.ObserveImage("resnet50", metrics.Timings{Queue: t.Queue, Preprocess: t.Preprocess, Inference: t.Inference, Postprocess: t.Postprocess})
+			r := it.run
+			m.ObserveImage("resnet50", metrics.Timings{Queue: r.Queue, Preprocess: r.Fill, Inference: r.Inference})
 		})
 	}
 	wg.Wait()

@@ -5,8 +5,7 @@ import (
 	"sync"
 
 	"github.com/prometheus/client_golang/prometheus"
-
-	"github.com/visionserve/visionserve/pkg/pipeline"
+	"github.com/visionserve/visionserve/pkg/batcher"
 )
 
 // ActionWarmup is the action label of AutotunePolicyChanges for the policy
@@ -85,7 +84,7 @@ func (s *tunerSeries) remove(model string) {
 // ObserveTuneDecision records what the batch-size tuner measured for
 // d.Model and which sizes it chose, replacing the series of an earlier
 // decision for the model.
-func (m *Metrics) ObserveTuneDecision(d pipeline.TuneDecision) {
+func (m *Metrics) ObserveTuneDecision(d batcher.TuneDecision) {
 	if m == nil {
 		return
 	}
@@ -111,7 +110,7 @@ func (m *Metrics) ObserveTuneDecision(d pipeline.TuneDecision) {
 // ObserveBatchPolicy records the batch policy the self-tuner set on
 // model's batcher; ctrl is the latency controller's state that chose it,
 // nil when the warm-up decision did.
-func (m *Metrics) ObserveBatchPolicy(model string, p pipeline.BatchPolicy, ctrl *pipeline.ControlState) {
+func (m *Metrics) ObserveBatchPolicy(model string, p batcher.BatchPolicy, ctrl *batcher.ControlState) {
 	if m == nil {
 		return
 	}
@@ -126,16 +125,16 @@ func (m *Metrics) ObserveBatchPolicy(model string, p pipeline.BatchPolicy, ctrl 
 	s.changes.WithLabelValues(model, action).Inc()
 }
 
-// TuneObserver returns the pipeline.TuneObserver that feeds the
+// TuneObserver returns the batcher.TuneObserver that feeds the
 // self-tuning series; give it to every model's tuner.
-func (m *Metrics) TuneObserver() pipeline.TuneObserver { return tuneObserver{m} }
+func (m *Metrics) TuneObserver() batcher.TuneObserver { return tuneObserver{m} }
 
 type tuneObserver struct{ m *Metrics }
 
-// BatchSizesTuned implements pipeline.TuneObserver.
-func (o tuneObserver) BatchSizesTuned(d pipeline.TuneDecision) { o.m.ObserveTuneDecision(d) }
+// BatchSizesTuned implements batcher.TuneObserver.
+func (o tuneObserver) BatchSizesTuned(d batcher.TuneDecision) { o.m.ObserveTuneDecision(d) }
 
-// PolicySet implements pipeline.TuneObserver.
-func (o tuneObserver) PolicySet(model string, p pipeline.BatchPolicy, s *pipeline.ControlState) {
+// PolicySet implements batcher.TuneObserver.
+func (o tuneObserver) PolicySet(model string, p batcher.BatchPolicy, s *batcher.ControlState) {
 	o.m.ObserveBatchPolicy(model, p, s)
 }

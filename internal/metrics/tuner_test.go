@@ -9,14 +9,15 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/visionserve/visionserve/internal/metrics"
-	"github.com/visionserve/visionserve/pkg/pipeline"
+	"github.com/visionserve/visionserve/pkg/batcher"
+	"github.com/visionserve/visionserve/pkg/engine"
 )
 
 // sizedEngine is a slowEngine whose batch run time depends on the batch
 // size.
 type sizedEngine map[int]time.Duration
 
-func (e sizedEngine) Run(ctx context.Context, b *pipeline.Batch) ([]pipeline.Tensor, error) {
+func (e sizedEngine) Run(ctx context.Context, b *engine.Batch) ([]engine.Tensor, error) {
 	return slowEngine{e[b.N]}.Run(ctx, b)
 }
 func (sizedEngine) Backend() string { return "fake" }
@@ -32,8 +33,8 @@ func TestTuneDecisionSeries(t *testing.T) {
 		t.Fatal(err)
 	}
 	cost := sizedEngine{1: 4 * time.Millisecond, 2: 20 * time.Millisecond, 4: 6 * time.Millisecond}
-	d, err := pipeline.TuneBatchSizes(context.Background(), "resnet50", cost, 1, 2, 2,
-		pipeline.MeasureOptions{MaxBatchSize: 4, MinRuns: 3, MinTime: time.Millisecond}, pipeline.TuneOptions{})
+	d, err := batcher.TuneBatchSizes(context.Background(), "resnet50", cost, 1, 2, 2,
+		batcher.MeasureOptions{MaxBatchSize: 4, MinRuns: 3, MinTime: time.Millisecond}, batcher.TuneOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -44,9 +45,9 @@ func TestTuneDecisionSeries(t *testing.T) {
 		chosen float64
 		reason string
 	}{
-		1: {1, pipeline.VerdictSmallest},
-		2: {0, pipeline.VerdictSlower},
-		4: {1, pipeline.VerdictFaster},
+		1: {1, batcher.VerdictSmallest},
+		2: {0, batcher.VerdictSlower},
+		4: {1, batcher.VerdictFaster},
 	}
 	for size, w := range want {
 		labels := map[string]string{"model": "resnet50", "backend": "fake", "batch_size": strconv.Itoa(size)}
@@ -70,7 +71,7 @@ func TestTuneDecisionSeries(t *testing.T) {
 	}
 
 	// A later decision for the model replaces every per-size series.
-	d2, err := pipeline.ChooseBatchSizes([]pipeline.BatchMeasurement{{Size: 1, ImagesPerSec: 50}, {Size: 8, ImagesPerSec: 30}}, pipeline.TuneOptions{})
+	d2, err := batcher.ChooseBatchSizes([]batcher.BatchMeasurement{{Size: 1, ImagesPerSec: 50}, {Size: 8, ImagesPerSec: 30}}, batcher.TuneOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -80,7 +81,7 @@ func TestTuneDecisionSeries(t *testing.T) {
 	if n := len(f[metrics.AutotuneBatchImagesPerSecond].GetMetric()); n != 2 {
 		t.Errorf("%d images/s series after a new decision, want 2", n)
 	}
-	if got := value(t, f, metrics.AutotunePreferredBatchSize, map[string]string{"backend": "opencv", "batch_size": "8", "reason": pipeline.VerdictSlower}); got != 0 {
+	if got := value(t, f, metrics.AutotunePreferredBatchSize, map[string]string{"backend": "opencv", "batch_size": "8", "reason": batcher.VerdictSlower}); got != 0 {
 		t.Errorf("batch 8, 40%% slower: preferred %v", got)
 	}
 	if find(f, metrics.AutotuneDurationSeconds, map[string]string{"backend": "fake"}) != nil {
@@ -98,8 +99,8 @@ func TestBatchPolicySeries(t *testing.T) {
 		t.Fatal(err)
 	}
 	obs := m.TuneObserver()
-	obs.PolicySet("mobilenet", pipeline.BatchPolicy{MaxBatchSize: 8, PreferredBatchSizes: []int{1}, MaxQueueDelay: 2 * time.Millisecond}, nil)
-	ctrl, err := pipeline.NewLatencyController(pipeline.LatencyTarget{P99: 50 * time.Millisecond, Capacity: 8, Window: 4})
+	obs.PolicySet("mobilenet", batcher.BatchPolicy{MaxBatchSize: 8, PreferredBatchSizes: []int{1}, MaxQueueDelay: 2 * time.Millisecond}, nil)
+	ctrl, err := batcher.NewLatencyController(batcher.LatencyTarget{P99: 50 * time.Millisecond, Capacity: 8, Window: 4})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -110,7 +111,7 @@ func TestBatchPolicySeries(t *testing.T) {
 		ctrl.Observe(2*time.Millisecond, time.Millisecond, true)
 	}
 	s, changed := ctrl.Step()
-	if !changed || s.Action != pipeline.ActionBiggerBatch {
+	if !changed || s.Action != batcher.ActionBiggerBatch {
 		t.Fatalf("controller state %+v changed=%v, want a bigger batch", s, changed)
 	}
 	obs.PolicySet("yolo", ctrl.Policy(s), &s)
@@ -127,8 +128,8 @@ func TestBatchPolicySeries(t *testing.T) {
 		{metrics.AutotuneMaxBatchSize, map[string]string{"model": "yolo"}, float64(s.MaxBatchSize)},
 		{metrics.AutotuneMaxQueueDelaySeconds, map[string]string{"model": "yolo"}, s.MaxQueueDelay.Seconds()},
 		{metrics.AutotuneLatencyTargetSeconds, map[string]string{"model": "yolo"}, 0.05},
-		{metrics.AutotunePolicyChanges, map[string]string{"model": "yolo", "action": pipeline.ActionStart}, 1},
-		{metrics.AutotunePolicyChanges, map[string]string{"model": "yolo", "action": pipeline.ActionBiggerBatch}, 1},
+		{metrics.AutotunePolicyChanges, map[string]string{"model": "yolo", "action": batcher.ActionStart}, 1},
+		{metrics.AutotunePolicyChanges, map[string]string{"model": "yolo", "action": batcher.ActionBiggerBatch}, 1},
 	} {
 		if got := value(t, f, c.name, c.labels); got != c.want {
 			t.Errorf("%s%v = %v, want %v", c.name, c.labels, got, c.want)
@@ -156,6 +157,6 @@ func TestBatchPolicySeries(t *testing.T) {
 func TestNilMetricsTuneObserver(t *testing.T) {
 	var m *metrics.Metrics
 	obs := m.TuneObserver()
-	obs.BatchSizesTuned(pipeline.TuneDecision{Model: "x", Measurements: []pipeline.BatchMeasurement{{Size: 1}}})
-	obs.PolicySet("x", pipeline.BatchPolicy{MaxBatchSize: 1}, &pipeline.ControlState{})
+	obs.BatchSizesTuned(batcher.TuneDecision{Model: "x", Measurements: []batcher.BatchMeasurement{{Size: 1}}})
+	obs.PolicySet("x", batcher.BatchPolicy{MaxBatchSize: 1}, &batcher.ControlState{})
 }

@@ -33,7 +33,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/visionserve/visionserve/internal/onnx"
+	"github.com/visionserve/visionserve/pkg/onnx"
 	"google.golang.org/protobuf/proto"
 )
 

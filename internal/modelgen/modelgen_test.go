@@ -12,7 +12,7 @@ import (
 	"testing"
 
 	"github.com/visionserve/visionserve/internal/modelgen"
-	"github.com/visionserve/visionserve/internal/onnx"
+	"github.com/visionserve/visionserve/pkg/onnx"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -256,7 +256,7 @@ func TestDeterminism(t *testing.T) {
 }
 
 // TestWriteFile writes every model to a temporary repository and reads it
-// back through internal/onnx.
+// back through pkg/onnx.
 func TestWriteFile(t *testing.T) {
 	root := t.TempDir()
 	for _, s := range specs {

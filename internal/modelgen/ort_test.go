@@ -12,7 +12,7 @@ import (
 	"testing"
 
 	"github.com/visionserve/visionserve/internal/modelgen"
-	"github.com/visionserve/visionserve/internal/onnx"
+	"github.com/visionserve/visionserve/pkg/onnx"
 	ort "github.com/yalue/onnxruntime_go"
 )
 

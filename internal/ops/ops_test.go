@@ -16,7 +16,8 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	"github.com/visionserve/visionserve/internal/ops"
-	"github.com/visionserve/visionserve/pkg/pipeline"
+	"github.com/visionserve/visionserve/pkg/batcher"
+	"github.com/visionserve/visionserve/pkg/engine"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -153,20 +154,18 @@ type blockingEngine struct {
 	release chan struct{}
 }
 
-func (e *blockingEngine) Run(ctx context.Context, b *pipeline.Batch) ([]pipeline.Tensor, error) {
+func (e *blockingEngine) Run(ctx context.Context, b *engine.Batch) ([]engine.Tensor, error) {
 	close(e.running)
 	<-e.release
-	return []pipeline.Tensor{{Name: "out", Shape: []int64{int64(b.N), 1}, Data: make([]float32, b.N)}}, nil
+	return []engine.Tensor{{Name: "out", Shape: []int64{int64(b.N), 1}, Data: make([]float32, b.N)}}, nil
 }
 func (*blockingEngine) Backend() string { return "fake" }
 func (*blockingEngine) Close() error    { return nil }
 
 type warmItem struct{}
 
-func (warmItem) Fill([]float32) error { return nil }
-func (warmItem) Postprocess([]pipeline.Tensor, int) (pipeline.Result, error) {
-	return pipeline.Result{}, nil
-}
+func (warmItem) Fill([]float32) error                                { return nil }
+func (warmItem) Postprocess([]engine.Tensor, int, batcher.Run) error { return nil }
 
 // TestReadyOnlyAfterWarmUpBatch warms a model up with a real batch through
 // the batcher and checks that the server is not ready while the batch is
@@ -175,7 +174,7 @@ func TestReadyOnlyAfterWarmUpBatch(t *testing.T) {
 	hs := health.NewServer()
 	ready := ops.NewReadiness(hs)
 	eng := &blockingEngine{running: make(chan struct{}), release: make(chan struct{})}
-	b, err := pipeline.NewBatcher(pipeline.BatcherConfig{Model: "resnet50", MaxBatchSize: 2, C: 1, H: 1, W: 1, Engines: []pipeline.Engine{eng}})
+	b, err := batcher.New(batcher.Config{Model: "resnet50", MaxBatchSize: 2, C: 1, H: 1, W: 1, Engines: []engine.Engine{eng}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -185,8 +184,7 @@ func TestReadyOnlyAfterWarmUpBatch(t *testing.T) {
 	done := make(chan error, 1)
 	go func() {
 		done <- ready.WarmUp(context.Background(), "resnet50", func(ctx context.Context) error {
-			_, err := b.Submit(ctx, "warmup", []pipeline.BatchItem{warmItem{}, warmItem{}})
-			return err
+			return b.Submit(ctx, "warmup", []batcher.Item{warmItem{}, warmItem{}})
 		})
 	}()
 	<-eng.running

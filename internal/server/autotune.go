@@ -8,8 +8,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/visionserve/visionserve/pkg/batcher"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
-	"github.com/visionserve/visionserve/pkg/pipeline"
 )
 
 // Self-tuning of a model's batcher (batching.auto_tune and
@@ -27,40 +27,40 @@ const latencyInterval = 250 * time.Millisecond
 type Tuning struct {
 	// Decision is the warm-up measurement and the batch sizes chosen from
 	// it; nil when the model does not tune or has not warmed up yet.
-	Decision *pipeline.TuneDecision
+	Decision *batcher.TuneDecision
 	// Latency is the latency controller's current state; nil without a
 	// latency target.
-	Latency *pipeline.ControlState
+	Latency *batcher.ControlState
 	// Policy is the batcher's release policy in force.
-	Policy pipeline.BatchPolicy
+	Policy batcher.BatchPolicy
 }
 
 // tuner is a PipelineRunner's self-tuning state.
 type tuner struct {
 	cfg  modelrepo.BatchingConfig
-	loop *pipeline.LatencyLoop // nil without a latency target
-	obs  pipeline.TuneObserver // nil for none
+	loop *batcher.LatencyLoop // nil without a latency target
+	obs  batcher.TuneObserver // nil for none
 
 	mu       sync.Mutex // guards the fields below
-	decision *pipeline.TuneDecision
+	decision *batcher.TuneDecision
 	started  bool
 }
 
 // newTuner returns the tuner of a model's batching config and the batcher
 // observer to use: with a latency target the controller's loop, which
 // forwards every event to next. obs (nil for none) is told each decision.
-func newTuner(m *modelrepo.Model, next pipeline.BatchObserver, obs pipeline.TuneObserver) (*tuner, pipeline.BatchObserver, error) {
+func newTuner(m *modelrepo.Model, next batcher.BatchObserver, obs batcher.TuneObserver) (*tuner, batcher.BatchObserver, error) {
 	t := &tuner{cfg: m.Batching, obs: obs}
 	if m.Batching.LatencyTargetP99 <= 0 {
 		return t, next, nil
 	}
 	// The ladder is set at warm-up from the measurement; until then the
 	// controller starts from the configured maximum's candidates.
-	ctrl, err := pipeline.NewLatencyController(pipeline.LatencyTarget{P99: m.Batching.LatencyTargetP99, Capacity: m.Batching.MaxBatchSize})
+	ctrl, err := batcher.NewLatencyController(batcher.LatencyTarget{P99: m.Batching.LatencyTargetP99, Capacity: m.Batching.MaxBatchSize})
 	if err != nil {
 		return nil, nil, fmt.Errorf("model %q: %w", m.Name, err)
 	}
-	t.loop = pipeline.NewLatencyLoop(ctrl, next)
+	t.loop = batcher.NewLatencyLoop(ctrl, next)
 	return t, t.loop, nil
 }
 
@@ -86,8 +86,8 @@ func (r *PipelineRunner) AutoTune(ctx context.Context, log *slog.Logger) error {
 	}
 	t.started = true
 	c, h, w := r.pre.InputShape()
-	d, err := pipeline.TuneBatchSizes(ctx, r.name, r.engines[0], c, h, w,
-		pipeline.MeasureOptions{MaxBatchSize: r.batcher.Capacity()}, pipeline.TuneOptions{})
+	d, err := batcher.TuneBatchSizes(ctx, r.name, r.engines[0], c, h, w,
+		batcher.MeasureOptions{MaxBatchSize: r.batcher.Capacity()}, batcher.TuneOptions{})
 	if err != nil {
 		return err
 	}
@@ -99,7 +99,7 @@ func (r *PipelineRunner) AutoTune(ctx context.Context, log *slog.Logger) error {
 		t.obs.BatchSizesTuned(d)
 	}
 	if t.loop == nil {
-		if err := r.batcher.SetPolicy(pipeline.BatchPolicy{
+		if err := r.batcher.SetPolicy(batcher.BatchPolicy{
 			MaxBatchSize: d.MaxBatchSize, PreferredBatchSizes: d.Preferred, MaxQueueDelay: t.cfg.MaxQueueDelay,
 		}); err != nil {
 			return err
@@ -107,7 +107,7 @@ func (r *PipelineRunner) AutoTune(ctx context.Context, log *slog.Logger) error {
 		t.policySet(r.name, r.batcher.Policy(), nil)
 		return nil
 	}
-	ctrl, err := pipeline.NewLatencyController(pipeline.LatencyTarget{
+	ctrl, err := batcher.NewLatencyController(batcher.LatencyTarget{
 		P99: t.cfg.LatencyTargetP99, Capacity: r.batcher.Capacity(), Sizes: d.Preferred,
 		MaxDelay: max(t.cfg.MaxQueueDelay, t.cfg.LatencyTargetP99/4),
 	})
@@ -123,7 +123,7 @@ func (r *PipelineRunner) AutoTune(ctx context.Context, log *slog.Logger) error {
 	// warm-up, which removes the model and its series.
 	start := ctrl.State()
 	t.policySet(r.name, ctrl.Policy(start), &start)
-	return t.loop.Start(r.batcher, latencyInterval, func(s pipeline.ControlState) {
+	return t.loop.Start(r.batcher, latencyInterval, func(s batcher.ControlState) {
 		if log != nil {
 			log.Info("batching adapted to latency target", "model", r.name, "max_batch", s.MaxBatchSize,
 				"delay", s.MaxQueueDelay, "p99", s.P99, "target", s.Target, "reason", s.Reason)
@@ -133,7 +133,7 @@ func (r *PipelineRunner) AutoTune(ctx context.Context, log *slog.Logger) error {
 }
 
 // policySet tells the observer, if any, the policy set on the batcher.
-func (t *tuner) policySet(model string, p pipeline.BatchPolicy, s *pipeline.ControlState) {
+func (t *tuner) policySet(model string, p batcher.BatchPolicy, s *batcher.ControlState) {
 	if t.obs != nil {
 		t.obs.PolicySet(model, p, s)
 	}

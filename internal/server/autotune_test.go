@@ -14,6 +14,8 @@ import (
 
 	"github.com/visionserve/visionserve/internal/metrics"
 	"github.com/visionserve/visionserve/internal/metrics/metricstest"
+	"github.com/visionserve/visionserve/pkg/batcher"
+	"github.com/visionserve/visionserve/pkg/engine"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
 	"github.com/visionserve/visionserve/pkg/pipeline"
 )
@@ -25,7 +27,7 @@ type sizedEngine struct {
 	cost map[int]time.Duration
 }
 
-func (e *sizedEngine) Run(ctx context.Context, b *pipeline.Batch) ([]pipeline.Tensor, error) {
+func (e *sizedEngine) Run(ctx context.Context, b *engine.Batch) ([]engine.Tensor, error) {
 	time.Sleep(e.cost[b.N])
 	return e.fakeEngine.Run(ctx, b)
 }
@@ -39,14 +41,14 @@ func tunedModel(t *testing.T, batching func(*modelrepo.BatchingConfig)) (*Model,
 
 // tunedModelObserved is tunedModel with the self-tuner's decisions told
 // to obs.
-func tunedModelObserved(t *testing.T, batching func(*modelrepo.BatchingConfig), obs pipeline.TuneObserver) (*Model, *PipelineRunner) {
+func tunedModelObserved(t *testing.T, batching func(*modelrepo.BatchingConfig), obs batcher.TuneObserver) (*Model, *PipelineRunner) {
 	t.Helper()
 	m := testModel("cls", modelrepo.TaskClassify, 10)
 	batching(&m.Batching)
 	e := &sizedEngine{fakeEngine: &fakeEngine{classes: 10}, cost: map[int]time.Duration{
 		1: 2 * time.Millisecond, 2: 10 * time.Millisecond, 3: 12 * time.Millisecond, 4: 4 * time.Millisecond,
 	}}
-	r, err := NewPipelineRunner(m, []pipeline.Engine{e}, RunnerOptions{MaxPixels: 1 << 24, TuneObserver: obs})
+	r, err := NewPipelineRunner(m, []engine.Engine{e}, RunnerOptions{MaxPixels: 1 << 24, TuneObserver: obs})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -159,9 +161,9 @@ func TestAutoTuneExportsMetrics(t *testing.T) {
 		reason string
 		chosen float64
 	}{
-		{"1", pipeline.VerdictSmallest, 1},
-		{"2", pipeline.VerdictSlower, 0},
-		{"4", pipeline.VerdictFaster, 1},
+		{"1", batcher.VerdictSmallest, 1},
+		{"2", batcher.VerdictSlower, 0},
+		{"4", batcher.VerdictFaster, 1},
 	} {
 		if got := gauge(t, reg, metrics.AutotunePreferredBatchSize, map[string]string{"model": "cls", "batch_size": c.size, "reason": c.reason}); got != c.chosen {
 			t.Errorf("batch %s: preferred %v, want %v (%s)", c.size, got, c.chosen, d)
@@ -224,7 +226,7 @@ func TestLatencyControllerChangeExported(t *testing.T) {
 	if got := gauge(t, reg, metrics.AutotuneMaxQueueDelaySeconds, labels); got != tu.Policy.MaxQueueDelay.Seconds() {
 		t.Errorf("exported max queue delay %vs, batcher's %v", got, tu.Policy.MaxQueueDelay)
 	}
-	if got := gauge(t, reg, metrics.AutotunePolicyChanges, map[string]string{"model": "cls", "action": pipeline.ActionBiggerBatch}); got < 1 {
+	if got := gauge(t, reg, metrics.AutotunePolicyChanges, map[string]string{"model": "cls", "action": batcher.ActionBiggerBatch}); got < 1 {
 		t.Errorf("%v bigger-batch changes counted", got)
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/visionserve/visionserve/pkg/batcher"
 	"github.com/visionserve/visionserve/pkg/engine/failover"
 	"github.com/visionserve/visionserve/pkg/pipeline"
 )
@@ -24,11 +25,11 @@ func toStatus(err error) error {
 	switch {
 	case errors.As(err, &se):
 		return status.Error(se.code, se.msg)
-	case pipeline.IsInputError(err), errors.Is(err, pipeline.ErrRequestTooLarge):
+	case pipeline.IsInputError(err), errors.Is(err, batcher.ErrRequestTooLarge):
 		return status.Error(codes.InvalidArgument, err.Error())
-	case errors.Is(err, pipeline.ErrQueueFull):
+	case errors.Is(err, batcher.ErrQueueFull):
 		return status.Error(codes.ResourceExhausted, err.Error()+"; retry later")
-	case errors.Is(err, pipeline.ErrBatcherClosed):
+	case errors.Is(err, batcher.ErrBatcherClosed):
 		return status.Error(codes.Unavailable, err.Error())
 	case errors.Is(err, failover.ErrBackendUnavailable):
 		// The GPU failed this batch; later ones run on the CPU fallback.

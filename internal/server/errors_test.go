@@ -8,6 +8,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/visionserve/visionserve/pkg/batcher"
 	"github.com/visionserve/visionserve/pkg/engine/failover"
 	"github.com/visionserve/visionserve/pkg/pipeline"
 )
@@ -19,9 +20,9 @@ func TestToStatus(t *testing.T) {
 		want codes.Code
 	}{
 		{wrap(pipeline.ErrCorrupt), codes.InvalidArgument},
-		{wrap(pipeline.ErrRequestTooLarge), codes.InvalidArgument},
-		{wrap(pipeline.ErrQueueFull), codes.ResourceExhausted},
-		{wrap(pipeline.ErrBatcherClosed), codes.Unavailable},
+		{wrap(batcher.ErrRequestTooLarge), codes.InvalidArgument},
+		{wrap(batcher.ErrQueueFull), codes.ResourceExhausted},
+		{wrap(batcher.ErrBatcherClosed), codes.Unavailable},
 		{wrap(failover.ErrBackendUnavailable), codes.Unavailable},
 		{wrap(context.DeadlineExceeded), codes.DeadlineExceeded},
 		{wrap(context.Canceled), codes.Canceled},

@@ -20,9 +20,9 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/test/bufconn"
 
+	"github.com/visionserve/visionserve/pkg/engine"
 	"github.com/visionserve/visionserve/pkg/engine/cvdnn"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
-	"github.com/visionserve/visionserve/pkg/pipeline"
 	"github.com/visionserve/visionserve/proto/inference"
 	visionv1 "github.com/visionserve/visionserve/proto/visionserve/v1"
 )
@@ -58,7 +58,7 @@ func (e *fakeEngine) Close() error {
 	return nil
 }
 
-func (e *fakeEngine) Run(ctx context.Context, b *pipeline.Batch) ([]pipeline.Tensor, error) {
+func (e *fakeEngine) Run(ctx context.Context, b *engine.Batch) ([]engine.Tensor, error) {
 	if e.started != nil {
 		select {
 		case e.started <- struct{}{}:
@@ -88,7 +88,7 @@ func (e *fakeEngine) Run(ctx context.Context, b *pipeline.Batch) ([]pipeline.Ten
 }
 
 // outputs computes the fake model's output for a batch.
-func (e *fakeEngine) outputs(b *pipeline.Batch) []pipeline.Tensor {
+func (e *fakeEngine) outputs(b *engine.Batch) []engine.Tensor {
 	if !e.detect {
 		out := make([]float32, b.N*e.classes)
 		for n := range b.N {
@@ -105,7 +105,7 @@ func (e *fakeEngine) outputs(b *pipeline.Batch) []pipeline.Tensor {
 				out[n*e.classes+k] = -d * d * 100
 			}
 		}
-		return []pipeline.Tensor{{Name: "logits", Shape: []int64{int64(b.N), int64(e.classes)}, Data: out}}
+		return []engine.Tensor{{Name: "logits", Shape: []int64{int64(b.N), int64(e.classes)}, Data: out}}
 	}
 	rows, a := 4+e.classes, e.anchors
 	out := make([]float32, b.N*rows*a)
@@ -115,7 +115,7 @@ func (e *fakeEngine) outputs(b *pipeline.Batch) []pipeline.Tensor {
 		o[0*a], o[1*a], o[2*a], o[3*a] = float32(b.W)/2, float32(b.H)/2, float32(b.W)/2, float32(b.H)/2
 		o[4*a] = 0.9
 	}
-	return []pipeline.Tensor{{Name: "output0", Shape: []int64{int64(b.N), int64(rows), int64(a)}, Data: out}}
+	return []engine.Tensor{{Name: "output0", Shape: []int64{int64(b.N), int64(rows), int64(a)}, Data: out}}
 }
 
 // testModel describes a small model of the given task: 64x64 input.
@@ -195,7 +195,7 @@ func newEnv(t testing.TB, options ...envOption) *env {
 		m *modelrepo.Model
 		e *fakeEngine
 	}{{clsModel, c.cls}, {testModel("det", modelrepo.TaskDetect, 3), c.det}} {
-		r, err := NewPipelineRunner(x.m, []pipeline.Engine{x.e}, RunnerOptions{MaxPixels: c.opts.Limits.MaxPixels})
+		r, err := NewPipelineRunner(x.m, []engine.Engine{x.e}, RunnerOptions{MaxPixels: c.opts.Limits.MaxPixels})
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -7,7 +7,7 @@ import (
 	"log/slog"
 	"time"
 
-	"github.com/visionserve/visionserve/internal/backend"
+	"github.com/visionserve/visionserve/pkg/engine"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
 	"github.com/visionserve/visionserve/pkg/pipeline"
 )
@@ -16,8 +16,8 @@ import (
 type LoadOptions struct {
 	// Backend is the requested backend name (auto, ort-cpu, ...).
 	Backend string
-	// Engine carries the backend settings.
-	Engine backend.Options
+	// Engines builds each model's engines.
+	Engines *engine.Registry
 	// Runner configures each model's runner.
 	Runner RunnerOptions
 	// Logger gets one line per model saying which backend serves it.
@@ -60,8 +60,8 @@ func LoadModels(ctx context.Context, repo *modelrepo.Repo, reg *Registry, opts L
 }
 
 // loadModel picks the backend of m and builds its engines and runner.
-func loadModel(ctx context.Context, m *modelrepo.Model, opts LoadOptions) (Runner, backend.Choice, error) {
-	engines, choice, err := backend.Load(ctx, opts.Backend, m, opts.Engine, m.Batching.Instances)
+func loadModel(ctx context.Context, m *modelrepo.Model, opts LoadOptions) (Runner, engine.Choice, error) {
+	engines, choice, err := opts.Engines.Load(ctx, opts.Backend, m, m.Batching.Instances)
 	if err != nil {
 		return nil, choice, err
 	}

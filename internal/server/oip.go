@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/binary"
 
+	"github.com/visionserve/visionserve/pkg/engine"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
 	"github.com/visionserve/visionserve/proto/inference"
 )
@@ -144,7 +145,7 @@ func outputBytes(m *Model, n int) int64 {
 
 func platform(backend string) string {
 	switch backend {
-	case "opencv":
+	case engine.OpenCV:
 		return "opencv_onnx"
 	default:
 		return "onnxruntime_onnx"

@@ -9,7 +9,7 @@ import (
 
 	"google.golang.org/grpc/codes"
 
-	"github.com/visionserve/visionserve/pkg/pipeline"
+	"github.com/visionserve/visionserve/pkg/engine"
 	"github.com/visionserve/visionserve/proto/inference"
 )
 
@@ -76,7 +76,7 @@ func TestOIPRawFP32IsEngineOutput(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	direct := (&fakeEngine{classes: 10}).outputs(&pipeline.Batch{N: n, Cap: n, C: 3, H: 64, W: 64, Data: in})[0]
+	direct := (&fakeEngine{classes: 10}).outputs(&engine.Batch{N: n, Cap: n, C: 3, H: 64, W: 64, Data: in})[0]
 	if resp.Id != "req-7" || resp.ModelName != "cls" || len(resp.Outputs) != 1 || len(resp.RawOutputContents) != 1 {
 		t.Fatalf("response %v", resp)
 	}

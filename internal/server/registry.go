@@ -10,6 +10,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/visionserve/visionserve/pkg/engine"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
 	"github.com/visionserve/visionserve/pkg/pipeline"
 )
@@ -29,8 +30,8 @@ type Input struct {
 
 // Runner serves one model: it prepares images, queues them for the
 // model's batcher and decodes the outputs. Implementations are safe for
-// concurrent use. Errors wrap the pipeline's sentinels (pipeline.ErrQueueFull,
-// pipeline.ErrBatcherClosed, the input errors) so that the gRPC edge maps
+// concurrent use. Errors wrap the pipeline's sentinels (batcher.ErrQueueFull,
+// batcher.ErrBatcherClosed, the input errors) so that the gRPC edge maps
 // them deliberately.
 type Runner interface {
 	// Infer runs every input and returns one result per input, in order.
@@ -38,7 +39,7 @@ type Runner interface {
 	// InferRaw runs every input and returns the model's raw outputs for
 	// them, batch dimension len(inputs), in the model's output order. The
 	// tensors belong to the caller.
-	InferRaw(ctx context.Context, inputs []Input) ([]pipeline.Tensor, error)
+	InferRaw(ctx context.Context, inputs []Input) ([]engine.Tensor, error)
 	// Backend names what runs the model.
 	Backend() string
 	// Close finishes every accepted request, then frees the engines. New

@@ -16,13 +16,13 @@ import (
 	"google.golang.org/grpc"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/visionserve/visionserve/internal/backend"
 	"github.com/visionserve/visionserve/internal/config"
 	"github.com/visionserve/visionserve/internal/metrics"
 	"github.com/visionserve/visionserve/internal/ops"
 	"github.com/visionserve/visionserve/internal/telemetry"
+	"github.com/visionserve/visionserve/pkg/batcher"
+	"github.com/visionserve/visionserve/pkg/engine"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
-	"github.com/visionserve/visionserve/pkg/pipeline"
 )
 
 // RunOptions are what Run needs besides the config.
@@ -35,7 +35,7 @@ type RunOptions struct {
 	OnListen func(grpcAddr, httpAddr net.Addr)
 	// Observer receives every model's batcher events (metrics); nil for
 	// none.
-	Observer pipeline.BatchObserver
+	Observer batcher.BatchObserver
 	// UnaryInterceptors and StreamInterceptors are added to the gRPC
 	// server's (metrics, tracing).
 	UnaryInterceptors  []grpc.UnaryServerInterceptor
@@ -50,6 +50,8 @@ type RunOptions struct {
 	// ServerOptions are added to the gRPC server's (the OpenTelemetry
 	// stats handler).
 	ServerOptions []grpc.ServerOption
+	// Engines are the backends models load on; nil means Backends(cfg).
+	Engines *engine.Registry
 	// Metrics, when set, is told each served model's backend, load and
 	// warm-up times and what its self-tuner chose, and reads each model's
 	// batch queue at scrape time.
@@ -109,11 +111,18 @@ func Run(ctx context.Context, cfg config.Config, opts RunOptions) error {
 		stopHTTP()
 		return fmt.Errorf("loading model repository %s: %w", cfg.ModelRepo, err)
 	}
+	engines := opts.Engines
+	if engines == nil {
+		if engines, _, err = Backends(cfg); err != nil {
+			stopHTTP()
+			return err
+		}
+	}
 	reg := NewRegistry()
 	// From here on the registry owns engines: every exit path closes it.
 	err = LoadModels(ctx, repo, reg, LoadOptions{
 		Backend: cfg.Backend,
-		Engine:  backend.Options{ORTLib: cfg.ORTLib, ORTThreads: cfg.ORTThreads},
+		Engines: engines,
 		Runner:  RunnerOptions{MaxPixels: cfg.MaxPixels, Observer: opts.Observer, TuneObserver: opts.Metrics.TuneObserver()},
 		Logger:  log,
 	})
@@ -152,7 +161,7 @@ func Run(ctx context.Context, cfg config.Config, opts RunOptions) error {
 	for _, m := range reg.Models() {
 		loaded = append(loaded, m.Name)
 		ready.Expect(m.Name)
-		if q, ok := m.Runner.(interface{ Stats() pipeline.BatcherStats }); ok {
+		if q, ok := m.Runner.(interface{ Stats() batcher.Stats }); ok {
 			opts.Metrics.TrackQueue(m.Name, metrics.QueueStatsOf(q.Stats))
 		}
 	}

@@ -16,10 +16,11 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
-	"github.com/visionserve/visionserve/internal/backend"
 	"github.com/visionserve/visionserve/internal/config"
 	"github.com/visionserve/visionserve/internal/server/servertest"
-	"github.com/visionserve/visionserve/pkg/engine/onnxrt"
+	"github.com/visionserve/visionserve/internal/testenv"
+	"github.com/visionserve/visionserve/pkg/batcher"
+	"github.com/visionserve/visionserve/pkg/engine"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
 	"github.com/visionserve/visionserve/pkg/pipeline"
 	"github.com/visionserve/visionserve/proto/inference"
@@ -30,10 +31,8 @@ import (
 // given backend and returns a client connection once it reports SERVING.
 func realServer(t testing.TB, repo, backendName string) (*grpc.ClientConn, chan<- os.Signal, <-chan error) {
 	t.Helper()
-	if _, err := onnxrt.ResolveLibPath(""); err != nil {
-		t.Skipf("ONNX Runtime missing (run scripts/setup.sh): %v", err)
-	}
 	cfg := config.Default()
+	cfg.ORTLib = testenv.ORTLib(t)
 	cfg.ModelRepo, cfg.Backend = repo, backendName
 	cfg.GRPCAddr, cfg.HTTPAddr = "127.0.0.1:0", "127.0.0.1:0"
 	cfg.GracePeriod = 10 * time.Second
@@ -55,7 +54,7 @@ func realServer(t testing.TB, repo, backendName string) (*grpc.ClientConn, chan<
 					if m.Ready() {
 						t.Errorf("model %s ready before warm-up", m.Name)
 					}
-					if _, ok := m.Runner.(interface{ Stats() pipeline.BatcherStats }); !ok {
+					if _, ok := m.Runner.(interface{ Stats() batcher.Stats }); !ok {
 						t.Errorf("model %s: runner has no queue stats", m.Name)
 					}
 				}
@@ -217,12 +216,18 @@ func checkRawMatchesEngine(t *testing.T, conn *grpc.ClientConn, m *modelrepo.Mod
 	ctx := ctxT(t)
 	h, w := m.Input.Height, m.Input.Width
 	n := len(in) / (3 * h * w)
-	engines, _, err := backend.Load(ctx, backendName, m, backend.Options{}, 1)
+	cfg := config.Default()
+	cfg.ORTLib = testenv.ORTLib(t)
+	backends, _, err := Backends(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	engines, _, err := backends.Load(ctx, backendName, m, 1)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer engines[0].Close()
-	batch := pipeline.NewBatch(n, 3, h, w)
+	batch := engine.NewBatch(n, 3, h, w)
 	batch.N = n
 	copy(batch.Data, in)
 	outs, err := engines[0].Run(ctx, batch)

@@ -10,6 +10,8 @@ import (
 	"google.golang.org/grpc/peer"
 
 	"github.com/visionserve/visionserve/internal/telemetry"
+	"github.com/visionserve/visionserve/pkg/batcher"
+	"github.com/visionserve/visionserve/pkg/engine"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
 	"github.com/visionserve/visionserve/pkg/pipeline"
 )
@@ -22,8 +24,8 @@ type PipelineRunner struct {
 	name    string
 	pre     *pipeline.Preprocessor
 	post    *pipeline.Postprocessor
-	batcher *pipeline.Batcher
-	engines []pipeline.Engine
+	batcher *batcher.Batcher
+	engines []engine.Engine
 	backend string
 	tuner   *tuner // self-tuning of the batcher (autotune.go)
 	closing sync.Once
@@ -36,16 +38,16 @@ type RunnerOptions struct {
 	MaxPixels int
 	// Observer receives the batcher's events (metrics, traces); nil for
 	// none.
-	Observer pipeline.BatchObserver
+	Observer batcher.BatchObserver
 	// TuneObserver is told what the self-tuner chose (metrics); nil for
 	// none.
-	TuneObserver pipeline.TuneObserver
+	TuneObserver batcher.TuneObserver
 }
 
 // NewPipelineRunner serves m on engines, one batcher worker per engine.
 // The runner owns the engines: Close closes them after the batcher
 // drained. On error the engines stay the caller's.
-func NewPipelineRunner(m *modelrepo.Model, engines []pipeline.Engine, opts RunnerOptions) (*PipelineRunner, error) {
+func NewPipelineRunner(m *modelrepo.Model, engines []engine.Engine, opts RunnerOptions) (*PipelineRunner, error) {
 	if len(engines) == 0 {
 		return nil, fmt.Errorf("model %q: no engines", m.Name)
 	}
@@ -63,7 +65,7 @@ func NewPipelineRunner(m *modelrepo.Model, engines []pipeline.Engine, opts Runne
 	if err != nil {
 		return nil, err
 	}
-	batcher, err := pipeline.NewBatcher(pipeline.BatcherConfig{
+	batcher, err := batcher.New(batcher.Config{
 		Model:               m.Name,
 		MaxBatchSize:        b.MaxBatchSize,
 		MaxQueueDelay:       b.MaxQueueDelay,
@@ -84,7 +86,7 @@ func NewPipelineRunner(m *modelrepo.Model, engines []pipeline.Engine, opts Runne
 func (r *PipelineRunner) Backend() string { return r.backend }
 
 // Stats is the batcher's queue snapshot, for metrics.
-func (r *PipelineRunner) Stats() pipeline.BatcherStats { return r.batcher.Stats() }
+func (r *PipelineRunner) Stats() batcher.Stats { return r.batcher.Stats() }
 
 // prepare decodes and fits every input; on error it frees what it made.
 func (r *PipelineRunner) prepare(inputs []Input) ([]*pipeline.Prepared, error) {
@@ -131,12 +133,25 @@ type resultItem struct {
 	p    *pipeline.Prepared
 	post *pipeline.Postprocessor
 	opts pipeline.Options
+	res  pipeline.Result // set by Postprocess
 }
 
 func (it *resultItem) Fill(slot []float32) error { return it.p.Fill(slot) }
 
-func (it *resultItem) Postprocess(outputs []pipeline.Tensor, i int) (pipeline.Result, error) {
-	return it.post.Decode(outputs, i, it.p, it.opts)
+func (it *resultItem) Postprocess(outputs []engine.Tensor, i int, run batcher.Run) error {
+	start := time.Now()
+	res, err := it.post.Decode(outputs, i, it.p, it.opts)
+	if err != nil {
+		return err
+	}
+	res.Timings.Queue = run.Queue
+	res.Timings.Preprocess += run.Fill
+	res.Timings.Inference = run.Inference
+	res.Timings.Postprocess = time.Since(start)
+	res.Backend = run.Backend
+	res.BatchSize = run.Size
+	it.res = res
+	return nil
 }
 
 // Infer implements Runner.
@@ -152,68 +167,74 @@ func (r *PipelineRunner) Infer(ctx context.Context, inputs []Input, opts pipelin
 	}
 	// Submit returns only once no worker touches the items any more.
 	defer closeAll(prepared)
-	items := make([]pipeline.BatchItem, len(prepared))
+	items := make([]*resultItem, len(prepared))
+	queued := make([]batcher.Item, len(prepared))
 	for i, p := range prepared {
 		items[i] = &resultItem{p: p, post: r.post, opts: opts}
+		queued[i] = items[i]
 	}
-	res, err := r.batcher.Submit(ctx, fairnessKey(ctx), items)
-	if err == nil {
-		// Stage spans under the request's span (a no-op when not traced).
-		telemetry.RecordResults(ctx, r.name, start, res)
+	if err := r.batcher.Submit(ctx, fairnessKey(ctx), queued); err != nil {
+		return nil, err
 	}
-	return res, err
+	res := make([]pipeline.Result, len(items))
+	for i, it := range items {
+		res[i] = it.res
+	}
+	// Stage spans under the request's span (a no-op when not traced).
+	telemetry.RecordResults(ctx, r.name, start, res)
+	return res, nil
 }
 
 // rawItem is one image whose batch output rows are copied out as they are.
 type rawItem struct {
 	p    *pipeline.Prepared
-	rows []pipeline.Tensor // one per output, batch dimension 1
+	rows []engine.Tensor // one per output, batch dimension 1
 }
 
 func (it *rawItem) Fill(slot []float32) error { return it.p.Fill(slot) }
 
-func (it *rawItem) Postprocess(outputs []pipeline.Tensor, i int) (pipeline.Result, error) {
-	it.rows = make([]pipeline.Tensor, len(outputs))
+func (it *rawItem) Postprocess(outputs []engine.Tensor, i int, _ batcher.Run) error {
+	it.rows = make([]engine.Tensor, len(outputs))
 	for k, t := range outputs {
 		if len(t.Shape) == 0 || t.Shape[0] <= int64(i) {
-			return pipeline.Result{}, fmt.Errorf("output %q of shape %v has no row %d", t.Name, t.Shape, i)
+			return fmt.Errorf("output %q of shape %v has no row %d", t.Name, t.Shape, i)
 		}
 		per := len(t.Data) / int(t.Shape[0])
 		row := make([]float32, per)
 		copy(row, t.Data[i*per:(i+1)*per])
 		shape := append([]int64{1}, t.Shape[1:]...)
-		it.rows[k] = pipeline.Tensor{Name: t.Name, Shape: shape, Data: row}
+		it.rows[k] = engine.Tensor{Name: t.Name, Shape: shape, Data: row}
 	}
-	return pipeline.Result{Width: it.p.Width, Height: it.p.Height}, nil
+	return nil
 }
 
 // InferRaw implements Runner: the images run in whatever batches the
 // batcher forms, and their output rows are put back together in request
 // order, so the result equals one engine run on all of them.
-func (r *PipelineRunner) InferRaw(ctx context.Context, inputs []Input) ([]pipeline.Tensor, error) {
+func (r *PipelineRunner) InferRaw(ctx context.Context, inputs []Input) ([]engine.Tensor, error) {
 	prepared, err := r.prepare(inputs)
 	if err != nil {
 		return nil, err
 	}
 	defer closeAll(prepared)
 	raw := make([]*rawItem, len(prepared))
-	items := make([]pipeline.BatchItem, len(prepared))
+	items := make([]batcher.Item, len(prepared))
 	for i, p := range prepared {
 		raw[i] = &rawItem{p: p}
 		items[i] = raw[i]
 	}
-	if _, err := r.batcher.Submit(ctx, fairnessKey(ctx), items); err != nil {
+	if err := r.batcher.Submit(ctx, fairnessKey(ctx), items); err != nil {
 		return nil, err
 	}
 	return stackRows(raw)
 }
 
 // stackRows concatenates per-image output rows along the batch dimension.
-func stackRows(raw []*rawItem) ([]pipeline.Tensor, error) {
+func stackRows(raw []*rawItem) ([]engine.Tensor, error) {
 	if len(raw) == 0 {
 		return nil, nil
 	}
-	outs := make([]pipeline.Tensor, len(raw[0].rows))
+	outs := make([]engine.Tensor, len(raw[0].rows))
 	for k, first := range raw[0].rows {
 		shape := append([]int64{int64(len(raw))}, first.Shape[1:]...)
 		data := make([]float32, 0, len(first.Data)*len(raw))
@@ -223,7 +244,7 @@ func stackRows(raw []*rawItem) ([]pipeline.Tensor, error) {
 			}
 			data = append(data, it.rows[k].Data...)
 		}
-		outs[k] = pipeline.Tensor{Name: first.Name, Shape: shape, Data: data}
+		outs[k] = engine.Tensor{Name: first.Name, Shape: shape, Data: data}
 	}
 	return outs, nil
 }

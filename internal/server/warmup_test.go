@@ -8,8 +8,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/visionserve/visionserve/pkg/engine"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
-	"github.com/visionserve/visionserve/pkg/pipeline"
 )
 
 func TestWarmUpRemovesModelsThatFail(t *testing.T) {
@@ -17,7 +17,7 @@ func TestWarmUpRemovesModelsThatFail(t *testing.T) {
 	build := func(engines map[string]*fakeEngine) *Registry {
 		reg := NewRegistry()
 		for name, e := range engines {
-			r, err := NewPipelineRunner(testModel(name, modelrepo.TaskClassify, 10), []pipeline.Engine{e}, RunnerOptions{})
+			r, err := NewPipelineRunner(testModel(name, modelrepo.TaskClassify, 10), []engine.Engine{e}, RunnerOptions{})
 			if err != nil {
 				t.Fatal(err)
 			}

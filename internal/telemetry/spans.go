@@ -8,6 +8,8 @@ import (
 	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/trace"
 
+	"github.com/visionserve/visionserve/pkg/batcher"
+	"github.com/visionserve/visionserve/pkg/engine"
 	"github.com/visionserve/visionserve/pkg/pipeline"
 )
 
@@ -88,40 +90,40 @@ func RecordResults(ctx context.Context, model string, start time.Time, results [
 	RecordStages(ctx, model, start, timings...)
 }
 
-// BatchTracer is a pipeline.BatchObserver that gives every batch a span
+// BatchTracer is a batcher.BatchObserver that gives every batch a span
 // of its own, linked to the spans of all the requests whose images it
 // ran: a batch serves many traces at once, so it cannot be the child of
 // one. It passes every event on to Next.
 type BatchTracer struct {
 	// Next receives every event after the tracer; nil for none.
-	Next pipeline.BatchObserver
+	Next batcher.BatchObserver
 }
 
-// Enqueued implements pipeline.BatchObserver.
-func (t BatchTracer) Enqueued(e pipeline.BatchEnqueueEvent) {
+// Enqueued implements batcher.BatchObserver.
+func (t BatchTracer) Enqueued(e batcher.BatchEnqueueEvent) {
 	if t.Next != nil {
 		t.Next.Enqueued(e)
 	}
 }
 
-// Rejected implements pipeline.BatchObserver.
-func (t BatchTracer) Rejected(e pipeline.BatchRejectEvent) {
+// Rejected implements batcher.BatchObserver.
+func (t BatchTracer) Rejected(e batcher.BatchRejectEvent) {
 	if t.Next != nil {
 		t.Next.Rejected(e)
 	}
 }
 
-// Dropped implements pipeline.BatchObserver.
-func (t BatchTracer) Dropped(e pipeline.BatchDropEvent) {
+// Dropped implements batcher.BatchObserver.
+func (t BatchTracer) Dropped(e batcher.BatchDropEvent) {
 	if t.Next != nil {
 		t.Next.Dropped(e)
 	}
 }
 
-// BatchReleased implements pipeline.BatchObserver: it starts the batch
+// BatchReleased implements batcher.BatchObserver: it starts the batch
 // span, a new root linked to each request's span. The engine runs with the
 // returned context, so spans the engine starts are the batch's children.
-func (t BatchTracer) BatchReleased(ctx context.Context, e pipeline.BatchReleaseEvent) context.Context {
+func (t BatchTracer) BatchReleased(ctx context.Context, e batcher.BatchReleaseEvent) context.Context {
 	links := make([]trace.Link, 0, len(e.Requests))
 	for _, rc := range e.Requests {
 		sc := trace.SpanContextFromContext(rc)
@@ -150,8 +152,8 @@ func (t BatchTracer) BatchReleased(ctx context.Context, e pipeline.BatchReleaseE
 	return ctx
 }
 
-// BatchDone implements pipeline.BatchObserver: it ends the batch span.
-func (t BatchTracer) BatchDone(ctx context.Context, e pipeline.BatchDoneEvent) {
+// BatchDone implements batcher.BatchObserver: it ends the batch span.
+func (t BatchTracer) BatchDone(ctx context.Context, e batcher.BatchDoneEvent) {
 	if t.Next != nil {
 		t.Next.BatchDone(ctx, e)
 	}
@@ -167,27 +169,27 @@ func (t BatchTracer) BatchDone(ctx context.Context, e pipeline.BatchDoneEvent) {
 // TraceEngine wraps e so that every Run is an inference span, a child of
 // the batch span the batcher passes in its context. The wrapper keeps e's
 // pinned-memory allocator when it has one.
-func TraceEngine(e pipeline.Engine) pipeline.Engine {
+func TraceEngine(e engine.Engine) engine.Engine {
 	te := tracedEngine{e}
-	if a, ok := e.(pipeline.BatchAllocator); ok {
+	if a, ok := e.(engine.BatchAllocator); ok {
 		return tracedAllocEngine{te, a}
 	}
 	return te
 }
 
 // TraceEngines applies TraceEngine to each engine, in a new slice.
-func TraceEngines(es []pipeline.Engine) []pipeline.Engine {
-	out := make([]pipeline.Engine, len(es))
+func TraceEngines(es []engine.Engine) []engine.Engine {
+	out := make([]engine.Engine, len(es))
 	for i, e := range es {
 		out[i] = TraceEngine(e)
 	}
 	return out
 }
 
-type tracedEngine struct{ pipeline.Engine }
+type tracedEngine struct{ engine.Engine }
 
-// Run implements pipeline.Engine.
-func (e tracedEngine) Run(ctx context.Context, b *pipeline.Batch) ([]pipeline.Tensor, error) {
+// Run implements engine.Engine.
+func (e tracedEngine) Run(ctx context.Context, b *engine.Batch) ([]engine.Tensor, error) {
 	ctx, span := Tracer().Start(ctx, SpanInference, trace.WithAttributes(
 		attribute.String(AttrBackend, e.Backend()),
 		attribute.Int(AttrBatchSize, b.N),
@@ -203,5 +205,5 @@ func (e tracedEngine) Run(ctx context.Context, b *pipeline.Batch) ([]pipeline.Te
 
 type tracedAllocEngine struct {
 	tracedEngine
-	pipeline.BatchAllocator
+	engine.BatchAllocator
 }

@@ -19,44 +19,53 @@ import (
 	"google.golang.org/grpc/test/bufconn"
 
 	"github.com/visionserve/visionserve/internal/telemetry"
+	"github.com/visionserve/visionserve/pkg/batcher"
+	"github.com/visionserve/visionserve/pkg/engine"
 	"github.com/visionserve/visionserve/pkg/pipeline"
 	visionv1 "github.com/visionserve/visionserve/proto/visionserve/v1"
 )
 
-// engine is a fake engine taking a few milliseconds per batch.
-type engine struct{}
+// fakeEngine is a fake engine taking a few milliseconds per batch.
+type fakeEngine struct{}
 
-func (engine) Run(ctx context.Context, b *pipeline.Batch) ([]pipeline.Tensor, error) {
+func (fakeEngine) Run(ctx context.Context, b *engine.Batch) ([]engine.Tensor, error) {
 	time.Sleep(3 * time.Millisecond)
-	return []pipeline.Tensor{{Name: "logits", Shape: []int64{int64(b.N), 1}, Data: make([]float32, b.N)}}, nil
+	return []engine.Tensor{{Name: "logits", Shape: []int64{int64(b.N), 1}, Data: make([]float32, b.N)}}, nil
 }
-func (engine) Backend() string { return "fake" }
-func (engine) Close() error    { return nil }
+func (fakeEngine) Backend() string { return "fake" }
+func (fakeEngine) Close() error    { return nil }
 
-type item struct{}
+// item keeps a result with the stage timings the server would give it.
+type item struct{ res pipeline.Result }
 
-func (item) Fill([]float32) error { return nil }
-func (item) Postprocess([]pipeline.Tensor, int) (pipeline.Result, error) {
-	return pipeline.Result{Timings: pipeline.StageTimings{Decode: time.Millisecond}}, nil
+func (*item) Fill([]float32) error { return nil }
+func (it *item) Postprocess(_ []engine.Tensor, _ int, run batcher.Run) error {
+	it.res = pipeline.Result{Timings: pipeline.StageTimings{
+		Decode: time.Millisecond, Queue: run.Queue, Preprocess: run.Fill, Inference: run.Inference,
+	}}
+	return nil
 }
 
 // vision serves Classify through a real batcher and records the stage
 // spans as the server does, and logs one line with the request context.
 type vision struct {
 	visionv1.UnimplementedVisionServiceServer
-	b   *pipeline.Batcher
+	b   *batcher.Batcher
 	log *slog.Logger
 }
 
 func (v *vision) Classify(ctx context.Context, req *visionv1.ClassifyRequest) (*visionv1.ClassifyResponse, error) {
 	start := time.Now()
-	items := make([]pipeline.BatchItem, len(req.GetImages()))
+	items := make([]batcher.Item, len(req.GetImages()))
+	res := make([]pipeline.Result, len(items))
 	for i := range items {
-		items[i] = item{}
+		items[i] = &item{}
 	}
-	res, err := v.b.Submit(ctx, "k", items)
-	if err != nil {
+	if err := v.b.Submit(ctx, "k", items); err != nil {
 		return nil, err
+	}
+	for i, it := range items {
+		res[i] = it.(*item).res
 	}
 	telemetry.RecordResults(ctx, req.GetModel(), start, res)
 	v.log.InfoContext(ctx, "classified", "images", len(res))
@@ -81,10 +90,10 @@ func TestTraceOfBatchedRequests(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	b, err := pipeline.NewBatcher(pipeline.BatcherConfig{
+	b, err := batcher.New(batcher.Config{
 		Model: "resnet50", MaxBatchSize: 8, MaxQueueDelay: 20 * time.Millisecond,
-		C: 1, H: 1, W: 1, Engines: []pipeline.Engine{telemetry.TraceEngine(engine{})},
-		Observer: telemetry.BatchTracer{Next: pipeline.NopBatchObserver{}},
+		C: 1, H: 1, W: 1, Engines: []engine.Engine{telemetry.TraceEngine(fakeEngine{})},
+		Observer: telemetry.BatchTracer{Next: batcher.NopBatchObserver{}},
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -281,18 +290,18 @@ func (s *syncBuffer) String() string {
 }
 
 // allocEngine is an engine with its own batch buffers.
-type allocEngine struct{ engine }
+type allocEngine struct{ fakeEngine }
 
 func (allocEngine) AllocBatch(maxN, c, h, w int) ([]float32, func(), error) {
 	return make([]float32, maxN*c*h*w), func() {}, nil
 }
 
 func TestTraceEngineKeepsTheAllocator(t *testing.T) {
-	traced := telemetry.TraceEngines([]pipeline.Engine{engine{}, allocEngine{}})
-	if _, ok := traced[0].(pipeline.BatchAllocator); ok {
+	traced := telemetry.TraceEngines([]engine.Engine{fakeEngine{}, allocEngine{}})
+	if _, ok := traced[0].(engine.BatchAllocator); ok {
 		t.Error("an engine without an allocator gained one")
 	}
-	if _, ok := traced[1].(pipeline.BatchAllocator); !ok {
+	if _, ok := traced[1].(engine.BatchAllocator); !ok {
 		t.Error("the engine's allocator was lost")
 	}
 	if traced[1].Backend() != "fake" {

@@ -38,7 +38,7 @@ func BenchmarkBindingCPU(b *testing.B) {
 	b.ResetTimer()
 	for range b.N {
 		t0 := time.Now()
-		if _, err := e.Run(ctx, data, n, c, h, w); err != nil {
+		if _, err := e.RunData(ctx, data, n, c, h, w); err != nil {
 			b.Fatal(err)
 		}
 		lat = append(lat, time.Since(t0))

@@ -1,10 +1,7 @@
 package gpu
 
 import (
-	"context"
 	"errors"
-	"fmt"
-	"slices"
 	"strings"
 	"testing"
 )
@@ -114,97 +111,6 @@ func TestDiscoverRealNVML(t *testing.T) {
 }
 
 // fakeProber scripts discovery and probe outcomes.
-type fakeProber struct {
-	report Report
-	fail   map[Provider]error // probe failures per provider
-	probed []string
-}
-
-func (f *fakeProber) Discover() Report { return f.report }
-func (f *fakeProber) Probe(ctx context.Context, p Provider, device int) error {
-	f.probed = append(f.probed, fmt.Sprintf("%s/%d", p, device))
-	return f.fail[p]
-}
-
-func TestChooseBackend(t *testing.T) {
-	noGPU := Report{Reason: ErrNoNVML.Error()}
-	gpus := Discover(twoH100s())
-	noTRT := map[Provider]error{ProviderTensorRT: errors.New("libnvinfer.so.10: cannot open shared object file")}
-	allFail := map[Provider]error{ProviderTensorRT: errors.New("no TensorRT"), ProviderCUDA: errors.New("CUDA driver version is insufficient")}
-	tests := []struct {
-		name      string
-		requested string
-		report    Report
-		fail      map[Provider]error
-		backend   string
-		devices   []int
-		err       string // substring; "" means no error
-		reason    string // substring of Choice.Reason
-	}{
-		{"auto without GPU takes OpenCV", "auto", noGPU, nil, BackendOpenCV, nil, "", "no usable GPU: NVML library not found"},
-		{"empty means auto", "", noGPU, nil, BackendOpenCV, nil, "", "NVML library not found"},
-		{"auto with TensorRT", "auto", gpus, nil, BackendTensorRT, []int{0, 1}, "", "tensorrt runs on GPU [0 1]"},
-		{"auto falls back to CUDA", "auto", gpus, noTRT, BackendCUDA, []int{0, 1}, "", "libnvinfer"},
-		{"auto when every probe fails", "auto", gpus, allFail, BackendOpenCV, nil, "", "CUDA driver version is insufficient"},
-		{"forced cuda without GPU", "ort-cuda", noGPU, nil, "", nil, "ort-cuda: no usable GPU: NVML library not found (no NVIDIA driver)", ""},
-		{"forced cuda when its probe fails", "ort-cuda", gpus, allFail, "", nil, "ort-cuda: no usable GPU: cuda on GPU 0: CUDA driver version is insufficient", ""},
-		{"forced cuda skips TensorRT", "ort-cuda", gpus, nil, BackendCUDA, []int{0, 1}, "", ""},
-		{"forced tensorrt without it", "ort-tensorrt", gpus, noTRT, "", nil, "ort-tensorrt: no usable GPU", ""},
-		{"forced opencv", "opencv", gpus, nil, BackendOpenCV, nil, "", "forced"},
-		{"forced ort-cpu", "ort-cpu", gpus, nil, BackendORTCPU, nil, "", "forced"},
-		{"unknown", "rocm", gpus, nil, "", nil, `unknown backend "rocm"`, ""},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			p := &fakeProber{report: tt.report, fail: tt.fail}
-			c, err := ChooseBackend(context.Background(), tt.requested, p)
-			if tt.err != "" {
-				if err == nil || !strings.Contains(err.Error(), tt.err) {
-					t.Fatalf("ChooseBackend: %v, want an error containing %q", err, tt.err)
-				}
-				if strings.HasPrefix(tt.requested, "ort-") && !errors.Is(err, ErrNoUsableGPU) {
-					t.Errorf("error %v does not wrap ErrNoUsableGPU", err)
-				}
-				return
-			}
-			if err != nil {
-				t.Fatal(err)
-			}
-			if c.Backend != tt.backend || !slices.Equal(c.Devices, tt.devices) {
-				t.Errorf("chose %s on %v, want %s on %v", c.Backend, c.Devices, tt.backend, tt.devices)
-			}
-			if !strings.Contains(c.Reason, tt.reason) {
-				t.Errorf("reason %q, want it to contain %q", c.Reason, tt.reason)
-			}
-			if (tt.requested == "opencv" || tt.requested == "ort-cpu") && len(p.probed) > 0 {
-				t.Errorf("a forced CPU backend probed %v", p.probed)
-			}
-		})
-	}
-}
-
-// TestForcedCUDAOnThisMachine asks the real machine; without a GPU the
-// answer must be the clear error, with one the choice must hold.
-func TestForcedCUDAOnThisMachine(t *testing.T) {
-	initRuntime(t)
-	c, err := ChooseBackend(context.Background(), BackendCUDA, SystemProber{})
-	if Discover(nil).Available {
-		if err != nil {
-			t.Fatalf("GPU present but ort-cuda refused: %v", err)
-		}
-		if c.Backend != BackendCUDA || len(c.Devices) == 0 {
-			t.Errorf("choice %+v", c)
-		}
-		return
-	}
-	if err == nil || !strings.HasPrefix(err.Error(), "ort-cuda: no usable GPU: ") {
-		t.Fatalf("forcing ort-cuda without a GPU: %v, want \"ort-cuda: no usable GPU: <reason>\"", err)
-	}
-	auto, err := ChooseBackend(context.Background(), BackendAuto, SystemProber{})
-	if err != nil || auto.Backend != BackendOpenCV {
-		t.Errorf("auto without a GPU chose %+v, %v; want opencv", auto, err)
-	}
-}
 
 func TestNVMLMemoryReader(t *testing.T) {
 	f := twoH100s()

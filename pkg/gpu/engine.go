@@ -13,23 +13,9 @@ import (
 	"slices"
 	"sync"
 	"unsafe"
-)
 
-// Backend names reported by engines.
-const (
-	BackendCUDA     = "ort-cuda"
-	BackendTensorRT = "ort-tensorrt"
-	BackendOpenCV   = "opencv"
+	"github.com/visionserve/visionserve/pkg/engine"
 )
-
-// Tensor is a dense float32 tensor in row-major order. It has the layout of
-// pipeline.Tensor; package gpu does not import pipeline because pipeline
-// links OpenCV and GPU binaries must run where OpenCV is absent.
-type Tensor struct {
-	Name  string
-	Shape []int64
-	Data  []float32
-}
 
 // EngineOptions configure an Engine.
 type EngineOptions struct {
@@ -106,7 +92,7 @@ type Engine struct {
 	owned   map[unsafe.Pointer]*HostBuffer // buffers handed out by AllocBatch
 	inputs  map[inputKey]*C.OrtValue
 	staging *HostBuffer
-	views   map[[2]int][]Tensor // first-n views of a padded run's results, by {run size, n}
+	views   map[[2]int][]engine.Tensor // first-n views of a padded run's results, by {run size, n}
 	stats   EngineStats
 }
 
@@ -128,7 +114,7 @@ type binding struct {
 	bs      []*C.OrtIoBinding // one per chunk
 	outVals [][]*C.OrtValue   // [chunk][output]
 	outBufs []*HostBuffer     // one per output, all chunks
-	result  []Tensor
+	result  []engine.Tensor
 }
 
 // NewEngine creates an engine on s. The model must have one float32 NCHW
@@ -174,7 +160,7 @@ func NewEngine(s *Session, opts EngineOptions) (*Engine, error) {
 		sizes:   map[int]*binding{},
 		owned:   map[unsafe.Pointer]*HostBuffer{},
 		inputs:  map[inputKey]*C.OrtValue{},
-		views:   map[[2]int][]Tensor{},
+		views:   map[[2]int][]engine.Tensor{},
 	}
 	for _, n := range opts.PadBatchSizes {
 		if n < 1 {
@@ -237,7 +223,7 @@ func (e *Engine) Stats() EngineStats {
 // AllocBatch returns a batch buffer of maxN images of c×h×w floats in the
 // engine's host memory (pinned when CUDA is present), so preprocessing
 // writes where the GPU copies from. It has the signature of
-// pipeline.BatchAllocator. free must be called once the buffer is no
+// engine.BatchAllocator. free must be called once the buffer is no
 // longer used; it is safe after Close.
 func (e *Engine) AllocBatch(maxN, c, h, w int) ([]float32, func(), error) {
 	if maxN < 1 || c < 1 || h < 1 || w < 1 {
@@ -304,20 +290,31 @@ func (e *Engine) checkImage(c, h, w int) error {
 	got := []int64{int64(c), int64(h), int64(w)}
 	for i := range want {
 		if want[i] > 0 && want[i] != got[i] {
-			return fmt.Errorf("gpu engine: images are %dx%dx%d (CxHxW), model input is %v", c, h, w, e.input.Shape)
+			return fmt.Errorf("gpu engine: %w: images are %dx%dx%d (CxHxW), model input is %v", engine.ErrBadBatch, c, h, w, e.input.Shape)
 		}
 	}
 	return nil
 }
 
-// Run executes the model on the first n images of data, each c×h×w floats.
+// Run implements engine.Engine: it executes the first b.N images of b.
+// Batches whose buffer came from AllocBatch (the batcher asks for them,
+// since Engine is an engine.BatchAllocator) run without a copy.
+func (e *Engine) Run(ctx context.Context, b *engine.Batch) ([]engine.Tensor, error) {
+	if b == nil {
+		return nil, errors.New("gpu engine: nil batch")
+	}
+	return e.RunData(ctx, b.Data, b.N, b.C, b.H, b.W)
+}
+
+// RunData executes the model on the first n images of data, each c×h×w
+// floats.
 // When data came from AllocBatch it is ONNX Runtime's input memory; other
 // memory is copied into a staging buffer first. The returned tensors live
 // in engine memory and stay valid until the next Run or Close. Cancelling
 // ctx terminates the run.
-func (e *Engine) Run(ctx context.Context, data []float32, n, c, h, w int) ([]Tensor, error) {
+func (e *Engine) RunData(ctx context.Context, data []float32, n, c, h, w int) ([]engine.Tensor, error) {
 	if n < 1 || c < 1 || h < 1 || w < 1 {
-		return nil, fmt.Errorf("gpu engine: batch %dx%dx%dx%d has an empty dimension", n, c, h, w)
+		return nil, fmt.Errorf("gpu engine: %w: batch %dx%dx%dx%d has an empty dimension", engine.ErrBadBatch, n, c, h, w)
 	}
 	if err := e.checkImage(c, h, w); err != nil {
 		return nil, err
@@ -387,15 +384,15 @@ func (e *Engine) padSize(n int) int {
 
 // viewLocked returns the first n images' part of out, the results of a run
 // at batch size run; the views are made once per pair of sizes.
-func (e *Engine) viewLocked(out []Tensor, run, n int) []Tensor {
+func (e *Engine) viewLocked(out []engine.Tensor, run, n int) []engine.Tensor {
 	key := [2]int{run, n}
 	v, ok := e.views[key]
 	if !ok {
-		v = make([]Tensor, len(out))
+		v = make([]engine.Tensor, len(out))
 		for i, t := range out {
 			shape := slices.Clone(t.Shape)
 			shape[0] = int64(n)
-			v[i] = Tensor{Name: t.Name, Shape: shape, Data: t.Data[:len(t.Data)/run*n]}
+			v[i] = engine.Tensor{Name: t.Name, Shape: shape, Data: t.Data[:len(t.Data)/run*n]}
 		}
 		e.views[key] = v
 	}
@@ -404,7 +401,7 @@ func (e *Engine) viewLocked(out []Tensor, run, n int) []Tensor {
 
 // runLocked binds the input at ptr to the binding of batch size n and runs
 // it, chunk by chunk.
-func (e *Engine) runLocked(ctx context.Context, ptr unsafe.Pointer, n, c, h, w int) ([]Tensor, error) {
+func (e *Engine) runLocked(ctx context.Context, ptr unsafe.Pointer, n, c, h, w int) ([]engine.Tensor, error) {
 	b, err := e.bindingLocked(n)
 	if err != nil {
 		return nil, err
@@ -527,7 +524,7 @@ func (e *Engine) bindingLocked(n int) (*binding, error) {
 		}
 		shape := slices.Clone(cshape)
 		shape[0] = int64(n)
-		b.result = append(b.result, Tensor{Name: o.Name, Shape: shape, Data: buf.Floats()})
+		b.result = append(b.result, engine.Tensor{Name: o.Name, Shape: shape, Data: buf.Floats()})
 	}
 	e.sizes[n] = b
 	return b, nil

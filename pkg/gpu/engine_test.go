@@ -115,7 +115,7 @@ func TestBindingMatchesPlainSession(t *testing.T) {
 		want := plainRun(t, lib, path, input, []int64{int64(n), c, h, w}, names)
 
 		copy(buf, input)
-		got, err := e.Run(context.Background(), buf, n, c, h, w)
+		got, err := e.RunData(context.Background(), buf, n, c, h, w)
 		if err != nil {
 			t.Fatalf("batch %d: %v", n, err)
 		}
@@ -130,7 +130,7 @@ func TestBindingMatchesPlainSession(t *testing.T) {
 		}
 
 		// The same images from Go memory take the staging path.
-		got, err = e.Run(context.Background(), input, n, c, h, w)
+		got, err = e.RunData(context.Background(), input, n, c, h, w)
 		if err != nil {
 			t.Fatalf("batch %d from Go memory: %v", n, err)
 		}
@@ -179,7 +179,7 @@ func TestGeneratedModelsBindingMatchesPlainSession(t *testing.T) {
 			defer free()
 			input := randomInput(9, tt.n*tt.c*tt.h*tt.w)
 			copy(buf, input)
-			got, err := e.Run(context.Background(), buf, tt.n, tt.c, tt.h, tt.w)
+			got, err := e.RunData(context.Background(), buf, tt.n, tt.c, tt.h, tt.w)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -204,11 +204,11 @@ func TestRunSteadyStateAllocatesNothing(t *testing.T) {
 	}
 	defer free()
 	ctx := context.Background()
-	if _, err := e.Run(ctx, buf, 2, 3, 8, 8); err != nil {
+	if _, err := e.RunData(ctx, buf, 2, 3, 8, 8); err != nil {
 		t.Fatal(err)
 	}
 	allocs := testing.AllocsPerRun(20, func() {
-		if _, err := e.Run(ctx, buf, 2, 3, 8, 8); err != nil {
+		if _, err := e.RunData(ctx, buf, 2, 3, 8, 8); err != nil {
 			t.Fatal(err)
 		}
 	})
@@ -245,13 +245,13 @@ func TestPaddedBatchesMatchUnpadded(t *testing.T) {
 	runs := []struct{ n, at int }{{1, 2}, {3, 4}, {2, 2}, {4, 4}, {5, 5}, {3, 4}}
 	for i, r := range runs {
 		input := randomInput(uint64(i+20), r.n*c*h*w)
-		want, err := plain.Run(ctx, input, r.n, c, h, w)
+		want, err := plain.RunData(ctx, input, r.n, c, h, w)
 		if err != nil {
 			t.Fatal(err)
 		}
 		before := padded.Stats().PaddedBatches
 		copy(buf, input)
-		got, err := padded.Run(ctx, buf, r.n, c, h, w)
+		got, err := padded.RunData(ctx, buf, r.n, c, h, w)
 		if err != nil {
 			t.Fatalf("batch %d: %v", r.n, err)
 		}
@@ -265,7 +265,7 @@ func TestPaddedBatchesMatchUnpadded(t *testing.T) {
 			sameBits(t, want[o].Name, got[o].Data, want[o].Data)
 		}
 		// Images staged from Go memory are padded the same way.
-		got, err = padded.Run(ctx, input, r.n, c, h, w)
+		got, err = padded.RunData(ctx, input, r.n, c, h, w)
 		if err != nil {
 			t.Fatalf("batch %d from Go memory: %v", r.n, err)
 		}
@@ -274,7 +274,7 @@ func TestPaddedBatchesMatchUnpadded(t *testing.T) {
 		}
 	}
 	if allocs := testing.AllocsPerRun(20, func() {
-		if _, err := padded.Run(ctx, buf, 3, c, h, w); err != nil {
+		if _, err := padded.RunData(ctx, buf, 3, c, h, w); err != nil {
 			t.Fatal(err)
 		}
 	}); allocs != 0 {
@@ -328,7 +328,7 @@ func TestEngineRejectsBadBatches(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			_, err := e.Run(tt.ctx, tt.data, tt.n, tt.c, tt.h, tt.w)
+			_, err := e.RunData(tt.ctx, tt.data, tt.n, tt.c, tt.h, tt.w)
 			if err == nil || !strings.Contains(err.Error(), tt.want) {
 				t.Errorf("Run: %v, want an error containing %q", err, tt.want)
 			}
@@ -343,7 +343,7 @@ func TestEngineRejectsBadBatches(t *testing.T) {
 	if err := e.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := e.Run(context.Background(), buf, 1, 3, 8, 8); err == nil || !strings.Contains(err.Error(), "closed") {
+	if _, err := e.RunData(context.Background(), buf, 1, 3, 8, 8); err == nil || !strings.Contains(err.Error(), "closed") {
 		t.Errorf("Run after Close: %v, want a closed error", err)
 	}
 }
@@ -432,49 +432,6 @@ func TestHostAllocator(t *testing.T) {
 	}
 }
 
-func TestResolveLibPathMissing(t *testing.T) {
-	_, err := ResolveLibPath("/nonexistent/libonnxruntime.so")
-	if err == nil || !strings.Contains(err.Error(), "/nonexistent/libonnxruntime.so") || !strings.Contains(err.Error(), "setup.sh") {
-		t.Errorf("ResolveLibPath with a missing library: %v", err)
-	}
-}
-
-// TestORTGoConfigure checks the onnxruntime_go hook: the CPU provider adds
-// nothing, bad options are refused before any native call, and asking a
-// CPU-only runtime for CUDA is an error, not a crash.
-func TestORTGoConfigure(t *testing.T) {
-	lib := initRuntime(t)
-	if !ort.IsInitialized() {
-		ort.SetSharedLibraryPath(lib)
-		if err := ort.InitializeEnvironment(ort.WithLogLevelError()); err != nil {
-			t.Fatal(err)
-		}
-	}
-	so, err := ort.NewSessionOptions()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer so.Destroy()
-	if err := ORTGoConfigure(SessionOptions{Provider: ProviderCPU})(so); err != nil {
-		t.Errorf("cpu: %v", err)
-	}
-	err = ORTGoConfigure(SessionOptions{Provider: ProviderCUDA, CUDA: CUDAOptions{ConvAlgoSearch: "BEST"}})(so)
-	if err == nil || !strings.Contains(err.Error(), "conv algorithm search") {
-		t.Errorf("bad conv search: %v", err)
-	}
-	if Discover(nil).Available {
-		return
-	}
-	var hookErr error
-	restored, err := WithGoSignals(func() error {
-		hookErr = ORTGoConfigure(SessionOptions{Provider: ProviderCUDA})(so)
-		return hookErr
-	})
-	if err == nil || err != hookErr {
-		t.Errorf("CUDA on a runtime without it: %v (restored %v)", err, restored)
-	}
-}
-
 // TestRealModelsBindingMatchesPlainSession repeats the bit-exact check on
 // the real int8 exports of the shared test data (Ultralytics YOLOv8n with a
 // fixed batch of 1, ONNX zoo MobileNetV2 with a dynamic batch).
@@ -505,7 +462,7 @@ func TestRealModelsBindingMatchesPlainSession(t *testing.T) {
 				input[i] = (input[i] + 1) / 2 // images are in [0,1] after scaling
 			}
 			copy(buf, input)
-			got, err := e.Run(context.Background(), buf, tt.n, tt.c, tt.h, tt.w)
+			got, err := e.RunData(context.Background(), buf, tt.n, tt.c, tt.h, tt.w)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -552,11 +509,11 @@ func TestEngineOutputSelection(t *testing.T) {
 	defer e.Close()
 	_, all := newCPUEngine(t, path)
 	input := randomInput(4, 2*3*8*8)
-	got, err := e.Run(context.Background(), input, 2, 3, 8, 8)
+	got, err := e.RunData(context.Background(), input, 2, 3, 8, 8)
 	if err != nil {
 		t.Fatal(err)
 	}
-	want, err := all.Run(context.Background(), input, 2, 3, 8, 8)
+	want, err := all.RunData(context.Background(), input, 2, 3, 8, 8)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -589,7 +546,7 @@ func TestFixedBatchGraphRunsInChunks(t *testing.T) {
 		for i := range buf {
 			buf[i] = float32(i + n)
 		}
-		out, err := e.Run(context.Background(), buf, n, 1, 2, 2)
+		out, err := e.RunData(context.Background(), buf, n, 1, 2, 2)
 		if err != nil {
 			t.Fatalf("batch %d: %v", n, err)
 		}

@@ -16,6 +16,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/visionserve/visionserve/pkg/engine"
 )
 
 // requireGPU skips unless NVML reports a GPU and ONNX Runtime loads.
@@ -32,11 +34,15 @@ func requireGPU(t testing.TB) Report {
 func TestGPUDiscoverAndProbe(t *testing.T) {
 	r := requireGPU(t)
 	t.Logf("driver %s, CUDA %s, %d GPU(s): %+v", r.DriverVersion, r.CUDADriverVersion, len(r.Devices), r.Devices)
-	c, err := ChooseBackend(context.Background(), BackendAuto, SystemProber{})
+	reg, err := engine.NewRegistry(NewBackends(BackendOptions{ORTLib: initRuntime(t)}).Factories())
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c.Backend != BackendCUDA && c.Backend != BackendTensorRT {
+	c, err := reg.Resolve(engine.Auto)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Backend != engine.ORTCUDA && c.Backend != engine.ORTTensorRT {
 		t.Fatalf("auto on a GPU machine chose %s: %s", c.Backend, c.Reason)
 	}
 	t.Logf("auto: %s (%s)", c.Backend, c.Reason)
@@ -88,11 +94,11 @@ func TestGPUCUDAMatchesCPU(t *testing.T) {
 	for round := range 3 { // new data in the same buffer each round
 		input := randomInput(uint64(round), n*c*h*w)
 		copy(buf, input)
-		got, err := gpu.Run(context.Background(), buf, n, c, h, w)
+		got, err := gpu.RunData(context.Background(), buf, n, c, h, w)
 		if err != nil {
 			t.Fatal(err)
 		}
-		want, err := cpu.Run(context.Background(), input, n, c, h, w)
+		want, err := cpu.RunData(context.Background(), input, n, c, h, w)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -175,7 +181,7 @@ func benchEngine(b *testing.B, e *Engine, kind MemoryKind, n int) {
 	b.ResetTimer()
 	for range b.N {
 		t0 := time.Now()
-		if _, err := e.Run(ctx, data, n, c, h, w); err != nil {
+		if _, err := e.RunData(ctx, data, n, c, h, w); err != nil {
 			b.Fatal(err)
 		}
 		lat = append(lat, time.Since(t0))
@@ -257,7 +263,7 @@ func benchMixed(b *testing.B, e *Engine) {
 	start := time.Now()
 	for _, n := range sizes {
 		t0 := time.Now()
-		if _, err := e.Run(ctx, buf, n, c, h, w); err != nil {
+		if _, err := e.RunData(ctx, buf, n, c, h, w); err != nil {
 			b.Fatal(err)
 		}
 		lat = append(lat, time.Since(t0))

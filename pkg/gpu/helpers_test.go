@@ -9,7 +9,8 @@ import (
 	"go.uber.org/goleak"
 	"google.golang.org/protobuf/proto"
 
-	"github.com/visionserve/visionserve/internal/onnx"
+	"github.com/visionserve/visionserve/internal/testenv"
+	"github.com/visionserve/visionserve/pkg/onnx"
 )
 
 func TestMain(m *testing.M) {
@@ -19,10 +20,7 @@ func TestMain(m *testing.M) {
 // initRuntime loads ONNX Runtime or skips the test, naming what is missing.
 func initRuntime(t testing.TB) string {
 	t.Helper()
-	path, err := ResolveLibPath("")
-	if err != nil {
-		t.Skipf("ONNX Runtime library missing (run scripts/setup.sh): %v", err)
-	}
+	path := testenv.ORTLib(t)
 	if err := Init(path); err != nil {
 		t.Fatalf("Init(%s): %v", path, err)
 	}

@@ -96,7 +96,7 @@ func TestFakeCUDARuntimeChild(t *testing.T) {
 	}
 	defer free()
 	copy(data, randomInput(5, len(data)))
-	if _, err := e.Run(context.Background(), data, 2, 3, 8, 8); err != nil {
+	if _, err := e.RunData(context.Background(), data, 2, 3, 8, 8); err != nil {
 		t.Fatal(err)
 	}
 	if st := e.Stats(); st.Memory != MemoryPinned || st.BindPinned || st.CopiedBatches != 0 {
@@ -125,11 +125,11 @@ func TestFakeCUDARuntimeChild(t *testing.T) {
 	}
 	defer pfree()
 	copy(pdata, data)
-	got, err := pe.Run(context.Background(), pdata, 2, 3, 8, 8)
+	got, err := pe.RunData(context.Background(), pdata, 2, 3, 8, 8)
 	if err != nil {
 		t.Fatal(err)
 	}
-	ref, err := e.Run(context.Background(), data, 2, 3, 8, 8)
+	ref, err := e.RunData(context.Background(), data, 2, 3, 8, 8)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -160,7 +160,7 @@ func warmUp(ctx context.Context, e *Engine, sizes []int, mem MemoryReader, dev i
 	defer free()
 	peaks := map[int]uint64{}
 	for _, n := range sizes {
-		if _, err := e.Run(ctx, data, n, c, h, w); err != nil {
+		if _, err := e.RunData(ctx, data, n, c, h, w); err != nil {
 			return nil, fmt.Errorf("batch %d: %w", n, err)
 		}
 		if err := e.CheckBoundOutputs(n); err != nil {

@@ -7,7 +7,7 @@ import (
 	"slices"
 	"sync"
 
-	"github.com/visionserve/visionserve/internal/onnx"
+	"github.com/visionserve/visionserve/pkg/onnx"
 )
 
 // MemoryReader reads the GPU memory in use, so it can be attributed to the

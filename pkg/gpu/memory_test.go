@@ -75,7 +75,7 @@ func TestLoadModelRecordsMemory(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, err := e.Run(context.Background(), buf, 1, 3, 8, 8); err != nil {
+		if _, err := e.RunData(context.Background(), buf, 1, 3, 8, 8); err != nil {
 			t.Errorf("engine %d: %v", i, err)
 		}
 		free()

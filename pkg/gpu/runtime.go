@@ -1,7 +1,7 @@
 package gpu
 
 /*
-#cgo CFLAGS: -I${SRCDIR}/include -O2
+#cgo CFLAGS: -I${SRCDIR}/../../third_party/onnxruntime/include -O2
 #cgo LDFLAGS: -ldl
 #include <stdlib.h>
 #include "ortc.h"
@@ -11,65 +11,35 @@ import "C"
 import (
 	"errors"
 	"fmt"
-	"sync"
 	"unsafe"
 
-	"github.com/visionserve/visionserve/internal/ortlib"
+	"github.com/visionserve/visionserve/pkg/ortlib"
 )
 
-// EnvLibPath names the environment variable that points at the ONNX Runtime
-// shared library when no path is given.
-const EnvLibPath = ortlib.EnvLibPath
+// runtime loads the ONNX Runtime C API from the process's one library
+// (see package ortlib).
+var ortRuntime = ortlib.NewLoader(func(path string) error {
+	cpath := C.CString(path)
+	defer C.free(unsafe.Pointer(cpath))
+	if err := cerr(C.vs_ort_load(cpath)); err != nil {
+		return fmt.Errorf("loading ONNX Runtime C API from %s: %w", path, err)
+	}
+	return nil
+})
 
-// DefaultLibPath is where scripts/setup.sh installs ONNX Runtime, relative to
-// the repository root.
-const DefaultLibPath = ortlib.DefaultLibPath
-
-var (
-	rtMu sync.Mutex // guards the fields below
-	// rtLib is the library the C API was loaded from; "" until Init
-	// succeeded. A failed Init can be retried with another path.
-	rtLib string
-)
-
-// Init loads the ONNX Runtime C API from the shared library and joins the
-// process-wide environment. It is idempotent: after a success later calls
-// return nil and ignore libPath. The library is libPath, else
-// $VISIONSERVE_ORT_LIB, else DefaultLibPath looked up from the working
-// directory and its parents.
+// Init loads the ONNX Runtime C API from the shared library at libPath and
+// joins the process-wide environment. It is idempotent: after a success
+// later calls return nil and ignore libPath.
 //
 // Package gpu talks to the C API directly rather than through
 // onnxruntime_go because it needs what that package keeps unexported: the
 // session handle for IoBinding with pinned-memory OrtMemoryInfo. When the
 // CPU engine (onnxruntime_go) loads the same path, dlopen returns the same
 // library and ONNX Runtime hands both the same environment.
-func Init(libPath string) error {
-	rtMu.Lock()
-	defer rtMu.Unlock()
-	if rtLib != "" {
-		return nil
-	}
-	path, err := ResolveLibPath(libPath)
-	if err != nil {
-		return err
-	}
-	cpath := C.CString(path)
-	defer C.free(unsafe.Pointer(cpath))
-	if err := cerr(C.vs_ort_load(cpath)); err != nil {
-		return fmt.Errorf("loading ONNX Runtime C API from %s: %w", path, err)
-	}
-	rtLib = path
-	return nil
-}
+func Init(libPath string) error { return ortRuntime.Init(libPath) }
 
 // RuntimeVersion returns the loaded ONNX Runtime version, "" before Init.
 func RuntimeVersion() string { return C.GoString(C.vs_ort_version()) }
-
-// ResolveLibPath returns the library Init would load for libPath, or an
-// error that says how to get one.
-func ResolveLibPath(libPath string) (string, error) {
-	return ortlib.Resolve(libPath)
-}
 
 // cerr converts a message from the C shim into an error and frees it.
 func cerr(msg *C.char) error {

@@ -16,6 +16,7 @@ import (
 	"syscall"
 	"unsafe"
 
+	"github.com/visionserve/visionserve/pkg/engine"
 	"github.com/visionserve/visionserve/pkg/gpu/internal/sigstate"
 )
 
@@ -38,9 +39,9 @@ const (
 func (p Provider) Backend() string {
 	switch p {
 	case ProviderCUDA:
-		return BackendCUDA
+		return engine.ORTCUDA
 	case ProviderTensorRT:
-		return BackendTensorRT
+		return engine.ORTTensorRT
 	}
 	return "ort-cpu-binding"
 }
@@ -187,10 +188,7 @@ func openSessionBytes(model []byte, opts SessionOptions) (*Session, error) {
 }
 
 func newSession(opts SessionOptions, create func(*C.OrtSessionOptions, **C.OrtSession) error) (*Session, error) {
-	rtMu.Lock()
-	ok := rtLib != ""
-	rtMu.Unlock()
-	if !ok {
+	if _, ok := ortRuntime.Initialized(); !ok {
 		return nil, errNoRuntime
 	}
 	intra := opts.IntraOpThreads

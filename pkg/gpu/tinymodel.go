@@ -6,7 +6,7 @@ import (
 
 	"google.golang.org/protobuf/proto"
 
-	"github.com/visionserve/visionserve/internal/onnx"
+	"github.com/visionserve/visionserve/pkg/onnx"
 )
 
 // tinyValue declares a float tensor value; a negative dimension is dynamic.

@@ -123,13 +123,13 @@ type BatchingConfig struct {
 	// AutoTune measures every candidate batch size (1, 2, 4, ... up to
 	// MaxBatchSize) on the model's engine at warm-up and replaces
 	// PreferredBatchSizes and MaxBatchSize with the sizes that measured
-	// fastest per image (see pipeline.ChooseBatchSizes): on a CPU a bigger
+	// fastest per image (see batcher.ChooseBatchSizes): on a CPU a bigger
 	// batch is often not faster.
 	AutoTune bool `yaml:"auto_tune"`
 	// LatencyTargetP99, when set, is the p99 budget of an image's time in
 	// the batcher (queue wait and batch run): the batch size and queue
 	// delay are then adapted online to the most throughput that keeps it
-	// (see pipeline.LatencyController). It implies AutoTune.
+	// (see batcher.LatencyController). It implies AutoTune.
 	LatencyTargetP99 time.Duration `yaml:"latency_target_p99"`
 }
 

@@ -9,7 +9,7 @@ import (
 	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
 
-	"github.com/visionserve/visionserve/internal/onnx"
+	"github.com/visionserve/visionserve/pkg/onnx"
 )
 
 // GraphIO is what the repository reads from an ONNX graph: its real inputs

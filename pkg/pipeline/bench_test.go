@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/visionserve/visionserve/internal/testimage"
+	"github.com/visionserve/visionserve/pkg/engine"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
 )
 
@@ -139,7 +140,7 @@ func BenchmarkPreprocess(b *testing.B) {
 		}
 		decoded.Close()
 		c, h, w := pre.InputShape()
-		pool, err := NewBatchPool(8, c, h, w, 1, nil)
+		pool, err := engine.NewBatchPool(8, c, h, w, 1, nil)
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -209,7 +210,7 @@ func BenchmarkPostprocessYOLO(b *testing.B) {
 			data[(4+c)*anchors+a] = v
 		}
 	}
-	out := []Tensor{{Name: "output0", Shape: []int64{1, 4 + nc, anchors}, Data: data}}
+	out := []engine.Tensor{{Name: "output0", Shape: []int64{1, 4 + nc, anchors}, Data: data}}
 	pp, err := NewPostprocessor(detector())
 	if err != nil {
 		b.Fatal(err)
@@ -236,7 +237,7 @@ func BenchmarkPostprocessClassify(b *testing.B) {
 	for i := range data {
 		data[i] = rng.Float32()*20 - 10
 	}
-	out := []Tensor{{Name: "logits", Shape: []int64{8, 1000}, Data: data}}
+	out := []engine.Tensor{{Name: "logits", Shape: []int64{8, 1000}, Data: data}}
 	pp, err := NewPostprocessor(classifier())
 	if err != nil {
 		b.Fatal(err)

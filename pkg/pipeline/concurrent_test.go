@@ -6,6 +6,8 @@ import (
 	"reflect"
 	"sync"
 	"testing"
+
+	"github.com/visionserve/visionserve/pkg/engine"
 )
 
 // TestConcurrentUse runs one Preprocessor and one Postprocessor from
@@ -26,7 +28,7 @@ func TestConcurrentUse(t *testing.T) {
 	for k := range images {
 		images[k] = encodePNG(t, rectImage(40+30*k, 50, image.Rect(5, 5, 20+k, 30), color.NRGBA{9, 99, 199, 255}, color.NRGBA{200, 10, 10, 255}))
 	}
-	outs := make([]Tensor, 4)
+	outs := make([]engine.Tensor, 4)
 	for k := range outs {
 		var boxes []yoloBox
 		for j := range 10 + 5*k {

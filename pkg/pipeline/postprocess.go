@@ -8,6 +8,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/visionserve/visionserve/pkg/engine"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
 )
 
@@ -76,7 +77,7 @@ func (pp *Postprocessor) Resolve(opts Options) (Options, error) {
 // [N, classes] for classifiers, [N, 4+classes, anchors] for YOLOv8; a
 // mismatch, i out of range or non-finite scores give an error, never a
 // panic.
-func (pp *Postprocessor) Decode(outputs []Tensor, i int, p *Prepared, opts Options) (Result, error) {
+func (pp *Postprocessor) Decode(outputs []engine.Tensor, i int, p *Prepared, opts Options) (Result, error) {
 	start := time.Now()
 	opts, err := pp.Resolve(opts)
 	if err != nil {
@@ -102,7 +103,7 @@ func (pp *Postprocessor) Decode(outputs []Tensor, i int, p *Prepared, opts Optio
 }
 
 // pick finds the output tensor the model's config names, or the first.
-func (pp *Postprocessor) pick(outputs []Tensor) (*Tensor, error) {
+func (pp *Postprocessor) pick(outputs []engine.Tensor) (*engine.Tensor, error) {
 	if len(outputs) == 0 {
 		return nil, fmt.Errorf("model %q: engine returned no outputs", pp.name)
 	}
@@ -120,7 +121,7 @@ func (pp *Postprocessor) pick(outputs []Tensor) (*Tensor, error) {
 // checkShape verifies that t is [N, dims...] (trailing 1s allowed), that
 // the data fits the shape and that image i is in range; it returns the
 // floats of image i.
-func checkShape(t *Tensor, i int, dims ...int) ([]float32, error) {
+func checkShape(t *engine.Tensor, i int, dims ...int) ([]float32, error) {
 	shape := t.Shape
 	for len(shape) > len(dims)+1 && shape[len(shape)-1] == 1 {
 		shape = shape[:len(shape)-1]
@@ -161,7 +162,7 @@ func toAny(d []int) []any {
 // decodeClasses returns the top-k classes of image i. Top-k is taken on
 // the logits (softmax keeps the order), so only k exponentials beyond the
 // sum are needed and nothing of the size of the class count is allocated.
-func (pp *Postprocessor) decodeClasses(t *Tensor, i int, opts Options) ([]Class, error) {
+func (pp *Postprocessor) decodeClasses(t *engine.Tensor, i int, opts Options) ([]Class, error) {
 	nc := pp.numClasses
 	if nc == 0 {
 		nc = -1
@@ -244,7 +245,7 @@ type candidate struct {
 // best class scores at least opts.Confidence go through class-aware NMS;
 // the best opts.MaxDetections survive, mapped to the original image and
 // clipped to it.
-func (pp *Postprocessor) decodeYOLO(t *Tensor, i int, p *Prepared, opts Options) ([]Detection, error) {
+func (pp *Postprocessor) decodeYOLO(t *engine.Tensor, i int, p *Prepared, opts Options) ([]Detection, error) {
 	rows := -1
 	if pp.numClasses > 0 {
 		rows = 4 + pp.numClasses

@@ -6,6 +6,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/visionserve/visionserve/pkg/engine"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
 )
 
@@ -54,7 +55,7 @@ func TestClassify(t *testing.T) {
 			// Image 1 of a batch of 2; image 0 is different on purpose.
 			data := append(make([]float32, len(tt.row)), tt.row...)
 			data[0] = 50
-			out := []Tensor{{Name: "logits", Shape: []int64{2, int64(len(tt.row))}, Data: data}}
+			out := []engine.Tensor{{Name: "logits", Shape: []int64{2, int64(len(tt.row))}, Data: data}}
 			res, err := pp.Decode(out, 1, &Prepared{Width: 7, Height: 9}, Options{TopK: tt.k})
 			if tt.wantErr != "" {
 				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
@@ -103,7 +104,7 @@ type yoloBox struct {
 // yoloOutput builds a [n, 4+nc, anchors] tensor with the boxes in image
 // img of the batch and zeros elsewhere; a few other classes score a bit
 // less than the best so that the best-class search matters.
-func yoloOutput(n, img, nc, anchors int, boxes []yoloBox) Tensor {
+func yoloOutput(n, img, nc, anchors int, boxes []yoloBox) engine.Tensor {
 	data := make([]float32, n*(4+nc)*anchors)
 	base := img * (4 + nc) * anchors
 	for a, b := range boxes {
@@ -115,7 +116,7 @@ func yoloOutput(n, img, nc, anchors int, boxes []yoloBox) Tensor {
 		set(4+b.cls, b.score)
 		set(4+(b.cls+1)%nc, b.score*0.9)
 	}
-	return Tensor{Name: "output0", Shape: []int64{int64(n), int64(4 + nc), int64(anchors)}, Data: data}
+	return engine.Tensor{Name: "output0", Shape: []int64{int64(n), int64(4 + nc), int64(anchors)}, Data: data}
 }
 
 func TestNMS(t *testing.T) {
@@ -153,7 +154,7 @@ func TestNMS(t *testing.T) {
 				t.Fatal(err)
 			}
 			out := yoloOutput(2, 1, 5, 16, tt.boxes)
-			res, err := pp.Decode([]Tensor{out}, 1, identity, tt.opts)
+			res, err := pp.Decode([]engine.Tensor{out}, 1, identity, tt.opts)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -168,7 +169,7 @@ func TestNMS(t *testing.T) {
 				}
 			}
 			// The batch's other image is empty.
-			res, err = pp.Decode([]Tensor{out}, 0, identity, tt.opts)
+			res, err = pp.Decode([]engine.Tensor{out}, 0, identity, tt.opts)
 			if err != nil || len(res.Detections) != 0 {
 				t.Errorf("image 0: %d detections, %v", len(res.Detections), err)
 			}
@@ -201,7 +202,7 @@ func TestDetectionsMapped(t *testing.T) {
 		{320, 60, 100, 40, 2, 0.7},  // wholly in the top padding
 		{100, 150, 40, 40, 2, 0.6},  // crosses into the top padding
 	})
-	res, err := pp.Decode([]Tensor{out}, 0, p, Options{})
+	res, err := pp.Decode([]engine.Tensor{out}, 0, p, Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -233,13 +234,13 @@ func TestDecodeErrors(t *testing.T) {
 		t.Fatal(err)
 	}
 	p := &Prepared{Width: 10, Height: 10, Transform: Transform{ScaleX: 1, ScaleY: 1}}
-	tensor := func(name string, shape []int64, n int) []Tensor {
-		return []Tensor{{Name: name, Shape: shape, Data: make([]float32, n)}}
+	tensor := func(name string, shape []int64, n int) []engine.Tensor {
+		return []engine.Tensor{{Name: name, Shape: shape, Data: make([]float32, n)}}
 	}
 	tests := []struct {
 		name    string
 		pp      *Postprocessor
-		outs    []Tensor
+		outs    []engine.Tensor
 		i       int
 		opts    Options
 		wantErr string

@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"testing"
 
+	"github.com/visionserve/visionserve/internal/testenv"
 	"github.com/visionserve/visionserve/pkg/engine/onnxrt"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
 	"github.com/visionserve/visionserve/pkg/pipeline"
@@ -38,8 +39,8 @@ func realRunner(t *testing.T, m *modelrepo.Model) *pipeline.Runner {
 // runnerWith is realRunner with preprocess options.
 func runnerWith(t *testing.T, m *modelrepo.Model, opts pipeline.PreprocessOptions) *pipeline.Runner {
 	t.Helper()
-	if _, err := onnxrt.ResolveLibPath(""); err != nil {
-		t.Skipf("ONNX Runtime library missing: %v", err)
+	if err := onnxrt.Init(testenv.ORTLib(t)); err != nil {
+		t.Fatal(err)
 	}
 	eng, err := onnxrt.NewForModel(m, onnxrt.Options{})
 	if err != nil {
@@ -225,8 +226,8 @@ func BenchmarkInferYOLOv8s(b *testing.B) {
 	if err != nil {
 		b.Skipf("real test data missing: ../shared/testdata/images/bus.jpg")
 	}
-	if _, err := onnxrt.ResolveLibPath(""); err != nil {
-		b.Skipf("ONNX Runtime library missing: %v", err)
+	if err := onnxrt.Init(testenv.ORTLib(b)); err != nil {
+		b.Fatal(err)
 	}
 	eng, err := onnxrt.NewForModel(m, onnxrt.Options{})
 	if err != nil {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/visionserve/visionserve/pkg/engine"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
 )
 
@@ -17,14 +18,14 @@ import (
 type Runner struct {
 	pre      *Preprocessor
 	post     *Postprocessor
-	engine   Engine
-	pool     *BatchPool
+	engine   engine.Engine
+	pool     *engine.BatchPool
 	maxBatch int
 }
 
 // New builds a Runner of model m on engine e. The Runner does not own e:
 // closing the Runner leaves the engine open.
-func New(m *modelrepo.Model, e Engine, opts PreprocessOptions) (*Runner, error) {
+func New(m *modelrepo.Model, e engine.Engine, opts PreprocessOptions) (*Runner, error) {
 	if e == nil {
 		return nil, errors.New("pipeline: nil engine")
 	}
@@ -37,9 +38,9 @@ func New(m *modelrepo.Model, e Engine, opts PreprocessOptions) (*Runner, error) 
 		return nil, err
 	}
 	maxBatch := max(m.Batching.MaxBatchSize, 1)
-	alloc, _ := e.(BatchAllocator)
+	alloc, _ := e.(engine.BatchAllocator)
 	c, h, w := pre.InputShape()
-	pool, err := NewBatchPool(maxBatch, c, h, w, 1, alloc)
+	pool, err := engine.NewBatchPool(maxBatch, c, h, w, 1, alloc)
 	if err != nil {
 		return nil, err
 	}

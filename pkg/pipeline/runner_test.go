@@ -9,6 +9,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/visionserve/visionserve/pkg/engine"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
 )
 
@@ -25,7 +26,7 @@ type fakeClassifier struct {
 	useHeap bool
 }
 
-func (f *fakeClassifier) Run(ctx context.Context, b *Batch) ([]Tensor, error) {
+func (f *fakeClassifier) Run(ctx context.Context, b *engine.Batch) ([]engine.Tensor, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
@@ -44,7 +45,7 @@ func (f *fakeClassifier) Run(ctx context.Context, b *Batch) ([]Tensor, error) {
 	if f.shape != nil {
 		shape = f.shape
 	}
-	return []Tensor{{Name: "logits", Shape: shape, Data: out}}, nil
+	return []engine.Tensor{{Name: "logits", Shape: shape, Data: out}}, nil
 }
 
 func (f *fakeClassifier) Backend() string { return "fake" }
@@ -153,7 +154,7 @@ func TestRunnerErrors(t *testing.T) {
 }
 
 func TestBatchPool(t *testing.T) {
-	p, err := NewBatchPool(2, 3, 4, 5, 1, nil)
+	p, err := engine.NewBatchPool(2, 3, 4, 5, 1, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -173,7 +174,7 @@ func TestBatchPool(t *testing.T) {
 	if _, err := p.Get(); err == nil {
 		t.Error("Get after Close: no error")
 	}
-	if _, err := NewBatchPool(0, 3, 4, 5, 1, nil); err == nil {
+	if _, err := engine.NewBatchPool(0, 3, 4, 5, 1, nil); err == nil {
 		t.Error("zero capacity: no error")
 	}
 }

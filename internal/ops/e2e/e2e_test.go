@@ -40,7 +40,7 @@ import (
 	"github.com/visionserve/visionserve/internal/server"
 	"github.com/visionserve/visionserve/internal/server/servertest"
 	"github.com/visionserve/visionserve/internal/telemetry"
-	"github.com/visionserve/visionserve/pkg/engine/onnxrt"
+	"github.com/visionserve/visionserve/internal/testenv"
 	visionv1 "github.com/visionserve/visionserve/proto/visionserve/v1"
 )
 
@@ -64,9 +64,7 @@ func (l *logBuffer) String() string {
 
 func TestOperationsOfARealServer(t *testing.T) {
 	repo := servertest.Repo(t, servertest.MobileNetV2, servertest.YOLOv8n)
-	if _, err := onnxrt.ResolveLibPath(""); err != nil {
-		t.Skipf("ONNX Runtime missing (run scripts/setup.sh): %v", err)
-	}
+	lib := testenv.ORTLib(t)
 	for _, k := range []string{"OTEL_SDK_DISABLED", "OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_TRACES_SAMPLER"} {
 		t.Setenv(k, "")
 	}
@@ -97,6 +95,7 @@ func TestOperationsOfARealServer(t *testing.T) {
 	}
 
 	cfg := config.Default()
+	cfg.ORTLib = lib
 	cfg.ModelRepo, cfg.Backend = repo, "ort-cpu"
 	cfg.GRPCAddr, cfg.HTTPAddr = "127.0.0.1:0", "127.0.0.1:0"
 	cfg.GracePeriod = 10 * time.Second

@@ -3,7 +3,7 @@ package cvdnn
 import (
 	"google.golang.org/protobuf/encoding/protowire"
 
-	"github.com/visionserve/visionserve/internal/onnx"
+	"github.com/visionserve/visionserve/pkg/onnx"
 )
 
 // Field numbers of onnx.proto's AttributeProto scalar values.
@@ -16,7 +16,7 @@ const (
 // carry its value on the wire, and reports whether it changed anything.
 //
 // ONNX is a proto2 schema: an attribute's value is "present" only when
-// written. A proto3 writer without explicit presence (internal/onnx before
+// written. A proto3 writer without explicit presence (pkg/onnx before
 // it made f/i/s optional, and other tools) never writes a zero scalar, so
 // its models have attributes such as MaxPool ceil_mode=0 or Concat axis=0
 // with no value at all. ONNX Runtime reads those as zero; OpenCV 4.6 asks

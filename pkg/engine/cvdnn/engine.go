@@ -39,13 +39,13 @@ import (
 	"gocv.io/x/gocv"
 	"google.golang.org/protobuf/proto"
 
-	"github.com/visionserve/visionserve/internal/onnx"
+	"github.com/visionserve/visionserve/pkg/engine"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
-	"github.com/visionserve/visionserve/pkg/pipeline"
+	"github.com/visionserve/visionserve/pkg/onnx"
 )
 
 // Backend is what Engine.Backend reports.
-const Backend = "opencv"
+const Backend = engine.OpenCV
 
 // Options configure an Engine. The zero value reads names and shapes from
 // the graph, cuts YOLOv8 heads and probes the model first.
@@ -73,7 +73,7 @@ type Options struct {
 	ProbeTimeout time.Duration
 }
 
-// Engine runs one ONNX model on OpenCV DNN. It implements pipeline.Engine;
+// Engine runs one ONNX model on OpenCV DNN. It implements engine.Engine;
 // like every Engine it is used by one goroutine at a time.
 type Engine struct {
 	path  string // the file OpenCV runs (the cut model for a detector)
@@ -104,7 +104,7 @@ type Engine struct {
 type runBuffers struct {
 	net     [][]float32
 	shapes  [][]int
-	result  []pipeline.Tensor
+	result  []engine.Tensor
 	scratch []float32 // the host decode's
 }
 
@@ -299,7 +299,7 @@ func (e *Engine) Backend() string { return Backend }
 func (e *Engine) Head() *DetectHead { return e.head }
 
 // CheckBatch returns an error when b does not fit the model input.
-func (e *Engine) CheckBatch(b *pipeline.Batch) error {
+func (e *Engine) CheckBatch(b *engine.Batch) error {
 	if b == nil {
 		return errors.New("nil batch")
 	}
@@ -324,7 +324,7 @@ func (e *Engine) CheckBatch(b *pipeline.Batch) error {
 // Run executes the model on the first b.N images of b. The returned
 // tensors are reused by the next Run. OpenCV cannot interrupt a forward
 // pass, so ctx is only checked before it starts.
-func (e *Engine) Run(ctx context.Context, b *pipeline.Batch) ([]pipeline.Tensor, error) {
+func (e *Engine) Run(ctx context.Context, b *engine.Batch) ([]engine.Tensor, error) {
 	if err := e.CheckBatch(b); err != nil {
 		return nil, fmt.Errorf("opencv: %w", err)
 	}
@@ -368,17 +368,17 @@ func (e *Engine) Run(ctx context.Context, b *pipeline.Batch) ([]pipeline.Tensor,
 	}
 	if e.head == nil {
 		if bufs.result == nil {
-			bufs.result = make([]pipeline.Tensor, len(e.outputs))
+			bufs.result = make([]engine.Tensor, len(e.outputs))
 		}
 		for i, name := range e.outputs {
-			bufs.result[i] = pipeline.Tensor{Name: name, Shape: int64s(bufs.result[i].Shape[:0], bufs.shapes[i]), Data: bufs.net[i]}
+			bufs.result[i] = engine.Tensor{Name: name, Shape: int64s(bufs.result[i].Shape[:0], bufs.shapes[i]), Data: bufs.net[i]}
 		}
 		return bufs.result, nil
 	}
 	return e.decodeLocked(b, bufs)
 }
 
-func (e *Engine) decodeLocked(b *pipeline.Batch, bufs *runBuffers) ([]pipeline.Tensor, error) {
+func (e *Engine) decodeLocked(b *engine.Batch, bufs *runBuffers) ([]engine.Tensor, error) {
 	levels, err := e.head.levels(bufs.net, bufs.shapes)
 	if err != nil {
 		return nil, fmt.Errorf("opencv: model %s: %w", e.path, err)
@@ -386,7 +386,7 @@ func (e *Engine) decodeLocked(b *pipeline.Batch, bufs *runBuffers) ([]pipeline.T
 	anchors := anchorCount(levels)
 	rows := 4 + e.head.NumClasses
 	if bufs.result == nil {
-		bufs.result = []pipeline.Tensor{{Name: e.head.Output}}
+		bufs.result = []engine.Tensor{{Name: e.head.Output}}
 	}
 	out := &bufs.result[0]
 	out.Shape = append(out.Shape[:0], int64(b.N), int64(rows), int64(anchors))
@@ -421,4 +421,15 @@ func (e *Engine) Close() error {
 	return e.net.Close()
 }
 
-var _ pipeline.Engine = (*Engine)(nil)
+var _ engine.Engine = (*Engine)(nil)
+
+// Factory is the opencv backend. The first instance of a model probes it
+// in a child process (OpenCV 4.6 aborts the process on a graph it cannot
+// import); the others load what that probe proved.
+func Factory(opts Options) engine.Factory {
+	return engine.Factory{New: func(ctx context.Context, m *modelrepo.Model, instance int) (engine.Engine, error) {
+		o := opts
+		o.SkipProbe = instance > 0
+		return NewForModel(ctx, m, o)
+	}}
+}

@@ -6,8 +6,9 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/visionserve/visionserve/internal/testenv"
+	"github.com/visionserve/visionserve/pkg/engine"
 	"github.com/visionserve/visionserve/pkg/engine/onnxrt"
-	"github.com/visionserve/visionserve/pkg/pipeline"
 )
 
 func fillPattern(data []float32, seed uint32) {
@@ -34,10 +35,10 @@ func maxDiff(a, b []float32) float64 {
 // ortReference runs the model on ONNX Runtime: the full graph for a
 // classifier; for a detector the cut graph followed by the host decode,
 // since the tiny test detectors have a stand-in tail.
-func ortReference(t *testing.T, path string, outputs []string, b *pipeline.Batch) [][]float32 {
+func ortReference(t *testing.T, path string, outputs []string, b *engine.Batch) [][]float32 {
 	t.Helper()
-	if err := onnxrt.Init(""); err != nil {
-		t.Skipf("ONNX Runtime not installed: %v", err)
+	if err := onnxrt.Init(testenv.ORTLib(t)); err != nil {
+		t.Fatal(err)
 	}
 	e, err := onnxrt.New(path, onnxrt.Options{OutputNames: outputs})
 	if err != nil {
@@ -65,7 +66,7 @@ func TestClassifierMatchesORT(t *testing.T) {
 	if e.Backend() != "opencv" || e.Head() != nil {
 		t.Fatalf("Backend %q head %v, want opencv without a cut", e.Backend(), e.Head())
 	}
-	b := pipeline.NewBatch(4, 3, 32, 32)
+	b := engine.NewBatch(4, 3, 32, 32)
 	for i := range 4 {
 		fillPattern(b.Slot(i), uint32(i))
 	}
@@ -103,7 +104,7 @@ func TestDetectorCutMatchesORT(t *testing.T) {
 			if head == nil || head.Combined() != combined {
 				t.Fatalf("head %+v, want a cut graph (combined=%v)", head, combined)
 			}
-			b := pipeline.NewBatch(2, 3, tinySize, tinySize)
+			b := engine.NewBatch(2, 3, tinySize, tinySize)
 			fillPattern(b.Slot(0), 1)
 			fillPattern(b.Slot(1), 2)
 			for _, n := range []int{2, 1} {
@@ -178,17 +179,17 @@ func TestEngineErrors(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	good := pipeline.NewBatch(4, 3, 32, 32)
+	good := engine.NewBatch(4, 3, 32, 32)
 	tests := []struct {
 		name  string
-		batch *pipeline.Batch
+		batch *engine.Batch
 		want  string
 	}{
 		{"nil", nil, "nil batch"},
-		{"empty", &pipeline.Batch{N: 0, Cap: 4, C: 3, H: 32, W: 32, Data: good.Data}, "want 1..4"},
-		{"wrong size", &pipeline.Batch{N: 1, Cap: 1, C: 3, H: 64, W: 64, Data: make([]float32, 3*64*64)}, "model input is 3x32x32"},
-		{"short buffer", &pipeline.Batch{N: 2, Cap: 4, C: 3, H: 32, W: 32, Data: good.Data[:10]}, "need"},
-		{"over max batch", &pipeline.Batch{N: 3, Cap: 4, C: 3, H: 32, W: 32, Data: good.Data}, "probed maximum 2"},
+		{"empty", &engine.Batch{N: 0, Cap: 4, C: 3, H: 32, W: 32, Data: good.Data}, "want 1..4"},
+		{"wrong size", &engine.Batch{N: 1, Cap: 1, C: 3, H: 64, W: 64, Data: make([]float32, 3*64*64)}, "model input is 3x32x32"},
+		{"short buffer", &engine.Batch{N: 2, Cap: 4, C: 3, H: 32, W: 32, Data: good.Data[:10]}, "need"},
+		{"over max batch", &engine.Batch{N: 3, Cap: 4, C: 3, H: 32, W: 32, Data: good.Data}, "probed maximum 2"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -229,7 +230,7 @@ func TestPerImageFallback(t *testing.T) {
 		if !e.PerImage() {
 			t.Fatalf("instance %d: PerImage() = false; the probe should have found batch 3 failing", instance)
 		}
-		b := pipeline.NewBatch(3, 3, 16, 16)
+		b := engine.NewBatch(3, 3, 16, 16)
 		b.N = 3
 		for i := range 3 {
 			fillPattern(b.Slot(i), uint32(10+i))
@@ -265,7 +266,7 @@ func TestAttributesWithoutPresence(t *testing.T) {
 	if e.path == path {
 		t.Error("the model was not rewritten for OpenCV")
 	}
-	b := pipeline.NewBatch(1, 3, 16, 16)
+	b := engine.NewBatch(1, 3, 16, 16)
 	b.N = 1
 	fillPattern(b.Data, 5)
 	got, err := e.Run(context.Background(), b)
@@ -299,7 +300,7 @@ func TestFixedBatchOne(t *testing.T) {
 	if !e.PerImage() {
 		t.Error("PerImage() = false for a batch-1 graph")
 	}
-	b := pipeline.NewBatch(3, 3, 32, 32)
+	b := engine.NewBatch(3, 3, 32, 32)
 	b.N = 3
 	for i := range 3 {
 		fillPattern(b.Slot(i), uint32(20+i))
@@ -339,7 +340,7 @@ func TestSiLUFusion(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer e.Close()
-	b := pipeline.NewBatch(2, 3, 16, 16)
+	b := engine.NewBatch(2, 3, 16, 16)
 	b.N = 2
 	fillPattern(b.Data, 9)
 	got, err := e.Run(context.Background(), b)

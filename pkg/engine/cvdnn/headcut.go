@@ -11,7 +11,7 @@ import (
 
 	"google.golang.org/protobuf/proto"
 
-	"github.com/visionserve/visionserve/internal/onnx"
+	"github.com/visionserve/visionserve/pkg/onnx"
 )
 
 // DetectHead is where a YOLOv8 graph is cut for OpenCV: the per-level head

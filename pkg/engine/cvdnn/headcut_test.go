@@ -12,9 +12,10 @@ import (
 
 	"google.golang.org/protobuf/proto"
 
-	"github.com/visionserve/visionserve/internal/onnx"
+	"github.com/visionserve/visionserve/internal/testenv"
+	"github.com/visionserve/visionserve/pkg/engine"
 	"github.com/visionserve/visionserve/pkg/engine/onnxrt"
-	"github.com/visionserve/visionserve/pkg/pipeline"
+	"github.com/visionserve/visionserve/pkg/onnx"
 )
 
 // sharedTestdata returns a file of ../shared/testdata (beside the
@@ -115,8 +116,8 @@ func TestFindDetectHeadRealExport(t *testing.T) {
 // DecodeYOLOv8; both must give the same output0.
 func TestDecodeMatchesRealModel(t *testing.T) {
 	src := sharedTestdata(t, "models/yolov8n_int8.onnx")
-	if err := onnxrt.Init(""); err != nil {
-		t.Skipf("ONNX Runtime not installed: %v", err)
+	if err := onnxrt.Init(testenv.ORTLib(t)); err != nil {
+		t.Fatal(err)
 	}
 	cutPath, head, err := CutModelFile(src, "output0", t.TempDir())
 	if err != nil {
@@ -133,7 +134,7 @@ func TestDecodeMatchesRealModel(t *testing.T) {
 	}
 	defer cut.Close()
 
-	b := pipeline.NewBatch(1, 3, 640, 640)
+	b := engine.NewBatch(1, 3, 640, 640)
 	b.N = 1
 	fillScene(b.Slot(0), 640, 640)
 	want, err := full.Run(context.Background(), b)

@@ -12,7 +12,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/visionserve/visionserve/internal/onnx"
+	"github.com/visionserve/visionserve/pkg/onnx"
 )
 
 // probeEnv carries the probe request to the child process. Its presence is

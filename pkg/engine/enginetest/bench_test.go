@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/visionserve/visionserve/pkg/engine"
 	"github.com/visionserve/visionserve/pkg/engine/cvdnn"
 	"github.com/visionserve/visionserve/pkg/engine/onnxrt"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
@@ -45,10 +46,10 @@ func BenchmarkEngine(b *testing.B) {
 // benchEngine loads the engine once for all batch sizes; sub-benchmarks
 // are re-entered as b.N grows, and a model load per entry would dwarf
 // the runs.
-func benchEngine(b *testing.B, kind string, m *modelrepo.Model, maxBatch int) pipeline.Engine {
+func benchEngine(b *testing.B, kind string, m *modelrepo.Model, maxBatch int) engine.Engine {
 	b.Helper()
 	initORT(b)
-	var e pipeline.Engine
+	var e engine.Engine
 	var err error
 	switch kind {
 	case onnxrt.Backend:
@@ -64,7 +65,7 @@ func benchEngine(b *testing.B, kind string, m *modelrepo.Model, maxBatch int) pi
 }
 
 // benchBatch is a batch of n copies of a preprocessed test image.
-func benchBatch(b *testing.B, m *modelrepo.Model, n int) *pipeline.Batch {
+func benchBatch(b *testing.B, m *modelrepo.Model, n int) *engine.Batch {
 	b.Helper()
 	pre, err := pipeline.NewPreprocessor(m, pipeline.PreprocessOptions{})
 	if err != nil {
@@ -76,7 +77,7 @@ func benchBatch(b *testing.B, m *modelrepo.Model, n int) *pipeline.Batch {
 	}
 	defer p.Close()
 	c, h, w := pre.InputShape()
-	batch := pipeline.NewBatch(n, c, h, w)
+	batch := engine.NewBatch(n, c, h, w)
 	batch.N = n
 	for i := range n {
 		if err := p.Fill(batch.Slot(i)); err != nil {
@@ -86,7 +87,7 @@ func benchBatch(b *testing.B, m *modelrepo.Model, n int) *pipeline.Batch {
 	return batch
 }
 
-func runEngineBench(b *testing.B, e pipeline.Engine, batch *pipeline.Batch) {
+func runEngineBench(b *testing.B, e engine.Engine, batch *engine.Batch) {
 	ctx := context.Background()
 	if _, err := e.Run(ctx, batch); err != nil { // warm-up, untimed
 		b.Fatal(err)

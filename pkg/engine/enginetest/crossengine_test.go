@@ -9,6 +9,7 @@ import (
 	"math"
 	"testing"
 
+	"github.com/visionserve/visionserve/pkg/engine"
 	"github.com/visionserve/visionserve/pkg/engine/cvdnn"
 	"github.com/visionserve/visionserve/pkg/engine/onnxrt"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
@@ -66,7 +67,7 @@ func runners(t *testing.T, m *modelrepo.Model) (ort, cv *pipeline.Runner, ortE *
 	t.Logf("%s on OpenCV: cut at the detect head %v, image by image %v", m.Name, cvE.Head() != nil, cvE.PerImage())
 	for _, p := range []struct {
 		r **pipeline.Runner
-		e pipeline.Engine
+		e engine.Engine
 	}{{&ort, ortE}, {&cv, cvE}} {
 		r, err := pipeline.New(m, p.e, pipeline.PreprocessOptions{})
 		if err != nil {
@@ -153,7 +154,7 @@ func TestCrossEngineYOLOv8s(t *testing.T) {
 	}
 	defer p.Close()
 	c, h, w := pre.InputShape()
-	b := pipeline.NewBatch(1, c, h, w)
+	b := engine.NewBatch(1, c, h, w)
 	b.N = 1
 	if err := p.Fill(b.Slot(0)); err != nil {
 		t.Fatal(err)

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"testing"
 
+	"github.com/visionserve/visionserve/pkg/engine"
 	"github.com/visionserve/visionserve/pkg/engine/cvdnn"
 	"github.com/visionserve/visionserve/pkg/engine/onnxrt"
 	"github.com/visionserve/visionserve/pkg/pipeline"
@@ -20,7 +21,7 @@ type cutEngine struct {
 	out  []float32
 }
 
-func (c *cutEngine) Run(ctx context.Context, b *pipeline.Batch) ([]pipeline.Tensor, error) {
+func (c *cutEngine) Run(ctx context.Context, b *engine.Batch) ([]engine.Tensor, error) {
 	heads, err := c.ort.Run(ctx, b)
 	if err != nil {
 		return nil, err
@@ -42,7 +43,7 @@ func (c *cutEngine) Run(ctx context.Context, b *pipeline.Batch) ([]pipeline.Tens
 	if anchors != 8400 {
 		return nil, fmt.Errorf("%d anchors, want 8400", anchors)
 	}
-	return []pipeline.Tensor{{Name: c.head.Output, Shape: []int64{int64(b.N), int64(rows), int64(anchors)}, Data: c.out}}, nil
+	return []engine.Tensor{{Name: c.head.Output, Shape: []int64{int64(b.N), int64(rows), int64(anchors)}, Data: c.out}}, nil
 }
 
 func (c *cutEngine) Backend() string { return "ort-cpu+host-decode" }

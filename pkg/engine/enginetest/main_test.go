@@ -7,6 +7,7 @@ import (
 
 	"go.uber.org/goleak"
 
+	"github.com/visionserve/visionserve/internal/testenv"
 	"github.com/visionserve/visionserve/pkg/engine/cvdnn"
 	"github.com/visionserve/visionserve/pkg/engine/onnxrt"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
@@ -38,8 +39,8 @@ func readFile(t testing.TB, path string) []byte {
 
 func initORT(t testing.TB) {
 	t.Helper()
-	if err := onnxrt.Init(""); err != nil {
-		t.Skipf("ONNX Runtime not installed: %v", err)
+	if err := onnxrt.Init(testenv.ORTLib(t)); err != nil {
+		t.Fatal(err)
 	}
 }
 

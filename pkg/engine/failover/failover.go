@@ -13,7 +13,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/visionserve/visionserve/pkg/pipeline"
+	"github.com/visionserve/visionserve/pkg/engine"
 )
 
 // ErrBackendUnavailable is wrapped by the errors of batches that could not
@@ -85,7 +85,7 @@ type Options struct {
 	// IsBackendFailure says whether a primary error is the backend's fault
 	// (counts against it) rather than the batch's or the caller's. The
 	// default counts every error but cancellation, deadlines and
-	// pipeline.IsInputError.
+	// engine.ErrBadBatch.
 	IsBackendFailure func(error) bool
 	// Now is the clock; nil means time.Now.
 	Now func() time.Time
@@ -218,11 +218,11 @@ func (br *Breaker) setLocked(to State, cause error, events *[]Event) {
 	}
 }
 
-// Engine is a pipeline.Engine that fails over from a primary to a fallback
+// Engine is a engine.Engine that fails over from a primary to a fallback
 // engine. Like every Engine it is used by one goroutine at a time; Stats
 // and State may be called from any goroutine.
 type Engine struct {
-	primary, fallback pipeline.Engine
+	primary, fallback engine.Engine
 	opts              Options
 	breaker           *Breaker
 
@@ -240,7 +240,7 @@ type Stats struct {
 // open breaker fails batches fast with ErrBackendUnavailable. breaker may
 // be shared by the engines of one device; nil gives the engine its own,
 // built from opts.
-func New(primary, fallback pipeline.Engine, breaker *Breaker, opts Options) *Engine {
+func New(primary, fallback engine.Engine, breaker *Breaker, opts Options) *Engine {
 	opts = opts.withDefaults()
 	if breaker == nil {
 		breaker = NewBreaker(primary.Backend(), opts)
@@ -251,12 +251,12 @@ func New(primary, fallback pipeline.Engine, breaker *Breaker, opts Options) *Eng
 // DefaultIsBackendFailure counts every error but cancellation, deadlines
 // and refusals of bad input.
 func DefaultIsBackendFailure(err error) bool {
-	return !errors.Is(err, context.Canceled) && !errors.Is(err, context.DeadlineExceeded) && !pipeline.IsInputError(err)
+	return !errors.Is(err, context.Canceled) && !errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, engine.ErrBadBatch)
 }
 
 // Run executes the batch on the primary while it is healthy, else on the
 // fallback; see the package comment for the rules.
-func (e *Engine) Run(ctx context.Context, b *pipeline.Batch) ([]pipeline.Tensor, error) {
+func (e *Engine) Run(ctx context.Context, b *engine.Batch) ([]engine.Tensor, error) {
 	var events []Event
 	defer func() { e.emit(events) }()
 
@@ -292,7 +292,7 @@ func (e *Engine) Run(ctx context.Context, b *pipeline.Batch) ([]pipeline.Tensor,
 	return nil, fmt.Errorf("%w: %s failed: %w", ErrBackendUnavailable, e.primary.Backend(), err)
 }
 
-func (e *Engine) runFallback(ctx context.Context, b *pipeline.Batch, cause error, events *[]Event) ([]pipeline.Tensor, error) {
+func (e *Engine) runFallback(ctx context.Context, b *engine.Batch, cause error, events *[]Event) ([]engine.Tensor, error) {
 	if e.fallback == nil {
 		e.mu.Lock()
 		e.stats.FailedBatches++
@@ -348,7 +348,7 @@ func (e *Engine) Stats() Stats {
 // when it has an allocator, so preprocessing writes where the GPU reads;
 // the fallback reads any memory.
 func (e *Engine) AllocBatch(maxN, c, h, w int) ([]float32, func(), error) {
-	if a, ok := e.primary.(pipeline.BatchAllocator); ok {
+	if a, ok := e.primary.(engine.BatchAllocator); ok {
 		return a.AllocBatch(maxN, c, h, w)
 	}
 	if maxN < 1 || c < 1 || h < 1 || w < 1 {
@@ -367,6 +367,6 @@ func (e *Engine) Close() error {
 }
 
 var (
-	_ pipeline.Engine         = (*Engine)(nil)
-	_ pipeline.BatchAllocator = (*Engine)(nil)
+	_ engine.Engine         = (*Engine)(nil)
+	_ engine.BatchAllocator = (*Engine)(nil)
 )

@@ -11,7 +11,7 @@ import (
 
 	"go.uber.org/goleak"
 
-	"github.com/visionserve/visionserve/pkg/pipeline"
+	"github.com/visionserve/visionserve/pkg/engine"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -25,14 +25,14 @@ type fakeEngine struct {
 	closed bool
 }
 
-func (f *fakeEngine) Run(ctx context.Context, b *pipeline.Batch) ([]pipeline.Tensor, error) {
+func (f *fakeEngine) Run(ctx context.Context, b *engine.Batch) ([]engine.Tensor, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.runs++
 	if f.fail != nil {
 		return nil, f.fail
 	}
-	return []pipeline.Tensor{{Name: f.name, Shape: []int64{int64(b.N)}, Data: make([]float32, b.N)}}, nil
+	return []engine.Tensor{{Name: f.name, Shape: []int64{int64(b.N)}, Data: make([]float32, b.N)}}, nil
 }
 func (f *fakeEngine) Backend() string { return f.name }
 func (f *fakeEngine) Close() error    { f.closed = true; return nil }
@@ -61,8 +61,8 @@ func (c *fakeClock) Advance(d time.Duration) {
 
 var errCUDA = errors.New("CUDA failure 700: an illegal memory access was encountered")
 
-func batch() *pipeline.Batch {
-	b := pipeline.NewBatch(2, 3, 4, 4)
+func batch() *engine.Batch {
+	b := engine.NewBatch(2, 3, 4, 4)
 	b.N = 2
 	return b
 }
@@ -148,10 +148,10 @@ func TestBreaker(t *testing.T) {
 			{advance: cooldown, wantBackend: "ort-cuda", wantState: Closed, wantEvents: "open->half-open half-open->closed"},
 		}},
 		{"input errors and cancellations do not count", false, false, []step{
-			{primaryFail: fmt.Errorf("tensor: %w", pipeline.ErrBadTensor), wantState: Closed},
+			{primaryFail: fmt.Errorf("tensor: %w", engine.ErrBadBatch), wantState: Closed},
 			{primaryFail: context.DeadlineExceeded, wantState: Closed},
 			{primaryFail: context.Canceled, wantState: Closed},
-			{primaryFail: fmt.Errorf("wrapped: %w", pipeline.ErrBadTensor), wantState: Closed},
+			{primaryFail: fmt.Errorf("wrapped: %w", engine.ErrBadBatch), wantState: Closed},
 		}},
 	}
 	for _, tt := range tests {
@@ -159,7 +159,7 @@ func TestBreaker(t *testing.T) {
 			gpu, cpu := &fakeEngine{name: "ort-cuda"}, &fakeEngine{name: "opencv"}
 			clock := &fakeClock{now: time.Unix(1000, 0)}
 			rec := &recorder{}
-			var fallback pipeline.Engine = cpu
+			var fallback engine.Engine = cpu
 			if tt.noCPU {
 				fallback = nil
 			}
@@ -290,7 +290,7 @@ func (b *blockingEngine) block(on bool) {
 	b.blocked = on
 }
 
-func (b *blockingEngine) Run(ctx context.Context, batch *pipeline.Batch) ([]pipeline.Tensor, error) {
+func (b *blockingEngine) Run(ctx context.Context, batch *engine.Batch) ([]engine.Tensor, error) {
 	b.blockMu.Lock()
 	blocked := b.blocked
 	b.blockMu.Unlock()

@@ -8,13 +8,12 @@ import (
 	"slices"
 	"sync"
 
+	"github.com/visionserve/visionserve/pkg/engine"
 	ort "github.com/yalue/onnxruntime_go"
-
-	"github.com/visionserve/visionserve/pkg/pipeline"
 )
 
 // Backend is what Engine.Backend reports unless Options.Backend says else.
-const Backend = "ort-cpu"
+const Backend = engine.ORTCPU
 
 // OptLevel is ONNX Runtime's graph optimisation level. The zero value means
 // all optimisations, the runtime's own default.
@@ -68,7 +67,7 @@ type Options struct {
 }
 
 // Engine runs one ONNX model on ONNX Runtime. It implements
-// pipeline.Engine; like every Engine it is used by one goroutine at a time.
+// engine.Engine; like every Engine it is used by one goroutine at a time.
 type Engine struct {
 	path    string
 	backend string
@@ -94,7 +93,7 @@ type Engine struct {
 // outputSet is the outputs of one batch size: the Go tensors handed out and
 // the ORT tensors over their memory (chunked when the batch is fixed).
 type outputSet struct {
-	result []pipeline.Tensor
+	result []engine.Tensor
 	// values[c][o] is output o of chunk c.
 	values [][]ort.Value
 }
@@ -108,8 +107,8 @@ type Info struct {
 	OutputShapes [][]int64
 }
 
-// New loads the ONNX model at path. Init must have succeeded (New calls
-// Init("") when it has not, which finds the library by the usual rules).
+// New loads the ONNX model at path. Init must have succeeded; otherwise
+// New fails saying so.
 func New(path string, opts Options) (*Engine, error) {
 	if err := Init(""); err != nil {
 		return nil, err
@@ -266,11 +265,11 @@ func (e *Engine) Info() Info {
 func (e *Engine) Backend() string { return e.backend }
 
 // CheckBatch returns an error when b does not fit the model input.
-func (e *Engine) CheckBatch(b *pipeline.Batch) error {
+func (e *Engine) CheckBatch(b *engine.Batch) error {
 	return checkBatch(b, e.input.Dimensions)
 }
 
-func checkBatch(b *pipeline.Batch, dims []int64) error {
+func checkBatch(b *engine.Batch, dims []int64) error {
 	if b == nil {
 		return errors.New("nil batch")
 	}
@@ -296,7 +295,7 @@ func checkBatch(b *pipeline.Batch, dims []int64) error {
 // Run executes the model on the first b.N images of b. The batch buffer is
 // ONNX Runtime's input memory; the returned tensors are reused by the next
 // Run of the same batch size. Cancelling ctx terminates a running batch.
-func (e *Engine) Run(ctx context.Context, b *pipeline.Batch) ([]pipeline.Tensor, error) {
+func (e *Engine) Run(ctx context.Context, b *engine.Batch) ([]engine.Tensor, error) {
 	if err := checkBatch(b, e.input.Dimensions); err != nil {
 		return nil, fmt.Errorf("onnxrt: %w", err)
 	}
@@ -350,7 +349,7 @@ func (e *Engine) runErr(ctx context.Context, err error) error {
 	return fmt.Errorf("onnxrt: running %s: %w", e.path, err)
 }
 
-func (e *Engine) runStaticLocked(ctx context.Context, b *pipeline.Batch, chunk int) ([]pipeline.Tensor, error) {
+func (e *Engine) runStaticLocked(ctx context.Context, b *engine.Batch, chunk int) ([]engine.Tensor, error) {
 	set, err := e.outputSetLocked(b.N, chunk)
 	if err != nil {
 		return nil, err
@@ -372,9 +371,9 @@ func (e *Engine) runStaticLocked(ctx context.Context, b *pipeline.Batch, chunk i
 
 // runDynamicLocked serves models whose output shapes depend on more than
 // the batch size: ONNX Runtime allocates the outputs and Run copies them.
-func (e *Engine) runDynamicLocked(ctx context.Context, b *pipeline.Batch, chunk int) ([]pipeline.Tensor, error) {
+func (e *Engine) runDynamicLocked(ctx context.Context, b *engine.Batch, chunk int) ([]engine.Tensor, error) {
 	slot := b.SlotSize()
-	result := make([]pipeline.Tensor, len(e.outputs))
+	result := make([]engine.Tensor, len(e.outputs))
 	for c := range b.N / chunk {
 		in, err := inputTensor(b.Data[c*chunk*slot:(c+1)*chunk*slot], chunk, b)
 		if err != nil {
@@ -397,7 +396,7 @@ func (e *Engine) runDynamicLocked(ctx context.Context, b *pipeline.Batch, chunk 
 						err = fmt.Errorf("output %q has shape %v, want batch %d first", e.outputs[i].Name, shape, chunk)
 					} else {
 						if c == 0 {
-							result[i] = pipeline.Tensor{Name: e.outputs[i].Name, Shape: slices.Clone(shape)}
+							result[i] = engine.Tensor{Name: e.outputs[i].Name, Shape: slices.Clone(shape)}
 							result[i].Shape[0] = int64(b.N)
 						}
 						result[i].Data = append(result[i].Data, t.GetData()...)
@@ -417,7 +416,7 @@ func (e *Engine) runDynamicLocked(ctx context.Context, b *pipeline.Batch, chunk 
 // header, no copy. It is made per run rather than cached per buffer, which
 // costs a few small allocations but never keeps a dropped batch buffer
 // alive.
-func inputTensor(data []float32, n int, b *pipeline.Batch) (*ort.Tensor[float32], error) {
+func inputTensor(data []float32, n int, b *engine.Batch) (*ort.Tensor[float32], error) {
 	t, err := ort.NewTensor(ort.NewShape(int64(n), int64(b.C), int64(b.H), int64(b.W)), data)
 	if err != nil {
 		return nil, fmt.Errorf("onnxrt: wrapping batch buffer: %w", err)
@@ -437,7 +436,7 @@ func (e *Engine) outputSetLocked(n, chunk int) (*outputSet, error) {
 		shape := slices.Clone(o.Dimensions)
 		shape[0] = int64(n)
 		data := make([]float32, ort.Shape(shape).FlattenedSize())
-		set.result = append(set.result, pipeline.Tensor{Name: o.Name, Shape: shape, Data: data})
+		set.result = append(set.result, engine.Tensor{Name: o.Name, Shape: shape, Data: data})
 		per := len(data) / (n / chunk)
 		cshape := slices.Clone(shape)
 		cshape[0] = int64(chunk)
@@ -488,4 +487,4 @@ func (e *Engine) Close() error {
 	return nil
 }
 
-var _ pipeline.Engine = (*Engine)(nil)
+var _ engine.Engine = (*Engine)(nil)

@@ -11,10 +11,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/visionserve/visionserve/internal/testenv"
+	"github.com/visionserve/visionserve/pkg/engine"
 	ort "github.com/yalue/onnxruntime_go"
 	"go.uber.org/goleak"
-
-	"github.com/visionserve/visionserve/pkg/pipeline"
 )
 
 func TestMain(m *testing.M) {
@@ -48,8 +48,8 @@ func testdata(t testing.TB, rel string) string {
 
 func initORT(t testing.TB) {
 	t.Helper()
-	if err := Init(""); err != nil {
-		t.Skipf("ONNX Runtime not installed: %v", err)
+	if err := Init(testenv.ORTLib(t)); err != nil {
+		t.Fatal(err)
 	}
 }
 
@@ -75,24 +75,6 @@ func maxDiff(a, b []float32) float64 {
 	return d
 }
 
-func TestResolveLibPath(t *testing.T) {
-	_, err := ResolveLibPath("/nonexistent/libonnxruntime.so")
-	if err == nil || !strings.Contains(err.Error(), "run scripts/setup.sh or pass --ort-lib") {
-		t.Fatalf("missing explicit library: got %v, want an error saying what to do", err)
-	}
-	t.Setenv(EnvLibPath, "/nonexistent/env.so")
-	_, err = ResolveLibPath("")
-	if err == nil || !strings.Contains(err.Error(), EnvLibPath) || !strings.Contains(err.Error(), "scripts/setup.sh") {
-		t.Fatalf("missing env library: got %v", err)
-	}
-	t.Setenv(EnvLibPath, "")
-	t.Chdir(t.TempDir())
-	_, err = ResolveLibPath("")
-	if err == nil || !strings.Contains(err.Error(), "scripts/setup.sh") {
-		t.Fatalf("no library anywhere: got %v", err)
-	}
-}
-
 func TestInitIdempotent(t *testing.T) {
 	initORT(t)
 	for range 3 {
@@ -112,18 +94,18 @@ func TestBatchValidation(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer e.Close()
-	ok := func() *pipeline.Batch { b := pipeline.NewBatch(2, 3, 224, 224); b.N = 1; return b }
+	ok := func() *engine.Batch { b := engine.NewBatch(2, 3, 224, 224); b.N = 1; return b }
 	tests := []struct {
 		name  string
-		batch func() *pipeline.Batch
+		batch func() *engine.Batch
 		want  string
 	}{
-		{"nil", func() *pipeline.Batch { return nil }, "nil batch"},
-		{"zero images", func() *pipeline.Batch { b := ok(); b.N = 0; return b }, "want 1..2"},
-		{"more than cap", func() *pipeline.Batch { b := ok(); b.N = 3; return b }, "want 1..2"},
-		{"wrong size", func() *pipeline.Batch { b := pipeline.NewBatch(1, 3, 640, 640); b.N = 1; return b }, "model input is"},
-		{"wrong channels", func() *pipeline.Batch { b := pipeline.NewBatch(1, 1, 224, 224); b.N = 1; return b }, "model input is"},
-		{"short buffer", func() *pipeline.Batch { b := ok(); b.N = 2; b.Data = b.Data[:100]; return b }, "need"},
+		{"nil", func() *engine.Batch { return nil }, "nil batch"},
+		{"zero images", func() *engine.Batch { b := ok(); b.N = 0; return b }, "want 1..2"},
+		{"more than cap", func() *engine.Batch { b := ok(); b.N = 3; return b }, "want 1..2"},
+		{"wrong size", func() *engine.Batch { b := engine.NewBatch(1, 3, 640, 640); b.N = 1; return b }, "model input is"},
+		{"wrong channels", func() *engine.Batch { b := engine.NewBatch(1, 1, 224, 224); b.N = 1; return b }, "model input is"},
+		{"short buffer", func() *engine.Batch { b := ok(); b.N = 2; b.Data = b.Data[:100]; return b }, "need"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -181,7 +163,7 @@ func TestDynamicBatchMatchesSingles(t *testing.T) {
 		t.Fatalf("Info() = %+v, want input %q output %q", got, "input", "output")
 	}
 	const n = 3
-	b := pipeline.NewBatch(4, 3, 224, 224)
+	b := engine.NewBatch(4, 3, 224, 224)
 	for i := range n {
 		fill(b.Slot(i), uint32(i))
 	}
@@ -194,7 +176,7 @@ func TestDynamicBatchMatchesSingles(t *testing.T) {
 		t.Fatalf("outputs %v, want one [3,1000] tensor named output", outs)
 	}
 	batched := append([]float32(nil), outs[0].Data...)
-	single := pipeline.NewBatch(1, 3, 224, 224)
+	single := engine.NewBatch(1, 3, 224, 224)
 	single.N = 1
 	for i := range n {
 		copy(single.Data, b.Slot(i))
@@ -220,7 +202,7 @@ func TestFixedBatchRunsInChunks(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer e.Close()
-	b := pipeline.NewBatch(2, 3, 640, 640)
+	b := engine.NewBatch(2, 3, 640, 640)
 	fill(b.Slot(0), 7)
 	fill(b.Slot(1), 8)
 	b.N = 2
@@ -233,7 +215,7 @@ func TestFixedBatchRunsInChunks(t *testing.T) {
 	}
 	batched := append([]float32(nil), outs[0].Data...)
 	per := 84 * 8400
-	single := &pipeline.Batch{N: 1, Cap: 1, C: 3, H: 640, W: 640, Data: b.Slot(1)}
+	single := &engine.Batch{N: 1, Cap: 1, C: 3, H: 640, W: 640, Data: b.Slot(1)}
 	outs, err = e.Run(context.Background(), single)
 	if err != nil {
 		t.Fatal(err)
@@ -249,7 +231,7 @@ func TestCloseAndContext(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	b := pipeline.NewBatch(1, 3, 224, 224)
+	b := engine.NewBatch(1, 3, 224, 224)
 	b.N = 1
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
@@ -281,7 +263,7 @@ func TestRunDoesNotAllocatePerBatch(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer e.Close()
-	b := pipeline.NewBatch(4, 3, 224, 224)
+	b := engine.NewBatch(4, 3, 224, 224)
 	b.N = 4
 	ctx := context.Background()
 	if _, err := e.Run(ctx, b); err != nil { // allocates the outputs once
@@ -313,7 +295,7 @@ func TestCancelTerminatesRun(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer e.Close()
-	b := pipeline.NewBatch(1, 3, 640, 640)
+	b := engine.NewBatch(1, 3, 640, 640)
 	b.N = 1
 	fill(b.Data, 3)
 	ctx, cancel := context.WithCancel(context.Background())
@@ -335,7 +317,7 @@ func TestInitConcurrent(t *testing.T) {
 	initORT(t)
 	errs := make(chan error, 8)
 	for range 8 {
-		go func() { errs <- Init("") }()
+		go func() { errs <- Init(testenv.ORTLib(t)) }()
 	}
 	for range 8 {
 		if err := <-errs; err != nil {

@@ -1,8 +1,10 @@
 package onnxrt
 
 import (
+	"context"
 	"fmt"
 
+	"github.com/visionserve/visionserve/pkg/engine"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
 )
 
@@ -20,4 +22,16 @@ func NewForModel(m *modelrepo.Model, opts Options) (*Engine, error) {
 		return nil, fmt.Errorf("loading model %q: %w", m.Name, err)
 	}
 	return e, nil
+}
+
+// Factory is the ort-cpu backend: it initialises ONNX Runtime from libPath
+// on first use and loads each instance with opts (the model fills in its
+// input and output names).
+func Factory(libPath string, opts Options) engine.Factory {
+	return engine.Factory{New: func(_ context.Context, m *modelrepo.Model, _ int) (engine.Engine, error) {
+		if err := Init(libPath); err != nil {
+			return nil, err
+		}
+		return NewForModel(m, opts)
+	}}
 }
