@@ -88,7 +88,16 @@ func Run(ctx context.Context, cfg config.Config, opts RunOptions) error {
 		if httpLis, err = net.Listen("tcp", cfg.HTTPAddr); err != nil {
 			return fmt.Errorf("listening for HTTP on %s: %w", cfg.HTTPAddr, err)
 		}
-		httpSrv = &http.Server{Handler: httpHandler, ReadHeaderTimeout: 10 * time.Second}
+		// Probes and scrapes are small: a client that trickles its
+		// request or never reads the answer is cut off, and idle
+		// keep-alive connections are closed.
+		httpSrv = &http.Server{
+			Handler:           httpHandler,
+			ReadHeaderTimeout: 10 * time.Second,
+			ReadTimeout:       30 * time.Second,
+			WriteTimeout:      30 * time.Second,
+			IdleTimeout:       2 * time.Minute,
+		}
 		go func() {
 			if err := httpSrv.Serve(httpLis); err != nil && !errors.Is(err, http.ErrServerClosed) {
 				httpDone <- err
