@@ -236,7 +236,7 @@ func sharedServer(model, backendName string) (*served, error) {
 		ctx := context.Background()
 		reg := server.NewRegistry()
 		repo := &modelrepo.Repo{Root: modelsDir(), Models: []*modelrepo.Model{m}}
-		if err := server.LoadModels(ctx, repo, reg, server.LoadOptions{Backend: backendName, Logger: discard}); err != nil {
+		if err := server.LoadModels(ctx, repo, reg, server.LoadOptions{Backend: backendName, Engines: benchEngines, Logger: discard}); err != nil {
 			_ = reg.Close(ctx)
 			return nil, nil, err
 		}

@@ -32,6 +32,9 @@ func LoadModels(ctx context.Context, repo *modelrepo.Repo, reg *Registry, opts L
 	if log == nil {
 		log = slog.Default()
 	}
+	if opts.Engines == nil {
+		return errors.New("loading models: no engine registry given")
+	}
 	var errs []error
 	for _, m := range repo.Models {
 		start := time.Now()
