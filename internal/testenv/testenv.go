@@ -61,3 +61,17 @@ func ORTLib(tb testing.TB) string {
 	}
 	return p
 }
+
+// SharedTestdata returns the path of rel inside ../shared/testdata (beside
+// the repository root), or an error naming the missing folder or file.
+func SharedTestdata(rel string) (string, error) {
+	root, err := RepoRoot()
+	if err != nil {
+		return "", err
+	}
+	p := filepath.Join(root, "..", "shared", "testdata", rel)
+	if _, err := os.Stat(p); err != nil {
+		return "", fmt.Errorf("real test data missing: ../shared/testdata/%s", rel)
+	}
+	return p, nil
+}

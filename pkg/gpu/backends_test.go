@@ -3,8 +3,6 @@ package gpu
 import (
 	"context"
 	"errors"
-	"os"
-	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -36,18 +34,9 @@ func twoGPUs() Report {
 // given instance count.
 func probeRepoModel(t *testing.T, instances int) *modelrepo.Model {
 	t.Helper()
-	initRuntime(t)
-	data, err := ProbeModel()
-	if err != nil {
-		t.Fatal(err)
-	}
-	path := filepath.Join(t.TempDir(), "model.onnx")
-	if err := os.WriteFile(path, data, 0o644); err != nil {
-		t.Fatal(err)
-	}
 	return &modelrepo.Model{
 		Config: modelrepo.Config{Name: "probe", Batching: modelrepo.BatchingConfig{Instances: instances, MaxBatchSize: 1}},
-		Path:   path,
+		Path:   probeModelFile(t),
 	}
 }
 

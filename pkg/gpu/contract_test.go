@@ -2,8 +2,6 @@ package gpu
 
 import (
 	"context"
-	"os"
-	"path/filepath"
 	"testing"
 
 	"github.com/visionserve/visionserve/pkg/engine"
@@ -14,15 +12,7 @@ import (
 // the GPU engine, or skips naming the missing library.
 func loadProbe(t *testing.T) *Model {
 	t.Helper()
-	initRuntime(t)
-	model, err := ProbeModel()
-	if err != nil {
-		t.Fatal(err)
-	}
-	path := filepath.Join(t.TempDir(), "probe.onnx")
-	if err := os.WriteFile(path, model, 0o644); err != nil {
-		t.Fatal(err)
-	}
+	path := probeModelFile(t)
 	m, err := LoadModel(context.Background(), path, LoadOptions{
 		Name: "probe", Session: SessionOptions{Provider: ProviderCPU, IntraOpThreads: 1}, WarmUpBatchSizes: []int{1},
 	})

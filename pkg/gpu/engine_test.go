@@ -527,15 +527,7 @@ func TestEngineOutputSelection(t *testing.T) {
 // probe model, whose graph fixes the batch at 1: each image is its own
 // chunk and lands in its own part of the output.
 func TestFixedBatchGraphRunsInChunks(t *testing.T) {
-	initRuntime(t)
-	model, err := ProbeModel()
-	if err != nil {
-		t.Fatal(err)
-	}
-	path := filepath.Join(t.TempDir(), "probe.onnx")
-	if err := os.WriteFile(path, model, 0o644); err != nil {
-		t.Fatal(err)
-	}
+	path := probeModelFile(t)
 	_, e := newCPUEngine(t, path)
 	buf, free, err := e.AllocBatch(4, 1, 2, 2)
 	if err != nil {

@@ -27,6 +27,22 @@ func initRuntime(t testing.TB) string {
 	return path
 }
 
+// probeModelFile loads ONNX Runtime (or skips) and writes the one-node
+// probe model (y = x + x, batch fixed at 1) to a file, returning its path.
+func probeModelFile(t testing.TB) string {
+	t.Helper()
+	initRuntime(t)
+	model, err := ProbeModel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(t.TempDir(), "probe.onnx")
+	if err := os.WriteFile(path, model, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
 // convModel writes a small convolutional model with a dynamic batch and
 // two outputs, features [N,4,8,8] and logits [N,10], and returns its path.
 func convModel(t testing.TB) string {

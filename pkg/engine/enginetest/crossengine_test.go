@@ -9,6 +9,7 @@ import (
 	"math"
 	"testing"
 
+	"github.com/visionserve/visionserve/internal/testenv"
 	"github.com/visionserve/visionserve/pkg/engine"
 	"github.com/visionserve/visionserve/pkg/engine/cvdnn"
 	"github.com/visionserve/visionserve/pkg/engine/onnxrt"
@@ -22,7 +23,7 @@ func testImages(t testing.TB) [][]byte {
 	t.Helper()
 	var imgs [][]byte
 	for _, name := range []string{"bus.jpg", "zidane.jpg", "dog.jpg"} {
-		if p, err := SharedTestdata("images/" + name); err == nil {
+		if p, err := testenv.SharedTestdata("images/" + name); err == nil {
 			imgs = append(imgs, readFile(t, p))
 		}
 	}

@@ -21,7 +21,7 @@ func TestMain(m *testing.M) {
 
 func testdata(t testing.TB, rel string) string {
 	t.Helper()
-	p, err := SharedTestdata(rel)
+	p, err := testenv.SharedTestdata(rel)
 	if err != nil {
 		t.Skip(err)
 	}
@@ -49,7 +49,7 @@ func initORT(t testing.TB) {
 // skipping when it has not been generated.
 func generated(t testing.TB, name string) *modelrepo.Model {
 	t.Helper()
-	root, err := RepoRoot()
+	root, err := testenv.RepoRoot()
 	if err != nil {
 		t.Fatal(err)
 	}
