@@ -10,11 +10,12 @@ import (
 	"testing"
 	"time"
 
-	"github.com/visionserve/visionserve/internal/server"
 	"github.com/visionserve/visionserve/pkg/batcher"
 	"github.com/visionserve/visionserve/pkg/engine"
+	"github.com/visionserve/visionserve/pkg/model"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
 	"github.com/visionserve/visionserve/pkg/pipeline"
+	"github.com/visionserve/visionserve/pkg/pipeline/pipelinetest"
 )
 
 // forEach runs fn as a sub-benchmark per model and backend.
@@ -68,7 +69,7 @@ func sizes(m *modelrepo.Model) []int {
 }
 
 // BenchmarkPipeline is level 2, in process, encoded image in and results
-// out: "runner" is the synchronous pipeline.Runner (decode, preprocess,
+// out: "runner" is the synchronous pipelinetest.Runner (decode, preprocess,
 // engine, postprocess, one image per op); "conc=N" is the server's
 // own runner (the dynamic batcher over the served engines) called by N
 // goroutines without any network, the baseline BenchmarkServe is compared
@@ -80,7 +81,7 @@ func BenchmarkPipeline(b *testing.B) {
 			if err != nil {
 				skipOrFail(b, err)
 			}
-			r, err := pipeline.New(m, e, pipeline.PreprocessOptions{})
+			r, err := pipelinetest.New(m, e, pipeline.PreprocessOptions{})
 			if err != nil {
 				b.Fatal(err)
 			}
@@ -147,14 +148,14 @@ func BenchmarkBatching(b *testing.B) {
 	})
 }
 
-func benchBatching(b *testing.B, model, be string) {
-	e, m, err := sharedEngine(model, be)
+func benchBatching(b *testing.B, name, be string) {
+	e, m, err := sharedEngine(name, be)
 	if err != nil {
 		skipOrFail(b, err)
 	}
 	type config struct {
 		name string
-		r    *server.PipelineRunner
+		r    *model.PipelineRunner
 		busy time.Duration
 	}
 	var configs []*config
@@ -175,7 +176,7 @@ func benchBatching(b *testing.B, model, be string) {
 			mc.Batching.MaxBatchSize = sizes[i]
 			name = fmt.Sprintf("fixed=%d", sizes[i])
 		}
-		r, err := server.NewPipelineRunner(&mc, []engine.Engine{noClose{e}}, server.RunnerOptions{MaxPixels: 40_000_000})
+		r, err := model.NewPipelineRunner(&mc, []engine.Engine{noClose{e}}, model.RunnerOptions{MaxPixels: 40_000_000})
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -187,9 +188,9 @@ func benchBatching(b *testing.B, model, be string) {
 		}
 	}
 	img := testImage(m)
-	infer := func(r *server.PipelineRunner) func(context.Context) error {
+	infer := func(r *model.PipelineRunner) func(context.Context) error {
 		return func(ctx context.Context) error {
-			res, err := r.Infer(ctx, []server.Input{{Encoded: img}}, pipeline.Options{})
+			res, err := r.Infer(ctx, []model.Input{{Encoded: img}}, pipeline.Options{})
 			if err == nil && len(res) != 1 {
 				err = fmt.Errorf("%d results for 1 image", len(res))
 			}

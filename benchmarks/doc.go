@@ -6,7 +6,7 @@
 //
 //   - BenchmarkEngine: a preprocessed batch through the engine session;
 //   - BenchmarkPipeline: encoded image in, results out, in process (the
-//     synchronous pipeline.Runner, and the server's batcher-backed runner
+//     synchronous pipelinetest.Runner, and the server's batcher-backed runner
 //     at several concurrencies);
 //   - BenchmarkServe: end to end over gRPC on a real loopback TCP listener
 //     at several client concurrencies.

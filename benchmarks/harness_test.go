@@ -24,12 +24,14 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/visionserve/visionserve/internal/config"
+	"github.com/visionserve/visionserve/internal/metrics"
 	"github.com/visionserve/visionserve/internal/server"
 	"github.com/visionserve/visionserve/internal/testenv"
 	"github.com/visionserve/visionserve/internal/testimage"
 	"github.com/visionserve/visionserve/pkg/engine"
 	"github.com/visionserve/visionserve/pkg/engine/cvdnn"
 	"github.com/visionserve/visionserve/pkg/gpu"
+	"github.com/visionserve/visionserve/pkg/model"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
 	"github.com/visionserve/visionserve/pkg/pipeline"
 	visionv1 "github.com/visionserve/visionserve/proto/visionserve/v1"
@@ -217,72 +219,81 @@ func sharedEngine(model, backendName string) (engine.Engine, *modelrepo.Model, e
 // listener, with a client connection to it.
 type served struct {
 	model  *modelrepo.Model
-	entry  *server.Model // the registry's model: its Runner is the in-process pipeline
+	entry  *model.Model // the registry's model: its Runner is the in-process pipeline
 	client visionv1.VisionServiceClient
 	addr   string
 }
 
-// sharedServer starts the server of model/backend once per run: load,
-// warm-up (with self-tuning when configured), serve on 127.0.0.1:0.
-func sharedServer(model, backendName string) (*served, error) {
-	m, err := loadModel(model)
+// sharedServer starts the server of model/backend once per run, as
+// infer-server runs it: server.Run with the production interceptors,
+// metrics and traces (server.ObservedRunOptions), loading, warming up
+// (with self-tuning when configured) and serving on 127.0.0.1:0.
+func sharedServer(name, backendName string) (*served, error) {
+	m, err := loadModel(name)
 	if err != nil {
 		return nil, err
 	}
-	return once("server/"+model+"/"+backendName, func() (*served, func(), error) {
+	return once("server/"+name+"/"+backendName, func() (*served, func(), error) {
 		if err := backendMissing(backendName); err != nil {
 			return nil, nil, err
 		}
-		ctx := context.Background()
-		reg := server.NewRegistry()
-		repo := &modelrepo.Repo{Root: modelsDir(), Models: []*modelrepo.Model{m}}
-		if err := server.LoadModels(ctx, repo, reg, server.LoadOptions{Backend: backendName, Engines: benchEngines, Logger: discard}); err != nil {
-			_ = reg.Close(ctx)
+		cfg := config.Default()
+		cfg.Backend = backendName
+		cfg.GRPCAddr, cfg.HTTPAddr = "127.0.0.1:0", ""
+		cfg.MaxImagesPerRequest = 64
+		cfg.GracePeriod = 10 * time.Second
+		prom := metrics.NewRegistry()
+		mets, err := metrics.New(prom)
+		if err != nil {
 			return nil, nil, err
+		}
+		opts := server.ObservedRunOptions(discard, prom, mets)
+		opts.Engines = benchEngines
+		opts.Repo = &modelrepo.Repo{Root: modelsDir(), Models: []*modelrepo.Model{m}}
+		opts.ServerOptions = append(opts.ServerOptions, windowServerOptions()...)
+		addrs := make(chan net.Addr, 1)
+		regs := make(chan *model.Registry, 1)
+		opts.OnListen = func(g, _ net.Addr) { addrs <- g }
+		opts.OnRegistry = func(r *model.Registry) { regs <- r }
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		go func() { done <- server.Run(ctx, cfg, opts) }()
+		stop := func() { cancel(); <-done }
+		var (
+			reg  *model.Registry
+			addr net.Addr
+		)
+		for reg == nil || addr == nil {
+			select {
+			case reg = <-regs:
+			case addr = <-addrs:
+			case err := <-done:
+				cancel()
+				return nil, nil, fmt.Errorf("server: %w", err)
+			}
+		}
+		// Ready once the model warmed up (and tuned).
+		for ready, _ := reg.Ready(); !ready; ready, _ = reg.Ready() {
+			select {
+			case err := <-done:
+				cancel()
+				return nil, nil, fmt.Errorf("server: %v", err)
+			case <-time.After(20 * time.Millisecond):
+			}
 		}
 		entry, _ := reg.Get(m.Name)
 		if got := entry.Runner.Backend(); got != backendName {
-			_ = reg.Close(ctx)
+			stop()
 			return nil, nil, skipError{fmt.Sprintf("backend %s cannot run model %s (the server fell back to %s)", backendName, m.Name, got)}
 		}
-		cfg := server.Options{
-			Registry:        reg,
-			Limits:          server.Limits{MaxPixels: 40_000_000, MaxImagesPerRequest: 64, MaxStreams: 64},
-			MaxMessageBytes: 64 << 20,
-			Logger:          discard,
-			ServerOptions:   windowServerOptions(),
-		}
-		srv, err := server.New(cfg)
-		if err != nil {
-			_ = reg.Close(ctx)
-			return nil, nil, err
-		}
-		lis, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			_ = reg.Close(ctx)
-			return nil, nil, err
-		}
-		done := make(chan error, 1)
-		go func() { done <- srv.Serve(lis) }()
-		stop := func() {
-			sctx, cancel := context.WithTimeout(ctx, time.Minute)
-			defer cancel()
-			_ = srv.Shutdown(sctx, 10*time.Second)
-			<-done
-		}
-		if err := server.WarmUp(ctx, reg, discard); err != nil {
-			stop()
-			return nil, nil, err
-		}
-		srv.SetServing()
 		dial := append([]grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials()),
 			grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(64 << 20))}, windowDialOptions()...)
-		conn, err := grpc.NewClient(lis.Addr().String(), dial...)
+		conn, err := grpc.NewClient(addr.String(), dial...)
 		if err != nil {
 			stop()
 			return nil, nil, err
 		}
-		s := &served{model: m, entry: entry, client: visionv1.NewVisionServiceClient(conn), addr: lis.Addr().String()}
+		s := &served{model: m, entry: entry, client: visionv1.NewVisionServiceClient(conn), addr: addr.String()}
 		return s, func() { conn.Close(); stop() }, nil
 	})
 }
@@ -333,7 +344,7 @@ func (s *served) call(ctx context.Context, img []byte) error {
 // infer runs one image through the served model's runner in process: the
 // same preprocessing, batcher and engines as a gRPC call, no network.
 func (s *served) infer(ctx context.Context, img []byte) error {
-	res, err := s.entry.Runner.Infer(ctx, []server.Input{{Encoded: img}}, pipeline.Options{})
+	res, err := s.entry.Runner.Infer(ctx, []model.Input{{Encoded: img}}, pipeline.Options{})
 	if err == nil && len(res) != 1 {
 		err = fmt.Errorf("%d results for 1 image", len(res))
 	}

@@ -12,6 +12,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/visionserve/visionserve/internal/server"
+	"github.com/visionserve/visionserve/pkg/model"
 	visionv1 "github.com/visionserve/visionserve/proto/visionserve/v1"
 )
 
@@ -70,7 +71,7 @@ func BenchmarkTransport(b *testing.B) {
 	})
 	b.Run("server", func(b *testing.B) {
 		srv, err := server.New(server.Options{
-			Registry:        server.NewRegistry(),
+			Registry:        model.NewRegistry(model.RegistryOptions{}),
 			Limits:          server.Limits{MaxPixels: 40_000_000, MaxImagesPerRequest: 64, MaxStreams: 64},
 			MaxMessageBytes: 64 << 20,
 			Logger:          discard,
@@ -91,7 +92,6 @@ func BenchmarkTransport(b *testing.B) {
 			_ = srv.Shutdown(ctx, time.Second)
 			<-done
 		}()
-		srv.SetServing()
 		run(b, lis.Addr().String())
 	})
 }

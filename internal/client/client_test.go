@@ -18,6 +18,7 @@ import (
 
 	"github.com/visionserve/visionserve/internal/server"
 	"github.com/visionserve/visionserve/pkg/engine"
+	"github.com/visionserve/visionserve/pkg/model"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
 	"github.com/visionserve/visionserve/pkg/pipeline"
 )
@@ -27,7 +28,7 @@ func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 // fakeRunner answers every image with a fixed result scaled to its size.
 type fakeRunner struct{ delay time.Duration }
 
-func (f *fakeRunner) Infer(ctx context.Context, in []server.Input, _ pipeline.Options) ([]pipeline.Result, error) {
+func (f *fakeRunner) Infer(ctx context.Context, in []model.Input, _ pipeline.Options) ([]pipeline.Result, error) {
 	if f.delay > 0 {
 		select {
 		case <-time.After(f.delay):
@@ -46,7 +47,7 @@ func (f *fakeRunner) Infer(ctx context.Context, in []server.Input, _ pipeline.Op
 	return out, nil
 }
 
-func (f *fakeRunner) InferRaw(context.Context, []server.Input) ([]engine.Tensor, error) {
+func (f *fakeRunner) InferRaw(context.Context, []model.Input) ([]engine.Tensor, error) {
 	return nil, nil
 }
 func (f *fakeRunner) Backend() string             { return "fake" }
@@ -54,15 +55,15 @@ func (f *fakeRunner) Close(context.Context) error { return nil }
 
 func startServer(t *testing.T, delay time.Duration) string {
 	t.Helper()
-	reg := server.NewRegistry()
+	reg := model.NewRegistry(model.RegistryOptions{})
 	for _, task := range []modelrepo.Task{modelrepo.TaskClassify, modelrepo.TaskDetect} {
-		m := &server.Model{Model: &modelrepo.Model{Config: modelrepo.Config{
+		m := model.New(&modelrepo.Model{Config: modelrepo.Config{
 			Name: string(task), Task: task, Input: modelrepo.InputConfig{Width: 32, Height: 32},
-		}, Graph: &modelrepo.GraphIO{}}, Runner: &fakeRunner{delay: delay}}
-		m.SetReady(true)
+		}, Graph: &modelrepo.GraphIO{}}, &fakeRunner{delay: delay})
 		if err := reg.Add(m); err != nil {
 			t.Fatal(err)
 		}
+		m.SetState(model.Ready, nil)
 	}
 	srv, err := server.New(server.Options{
 		Registry: reg, MaxMessageBytes: 16 << 20,

@@ -83,6 +83,14 @@ type Config struct {
 	TensorRTCacheDir string `yaml:"tensorrt_cache_dir"`
 	// TensorRTFP16 lets TensorRT use half-precision kernels.
 	TensorRTFP16 bool `yaml:"tensorrt_fp16"`
+	// StrictReadiness keeps the server not ready while any model is
+	// unavailable (Triton's --strict-readiness); without it the server is
+	// ready once every model is ready or unavailable and one is ready.
+	StrictReadiness bool `yaml:"strict_readiness"`
+	// ExitOnError makes startup fail when any model cannot be served
+	// (Triton's --exit-on-error); without it the server serves the models
+	// it can and reports the others unavailable.
+	ExitOnError bool `yaml:"exit_on_error"`
 }
 
 // GPU failover modes.
@@ -119,6 +127,7 @@ func Default() Config {
 		LogLevel:            "info",
 		GPUFailover:         "fail",
 		GPUBatchPadding:     "max",
+		StrictReadiness:     true,
 	}
 }
 
@@ -201,6 +210,8 @@ var settings = []setting{
 	{"gpu-batch-padding", "batch sizes GPU engines run at: max (pad every batch to max_batch_size)|warmed (to the smallest warmed-up size)|none", str(func(c *Config) *string { return &c.GPUBatchPadding })},
 	{"tensorrt-cache-dir", "folder for TensorRT engine and timing caches (empty: no cache)", str(func(c *Config) *string { return &c.TensorRTCacheDir })},
 	{"tensorrt-fp16", "let TensorRT use FP16 kernels", boolean(func(c *Config) *bool { return &c.TensorRTFP16 })},
+	{"strict-readiness", "not ready while any model is unavailable", boolean(func(c *Config) *bool { return &c.StrictReadiness })},
+	{"exit-on-error", "fail startup when any model cannot be served", boolean(func(c *Config) *bool { return &c.ExitOnError })},
 }
 
 // ConfigFlag names the flag (and, as VISIONSERVE_CONFIG, the variable) of
@@ -235,7 +246,7 @@ func Load(args []string, getenv func(string) string, usage io.Writer) (Config, e
 		"max-streams": strconv.Itoa(def.MaxStreams), "grace-period": def.GracePeriod.String(),
 		"log-format": def.LogFormat, "log-level": def.LogLevel, "ort-threads": "0",
 		"gpu-memory-budget": "0", "gpu-failover": def.GPUFailover, "tensorrt-fp16": "false",
-		"gpu-batch-padding": def.GPUBatchPadding,
+		"gpu-batch-padding": def.GPUBatchPadding, "strict-readiness": "true", "exit-on-error": "false",
 	}
 	for i, s := range settings {
 		raw[i] = &rawValue{v: defaults[s.name]}

@@ -34,6 +34,7 @@ const (
 	InflightRequests      = "visionserve_inflight_requests"
 	StreamFramesDropped   = "visionserve_stream_frames_dropped_total"
 	ModelBackendInfo      = "visionserve_model_backend_info"
+	ModelState            = "visionserve_model_state"
 	ModelLoadSeconds      = "visionserve_model_load_duration_seconds"
 	ModelWarmupSeconds    = "visionserve_model_warmup_duration_seconds"
 	GPUMemoryUsedBytes    = "visionserve_gpu_memory_used_bytes"
@@ -101,6 +102,7 @@ type Metrics struct {
 	inflight      *prometheus.GaugeVec
 	dropped       *prometheus.CounterVec
 	backendInfo   *prometheus.GaugeVec
+	state         *prometheus.GaugeVec
 	loadSeconds   *prometheus.GaugeVec
 	warmupSeconds *prometheus.GaugeVec
 	queueDropped  *prometheus.CounterVec
@@ -172,6 +174,10 @@ func New(reg prometheus.Registerer) (*Metrics, error) {
 			Name: ModelBackendInfo,
 			Help: "The backend serving each loaded model (always 1).",
 		}, modelBackend),
+		state: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: ModelState,
+			Help: "1 for each known model's state (LOADING, READY, UNAVAILABLE, UNLOADING), 0 for the others.",
+		}, []string{"model", "state"}),
 		loadSeconds: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: ModelLoadSeconds,
 			Help: "Time the last load of each model took, without warm-up.",
@@ -190,7 +196,7 @@ func New(reg prometheus.Registerer) (*Metrics, error) {
 	}
 	for _, c := range append([]prometheus.Collector{
 		m.requests, m.images, m.stages, m.batchSize, m.batches, m.inflight,
-		m.dropped, m.backendInfo, m.loadSeconds, m.warmupSeconds, m.queueDropped, m.queues,
+		m.dropped, m.backendInfo, m.state, m.loadSeconds, m.warmupSeconds, m.queueDropped, m.queues,
 	}, m.tuner.collectors()...) {
 		if err := reg.Register(c); err != nil {
 			return nil, err

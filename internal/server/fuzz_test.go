@@ -6,6 +6,8 @@ import (
 	"slices"
 	"testing"
 
+	"github.com/visionserve/visionserve/pkg/model"
+	"github.com/visionserve/visionserve/pkg/model/modeltest"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
 	"github.com/visionserve/visionserve/proto/inference"
 	visionv1 "github.com/visionserve/visionserve/proto/visionserve/v1"
@@ -40,7 +42,7 @@ func FuzzOIPInputs(f *testing.F) {
 	f.Add("BYTES", shapeBytes(1), []byte{255, 255, 255, 255}, true)
 	f.Add("FP32", shapeBytes(-1, 3, 64, 64), []byte{}, true)
 	s := &oipService{limits: Limits{MaxPixels: 1 << 20, MaxImagesPerRequest: 8, MaxStreams: 1}}
-	m := &Model{Model: testModel("cls", modelrepo.TaskClassify, 10)}
+	m := model.New(modeltest.Model("cls", modelrepo.TaskClassify, 10), nil)
 	f.Fuzz(func(t *testing.T, datatype string, shape, data []byte, raw bool) {
 		in := &inference.ModelInferRequest_InferInputTensor{Name: "images", Datatype: datatype, Shape: shapeOf(shape)}
 		req := &inference.ModelInferRequest{ModelName: "cls", Inputs: []*inference.ModelInferRequest_InferInputTensor{in}}
@@ -84,7 +86,7 @@ func FuzzVisionTensor(f *testing.F) {
 	f.Add(int32(2), shapeBytes(4, 4, 3), make([]byte, 48))
 	f.Add(int32(2), shapeBytes(1<<62, 4, 3), make([]byte, 48))
 	f.Add(int32(7), shapeBytes(1), []byte{1})
-	m := &Model{Model: testModel("cls", modelrepo.TaskClassify, 10)}
+	m := model.New(modeltest.Model("cls", modelrepo.TaskClassify, 10), nil)
 	lim := Limits{MaxPixels: 1 << 20, MaxImagesPerRequest: 8, MaxStreams: 1}
 	f.Fuzz(func(t *testing.T, dt int32, shape, data []byte) {
 		img := &visionv1.Image{Source: &visionv1.Image_Tensor{Tensor: &visionv1.Tensor{Datatype: visionv1.Tensor_DataType(dt), Shape: shapeOf(shape), Data: data}}}

@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 
 	"github.com/visionserve/visionserve/pkg/engine"
+	"github.com/visionserve/visionserve/pkg/model"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
 	"github.com/visionserve/visionserve/proto/inference"
 )
@@ -27,24 +28,14 @@ var Version = "dev"
 // fp32_contents otherwise.
 type oipService struct {
 	inference.UnimplementedGRPCInferenceServiceServer
-	reg      *Registry
-	limits   Limits
-	draining <-chan struct{}
+	reg    *model.Registry
+	limits Limits
 	// maxMessageBytes bounds the response too.
 	maxMessageBytes int
 }
 
 // modelVersion is the only version each model has.
 const modelVersion = "1"
-
-func (s *oipService) isDraining() bool {
-	select {
-	case <-s.draining:
-		return true
-	default:
-		return false
-	}
-}
 
 // ServerLive implements GRPCInferenceService: a process that answers is
 // live.
@@ -54,11 +45,12 @@ func (s *oipService) ServerLive(context.Context, *inference.ServerLiveRequest) (
 
 // ServerReady implements GRPCInferenceService.
 func (s *oipService) ServerReady(context.Context, *inference.ServerReadyRequest) (*inference.ServerReadyResponse, error) {
-	return &inference.ServerReadyResponse{Ready: !s.isDraining() && s.reg.Ready()}, nil
+	ready, _ := s.reg.Ready()
+	return &inference.ServerReadyResponse{Ready: ready}, nil
 }
 
 // getModel finds a model by name and version for the metadata calls.
-func (s *oipService) getModel(name, version string) (*Model, error) {
+func (s *oipService) getModel(name, version string) (*model.Model, error) {
 	if name == "" {
 		return nil, invalid("model name is missing")
 	}
@@ -72,13 +64,15 @@ func (s *oipService) getModel(name, version string) (*Model, error) {
 	return m, nil
 }
 
-// ModelReady implements GRPCInferenceService.
+// ModelReady implements GRPCInferenceService: false for a model that is
+// known but not Ready (loading, unavailable, unloading) or while the
+// server drains; NotFound only for a name the server does not know.
 func (s *oipService) ModelReady(_ context.Context, req *inference.ModelReadyRequest) (*inference.ModelReadyResponse, error) {
 	m, err := s.getModel(req.GetName(), req.GetVersion())
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	return &inference.ModelReadyResponse{Ready: m.Ready() && !s.isDraining()}, nil
+	return &inference.ModelReadyResponse{Ready: m.Ready() && !s.reg.Draining()}, nil
 }
 
 // ServerMetadata implements GRPCInferenceService.
@@ -99,7 +93,7 @@ func (s *oipService) ModelMetadata(_ context.Context, req *inference.ModelMetada
 	return &inference.ModelMetadataResponse{
 		Name:     m.Name,
 		Versions: []string{modelVersion},
-		Platform: platform(m.Runner.Backend()),
+		Platform: platform(backendOf(m)),
 		Inputs: []*inference.ModelMetadataResponse_TensorMetadata{{
 			Name: m.Input.Name, Datatype: "FP32", Shape: []int64{-1, 3, int64(m.Input.Height), int64(m.Input.Width)},
 		}},
@@ -110,7 +104,7 @@ func (s *oipService) ModelMetadata(_ context.Context, req *inference.ModelMetada
 // outputShape is the model's output shape with a variable batch: the
 // graph's where it fixes it, else what the decoding implies (for YOLOv8
 // the anchors of the three detection levels at strides 8, 16 and 32).
-func outputShape(m *Model) []int64 {
+func outputShape(m *model.Model) []int64 {
 	yolo := m.Config.Output.Decoding == modelrepo.DecodeYOLOv8
 	shape := []int64{-1, int64(m.NumClasses)}
 	if yolo {
@@ -135,7 +129,7 @@ func outputShape(m *Model) []int64 {
 }
 
 // outputBytes is the size of the raw output of n images.
-func outputBytes(m *Model, n int) int64 {
+func outputBytes(m *model.Model, n int) int64 {
 	size := int64(4 * n)
 	for _, d := range outputShape(m)[1:] {
 		size *= max(d, 1)
@@ -203,7 +197,7 @@ func (s *oipService) ModelInfer(ctx context.Context, req *inference.ModelInferRe
 
 // inferInputs checks the request's one input tensor and splits it into
 // images.
-func (s *oipService) inferInputs(req *inference.ModelInferRequest, m *Model) ([]Input, error) {
+func (s *oipService) inferInputs(req *inference.ModelInferRequest, m *model.Model) ([]model.Input, error) {
 	ins := req.GetInputs()
 	if len(ins) != 1 {
 		return nil, invalid("model %q takes exactly one input tensor %q, got %d", m.Name, m.Input.Name, len(ins))
@@ -264,9 +258,9 @@ func (s *oipService) inferInputs(req *inference.ModelInferRequest, m *Model) ([]
 				return nil, invalid("FP32 input of shape %v needs %d fp32_contents, got %d", shape, n*per, len(data))
 			}
 		}
-		out := make([]Input, n)
+		out := make([]model.Input, n)
 		for i := range out {
-			out[i] = Input{Tensor: data[i*per : (i+1)*per : (i+1)*per]}
+			out[i] = model.Input{Tensor: data[i*per : (i+1)*per : (i+1)*per]}
 		}
 		return out, nil
 	case "UINT8":
@@ -301,9 +295,9 @@ func (s *oipService) inferInputs(req *inference.ModelInferRequest, m *Model) ([]
 				pix[i] = byte(v)
 			}
 		}
-		out := make([]Input, n)
+		out := make([]model.Input, n)
 		for i := range out {
-			out[i] = Input{Pixels: pix[i*per : (i+1)*per : (i+1)*per], Height: ih, Width: iw}
+			out[i] = model.Input{Pixels: pix[i*per : (i+1)*per : (i+1)*per], Height: ih, Width: iw}
 		}
 		return out, nil
 	case "BYTES":
@@ -325,7 +319,7 @@ func (s *oipService) inferInputs(req *inference.ModelInferRequest, m *Model) ([]
 		if int64(len(files)) != shape[0] {
 			return nil, invalid("BYTES input of shape %v holds %d elements", shape, len(files))
 		}
-		out := make([]Input, len(files))
+		out := make([]model.Input, len(files))
 		for i, f := range files {
 			img, err := toInput(encodedImage(f), m, s.limits)
 			if err != nil {

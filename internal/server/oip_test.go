@@ -10,6 +10,7 @@ import (
 	"google.golang.org/grpc/codes"
 
 	"github.com/visionserve/visionserve/pkg/engine"
+	"github.com/visionserve/visionserve/pkg/model/modeltest"
 	"github.com/visionserve/visionserve/proto/inference"
 )
 
@@ -76,7 +77,7 @@ func TestOIPRawFP32IsEngineOutput(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	direct := (&fakeEngine{classes: 10}).outputs(&engine.Batch{N: n, Cap: n, C: 3, H: 64, W: 64, Data: in})[0]
+	direct := (&modeltest.Engine{Classes: 10}).Outputs(&engine.Batch{N: n, Cap: n, C: 3, H: 64, W: 64, Data: in})[0]
 	if resp.Id != "req-7" || resp.ModelName != "cls" || len(resp.Outputs) != 1 || len(resp.RawOutputContents) != 1 {
 		t.Fatalf("response %v", resp)
 	}
@@ -195,7 +196,7 @@ func TestOIPRefusesAnswersOverTheMessageLimit(t *testing.T) {
 	}
 	_, err := e.oip.ModelInfer(ctxT(t), req(3))
 	wantCode(t, err, codes.InvalidArgument, "the output of 3 images would be 7056 bytes, over the 5000 byte message limit")
-	if runs := e.det.runs.Load(); runs != 0 {
+	if runs := e.det.Runs(); runs != 0 {
 		t.Errorf("engine ran %d times for a refused request", runs)
 	}
 	if _, err := e.oip.ModelInfer(ctxT(t), req(2)); err != nil {

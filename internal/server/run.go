@@ -10,9 +10,9 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"sync/atomic"
 	"time"
 
+	"github.com/oklog/run"
 	"google.golang.org/grpc"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -22,6 +22,7 @@ import (
 	"github.com/visionserve/visionserve/internal/telemetry"
 	"github.com/visionserve/visionserve/pkg/batcher"
 	"github.com/visionserve/visionserve/pkg/engine"
+	"github.com/visionserve/visionserve/pkg/model"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
 )
 
@@ -43,26 +44,36 @@ type RunOptions struct {
 	// HTTPHandlers are mounted on the HTTP server next to /healthz and
 	// /readyz (metrics, say), by path.
 	HTTPHandlers map[string]http.Handler
-	// OnLoaded, when set, is called once the models are loaded and before
-	// they warm up: the place to track each model's queue (a
-	// PipelineRunner's Stats) or GPU memory.
-	OnLoaded func(*Registry)
 	// ServerOptions are added to the gRPC server's (the OpenTelemetry
 	// stats handler).
 	ServerOptions []grpc.ServerOption
 	// Engines are the backends models load on; nil means Backends(cfg).
 	Engines *engine.Registry
-	// Metrics, when set, is told each served model's backend, load and
-	// warm-up times and what its self-tuner chose, and reads each model's
-	// batch queue at scrape time.
+	// Repo, when set, is served instead of the repository at
+	// cfg.ModelRepo (benchmarks serve one model of it).
+	Repo *modelrepo.Repo
+	// OnRegistry, when set, is given the model registry before the
+	// models load (tests and benchmarks that run a model in process).
+	OnRegistry func(*model.Registry)
+	// Runner adds to each model's runner options (traces); MaxPixels,
+	// Observer and TuneObserver are set from cfg and the fields above.
+	Runner model.RunnerOptions
+	// Metrics, when set, keeps each model's state, backend, load and
+	// warm-up times, queue and self-tuning series.
 	Metrics *metrics.Metrics
 }
 
 // Run serves cfg until a signal arrives on opts.Stop or ctx ends, then
 // shuts down in the documented order and returns nil when every accepted
-// request was answered. The actors, started in order and stopped in
-// reverse: the model registry (engines and batchers), the gRPC server, the
-// HTTP server (health, readiness and what HTTPHandlers add).
+// request was answered.
+//
+// Run is a group of actors, each declared with its start and its stop
+// side by side. When any actor returns, every actor is stopped, in the
+// order they are declared: the stop signal; the models (a warm-up in
+// progress is cancelled); the gRPC server (readiness drains, calls in
+// flight finish within the grace period, then the batchers drain and the
+// engines are freed); last the HTTP server, so that /readyz reports the
+// drain while it lasts.
 func Run(ctx context.Context, cfg config.Config, opts RunOptions) error {
 	log := opts.Logger
 	if log == nil {
@@ -75,76 +86,13 @@ func Run(ctx context.Context, cfg config.Config, opts RunOptions) error {
 			return err
 		}
 	}
-
-	// Actor: HTTP server for probes and metrics. It listens before the
-	// models load so that liveness answers during a long load; /readyz
-	// says "loading" until the readiness state exists.
-	var httpLis net.Listener
-	httpHandler := &swapHandler{}
-	httpHandler.set(loadingMux(opts.HTTPHandlers))
-	var httpSrv *http.Server
-	httpDone := make(chan error, 1)
-	if cfg.HTTPAddr != "" {
-		if httpLis, err = net.Listen("tcp", cfg.HTTPAddr); err != nil {
-			return fmt.Errorf("listening for HTTP on %s: %w", cfg.HTTPAddr, err)
-		}
-		// Probes and scrapes are small: a client that trickles its
-		// request or never reads the answer is cut off, and idle
-		// keep-alive connections are closed.
-		httpSrv = &http.Server{
-			Handler:           httpHandler,
-			ReadHeaderTimeout: 10 * time.Second,
-			ReadTimeout:       30 * time.Second,
-			WriteTimeout:      30 * time.Second,
-			IdleTimeout:       2 * time.Minute,
-		}
-		go func() {
-			if err := httpSrv.Serve(httpLis); err != nil && !errors.Is(err, http.ErrServerClosed) {
-				httpDone <- err
-			}
-			close(httpDone)
-		}()
-		log.Info("HTTP listening", "addr", httpLis.Addr().String())
-	}
-	// stopHTTP ends the HTTP actor on the paths that return before the
-	// main loop; the loop's own shutdown stops it last.
-	stopHTTP := func() {
-		if httpSrv != nil {
-			_ = httpSrv.Close()
-			<-httpDone
-		}
-	}
-
-	repo, err := modelrepo.LoadRepo(cfg.ModelRepo)
-	if err != nil {
-		stopHTTP()
-		return fmt.Errorf("loading model repository %s: %w", cfg.ModelRepo, err)
-	}
 	engines := opts.Engines
 	if engines == nil {
 		if engines, _, err = Backends(cfg); err != nil {
-			stopHTTP()
 			return err
 		}
 	}
-	reg := NewRegistry()
-	// From here on the registry owns engines: every exit path closes it.
-	err = LoadModels(ctx, repo, reg, LoadOptions{
-		Backend: cfg.Backend,
-		Engines: engines,
-		Runner:  RunnerOptions{MaxPixels: cfg.MaxPixels, Observer: opts.Observer, TuneObserver: opts.Metrics.TuneObserver()},
-		Logger:  log,
-	})
-	if err != nil {
-		_ = reg.Close(context.Background())
-		stopHTTP()
-		return err
-	}
-
-	if opts.OnLoaded != nil {
-		opts.OnLoaded(reg)
-	}
-
+	reg := model.NewRegistry(model.RegistryOptions{StrictReadiness: cfg.StrictReadiness, Observer: opts.Metrics.ModelObserver()})
 	srv, err := New(Options{
 		Registry: reg,
 		Limits: Limits{
@@ -159,28 +107,25 @@ func Run(ctx context.Context, cfg config.Config, opts RunOptions) error {
 		ServerOptions:      opts.ServerOptions,
 	})
 	if err != nil {
-		_ = reg.Close(context.Background())
-		stopHTTP()
 		return err
 	}
-	// One readiness state answers /readyz and drives gRPC health checking,
-	// so the two cannot disagree (see ops.Readiness).
-	ready := ops.NewReadiness(srv.health)
-	var loaded []string
-	for _, m := range reg.Models() {
-		loaded = append(loaded, m.Name)
-		ready.Expect(m.Name)
-		if q, ok := m.Runner.(interface{ Stats() batcher.Stats }); ok {
-			opts.Metrics.TrackQueue(m.Name, metrics.QueueStatsOf(q.Stats))
-		}
+	if opts.OnRegistry != nil {
+		opts.OnRegistry(reg)
 	}
+	// Both ports are bound before the models load: a port taken fails at
+	// once, and liveness and readiness ("loading") answer during a long
+	// load, while gRPC health says NOT_SERVING.
 	grpcLis, err := net.Listen("tcp", cfg.GRPCAddr)
 	if err != nil {
-		_ = reg.Close(context.Background())
-		stopHTTP()
 		return fmt.Errorf("listening for gRPC on %s: %w", cfg.GRPCAddr, err)
 	}
-	httpHandler.set(httpMux(ready, opts.HTTPHandlers))
+	var httpLis net.Listener
+	if cfg.HTTPAddr != "" {
+		if httpLis, err = net.Listen("tcp", cfg.HTTPAddr); err != nil {
+			_ = grpcLis.Close()
+			return fmt.Errorf("listening for HTTP on %s: %w", cfg.HTTPAddr, err)
+		}
+	}
 	if opts.OnListen != nil {
 		var ha net.Addr
 		if httpLis != nil {
@@ -189,121 +134,133 @@ func Run(ctx context.Context, cfg config.Config, opts RunOptions) error {
 		opts.OnListen(grpcLis.Addr(), ha)
 	}
 
-	// Actor: gRPC server. Serving starts before warm-up so that liveness
-	// answers at once; health says NOT_SERVING until the models are warm.
-	grpcDone := make(chan error, 1)
-	go func() { grpcDone <- srv.Serve(grpcLis) }()
-	log.Info("gRPC listening", "addr", grpcLis.Addr().String(), "tls", cfg.TLS(), "mtls", cfg.TLSClientCA != "", "auth", cfg.AuthToken != "")
+	var (
+		g           run.Group
+		shutdownErr error // what the stops reported; read after g.Run
+	)
+	// shutdownCtx bounds the whole shutdown; its clock starts with the
+	// first stop, the signal actor's.
+	shutdownCtx, cancelShutdown := context.WithCancel(context.Background())
+	defer cancelShutdown()
 
-	warm := make(chan error, 1)
-	warmCtx, cancelWarm := context.WithCancel(ctx)
-	defer cancelWarm()
-	go func() { warm <- WarmUp(warmCtx, reg, log) }()
-
-	var runErr error
-	stopping := false
-	for !stopping {
+	// Actor: the stop signal and the caller's context.
+	stopped := make(chan struct{})
+	g.Add(func() error {
 		select {
-		case err := <-warm:
-			warm = nil
-			if err != nil {
-				runErr = err
-				stopping = true
-				break
-			}
-			// WarmUp removed the models that failed; readiness stops
-			// waiting for them and turns true with the last warm one.
-			served := map[string]bool{}
-			for _, m := range reg.Models() {
-				served[m.Name] = true
-			}
-			for _, name := range loaded {
-				if !served[name] {
-					ready.Forget(name)
-					opts.Metrics.ModelUnloaded(name)
-				}
-			}
-			for _, m := range reg.Models() {
-				opts.Metrics.ModelLoaded(m.Name, m.Runner.Backend(), m.LoadTime, m.WarmupTime)
-				ready.Warmed(m.Name)
-			}
-			log.Info("serving", "models", len(reg.Models()))
 		case sig := <-opts.Stop:
 			log.Info("shutting down", "signal", sig.String(), "grace", cfg.GracePeriod)
-			stopping = true
 		case <-ctx.Done():
 			log.Info("shutting down", "reason", ctx.Err(), "grace", cfg.GracePeriod)
-			stopping = true
-		case err := <-grpcDone:
-			runErr = fmt.Errorf("gRPC server: %w", err)
-			stopping = true
-		case err, ok := <-httpDone:
-			if ok {
-				runErr = fmt.Errorf("HTTP server: %w", err)
-				stopping = true
+		case <-stopped:
+		}
+		return nil
+	}, func(error) {
+		close(stopped)
+		time.AfterFunc(cfg.GracePeriod+time.Minute, cancelShutdown)
+	})
+
+	// Actor: the models. They load and warm up, then serve until stopped;
+	// the gRPC server's stop closes them.
+	modelsCtx, cancelModels := context.WithCancel(ctx)
+	defer cancelModels()
+	g.Add(func() error {
+		if err := serveModels(modelsCtx, cfg, reg, engines, opts, log); err != nil {
+			return err
+		}
+		<-modelsCtx.Done()
+		return nil
+	}, func(error) { cancelModels() })
+
+	// Actor: the gRPC server.
+	g.Add(func() error {
+		log.Info("gRPC listening", "addr", grpcLis.Addr().String(), "tls", cfg.TLS(), "mtls", cfg.TLSClientCA != "", "auth", cfg.AuthToken != "")
+		if err := srv.Serve(grpcLis); err != nil {
+			return fmt.Errorf("gRPC server: %w", err)
+		}
+		return nil
+	}, func(error) {
+		// See Server.Shutdown: readiness drains, streams are told to
+		// finish, GracefulStop bounded by the grace period, then the
+		// batchers drain and the sessions are freed.
+		if err := srv.Shutdown(shutdownCtx, cfg.GracePeriod); err != nil {
+			shutdownErr = errors.Join(shutdownErr, fmt.Errorf("shutting down: %w", err))
+		}
+	})
+
+	// Actor: the HTTP server (health, readiness, metrics), stopped last.
+	if httpLis != nil {
+		// Probes and scrapes are small: a client that trickles its
+		// request or never reads the answer is cut off, and idle
+		// keep-alive connections are closed.
+		httpSrv := &http.Server{
+			Handler:           httpMux(reg, opts.HTTPHandlers),
+			ReadHeaderTimeout: 10 * time.Second,
+			ReadTimeout:       30 * time.Second,
+			WriteTimeout:      30 * time.Second,
+			IdleTimeout:       2 * time.Minute,
+			ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+		}
+		g.Add(func() error {
+			log.Info("HTTP listening", "addr", httpLis.Addr().String())
+			if err := httpSrv.Serve(httpLis); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				return fmt.Errorf("HTTP server: %w", err)
 			}
-			httpDone = nil
-		}
-	}
-	cancelWarm()
-	if warm != nil {
-		<-warm
+			return nil
+		}, func(error) {
+			if err := httpSrv.Shutdown(shutdownCtx); err != nil {
+				_ = httpSrv.Close()
+				shutdownErr = errors.Join(shutdownErr, fmt.Errorf("HTTP shutdown: %w", err))
+			}
+		})
 	}
 
-	// Shutdown, in this order (see Server.Shutdown): health NOT_SERVING,
-	// streams told to finish, GracefulStop bounded by the grace period,
-	// then the batchers drain and the sessions are freed. The HTTP server
-	// goes last so that /readyz reports not ready during the drain.
-	ready.Drain()
-	shutdownCtx, cancel := context.WithTimeout(context.Background(), cfg.GracePeriod+time.Minute)
-	defer cancel()
-	if err := srv.Shutdown(shutdownCtx, cfg.GracePeriod); err != nil {
-		runErr = errors.Join(runErr, fmt.Errorf("shutting down: %w", err))
-	}
-	if httpSrv != nil {
-		if err := httpSrv.Shutdown(shutdownCtx); err != nil {
-			runErr = errors.Join(runErr, fmt.Errorf("HTTP shutdown: %w", err))
-		}
-	}
+	err = g.Run()
 	log.Info("stopped")
-	return runErr
+	return errors.Join(err, shutdownErr)
 }
 
-// swapHandler lets the HTTP server start before the handler it ends with
-// can be built.
-type swapHandler struct {
-	h atomic.Pointer[http.Handler]
-}
-
-func (s *swapHandler) set(h http.Handler) { s.h.Store(&h) }
-
-func (s *swapHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	(*s.h.Load()).ServeHTTP(w, r)
-}
-
-// loadingMux answers while the models load: alive, not ready.
-func loadingMux(extra map[string]http.Handler) *http.ServeMux {
-	mux := http.NewServeMux()
-	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
-		_, _ = w.Write([]byte("ok\n"))
-	})
-	mux.HandleFunc(ops.ReadyzPath, func(w http.ResponseWriter, _ *http.Request) {
-		http.Error(w, "not ready: loading the model repository", http.StatusServiceUnavailable)
-	})
-	for path, h := range extra {
-		mux.Handle(path, h)
+// serveModels loads the repository's models into reg and warms them up.
+// Models that fail stay Unavailable, unless cfg.ExitOnError; it fails
+// when no model can be served.
+func serveModels(ctx context.Context, cfg config.Config, reg *model.Registry, engines *engine.Registry, opts RunOptions, log *slog.Logger) error {
+	repo := opts.Repo
+	if repo == nil {
+		var err error
+		if repo, err = modelrepo.LoadRepo(cfg.ModelRepo); err != nil {
+			return fmt.Errorf("loading model repository %s: %w", cfg.ModelRepo, err)
+		}
 	}
-	return mux
+	ro := opts.Runner
+	ro.MaxPixels, ro.Observer, ro.TuneObserver = cfg.MaxPixels, opts.Observer, opts.Metrics.TuneObserver()
+	if err := model.Load(ctx, repo, reg, model.LoadOptions{Backend: cfg.Backend, Engines: engines, Runner: ro, Logger: log}); err != nil {
+		return err
+	}
+	if err := model.WarmUp(ctx, reg, log); err != nil {
+		return err
+	}
+	var failed []error
+	for _, m := range reg.Models() {
+		if st, why := m.State(); st == model.Unavailable {
+			failed = append(failed, fmt.Errorf("model %q: %w", m.Name, why))
+		}
+	}
+	if len(failed) > 0 && cfg.ExitOnError {
+		return fmt.Errorf("--exit-on-error: %w", errors.Join(failed...))
+	}
+	ready, why := reg.Ready()
+	log.Info("serving", "models", len(reg.Models()), "unavailable", len(failed), "ready", ready, "readiness", why)
+	return nil
 }
 
-// httpMux serves /healthz (the process answers) and /readyz (every model
-// warm and not draining, with the reason when not), plus extra handlers.
-func httpMux(ready *ops.Readiness, extra map[string]http.Handler) *http.ServeMux {
+// httpMux serves /healthz (the process answers) and /readyz (the
+// registry's readiness, with the reason when not ready), plus extra
+// handlers.
+func httpMux(reg *model.Registry, extra map[string]http.Handler) *http.ServeMux {
 	mux := http.NewServeMux()
-	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
+	mux.HandleFunc(ops.HealthzPath, func(w http.ResponseWriter, _ *http.Request) {
 		_, _ = w.Write([]byte("ok\n"))
 	})
-	mux.Handle(ops.ReadyzPath, ops.ReadyzHandler(ready))
+	mux.Handle(ops.ReadyzPath, ops.ReadyzHandler(reg))
 	for path, h := range extra {
 		mux.Handle(path, h)
 	}
@@ -343,6 +300,9 @@ func ObservedRunOptions(log *slog.Logger, reg prometheus.Gatherer, m *metrics.Me
 	return RunOptions{
 		Logger:   log,
 		Observer: telemetry.BatchTracer{Next: m.BatchObserver()},
+		// Each engine run is an inference span under its batch's span,
+		// and each request's stages are spans under the request's.
+		Runner: model.RunnerOptions{WrapEngines: telemetry.TraceEngines, Results: telemetry.RecordResults},
 		// Request ids first, so that the metrics interceptor and the
 		// handlers log with them.
 		UnaryInterceptors:  []grpc.UnaryServerInterceptor{telemetry.UnaryServerInterceptor(log), m.UnaryServerInterceptor()},

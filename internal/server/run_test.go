@@ -19,7 +19,6 @@ import (
 	"github.com/visionserve/visionserve/internal/config"
 	"github.com/visionserve/visionserve/internal/server/servertest"
 	"github.com/visionserve/visionserve/internal/testenv"
-	"github.com/visionserve/visionserve/pkg/batcher"
 	"github.com/visionserve/visionserve/pkg/engine"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
 	"github.com/visionserve/visionserve/pkg/pipeline"
@@ -48,20 +47,6 @@ func realServer(t testing.TB, repo, backendName string) (*grpc.ClientConn, chan<
 			Logger:   slog.New(slog.NewTextHandler(logTo, nil)),
 			Stop:     stop,
 			OnListen: func(g, _ net.Addr) { addrs <- g },
-			OnLoaded: func(reg *Registry) {
-				// Metrics hook: every model is there, none warm yet.
-				for _, m := range reg.Models() {
-					if m.Ready() {
-						t.Errorf("model %s ready before warm-up", m.Name)
-					}
-					if _, ok := m.Runner.(interface{ Stats() batcher.Stats }); !ok {
-						t.Errorf("model %s: runner has no queue stats", m.Name)
-					}
-				}
-				if len(reg.Models()) == 0 {
-					t.Error("OnLoaded with no models")
-				}
-			},
 		})
 	}()
 	var addr string

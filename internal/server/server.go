@@ -1,9 +1,9 @@
 // Package server is visionserve's gRPC serving layer: the vision API
 // (visionserve.v1.VisionService), the KServe v2 / Open Inference Protocol
 // (inference.GRPCInferenceService), gRPC health checking and reflection,
-// the request limits and the authentication interceptors, and the
-// registry that ties each model to its runner (preprocessing, dynamic
-// batcher, engines).
+// the request limits and the authentication interceptors. It translates
+// between the protocols and package model, which owns the served models
+// and the readiness that health checking reports.
 //
 // Health checking (grpc.health.v1) and reflection stay open when a bearer
 // token is required: probes and grpcurl must work without secrets, and
@@ -28,9 +28,11 @@ import (
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/reflection"
 	"google.golang.org/grpc/status"
 
+	"github.com/visionserve/visionserve/pkg/model"
 	"github.com/visionserve/visionserve/proto/inference"
 	visionv1 "github.com/visionserve/visionserve/proto/visionserve/v1"
 )
@@ -43,8 +45,9 @@ const (
 
 // Options configure a Server.
 type Options struct {
-	// Registry holds the models served; the Server closes it on Shutdown.
-	Registry *Registry
+	// Registry holds the models served and answers readiness, which
+	// health checking follows; the Server closes it on Shutdown.
+	Registry *model.Registry
 	// Limits bound requests and streams.
 	Limits Limits
 	// MaxMessageBytes bounds a received message; gRPC refuses a bigger
@@ -68,14 +71,14 @@ type Options struct {
 type Server struct {
 	grpc     *grpc.Server
 	health   *health.Server
-	reg      *Registry
+	reg      *model.Registry
 	log      *slog.Logger
 	draining chan struct{}
 	drain    sync.Once
 }
 
-// New builds the server; it listens once Serve is called. Health reports
-// NOT_SERVING until SetServing.
+// New builds the server; it listens once Serve is called. Health checking
+// follows the registry's readiness: SERVING exactly while it is ready.
 func New(opts Options) (*Server, error) {
 	if opts.Registry == nil {
 		return nil, errors.New("server: no registry")
@@ -101,6 +104,8 @@ func New(opts Options) (*Server, error) {
 		unary = append(unary, authUnary(opts.AuthToken))
 		stream = append(stream, authStream(opts.AuthToken))
 	}
+	unary = append(unary, clientUnary)
+	stream = append(stream, clientStream)
 	unary = append(unary, opts.UnaryInterceptors...)
 	stream = append(stream, opts.StreamInterceptors...)
 	sopts := []grpc.ServerOption{
@@ -121,33 +126,26 @@ func New(opts Options) (*Server, error) {
 	visionv1.RegisterVisionServiceServer(s.grpc, &visionService{
 		reg: opts.Registry, limits: lim, streams: &streamSlots{limit: int64(lim.MaxStreams)}, draining: s.draining,
 	})
-	inference.RegisterGRPCInferenceServiceServer(s.grpc, &oipService{reg: opts.Registry, limits: lim, draining: s.draining, maxMessageBytes: opts.MaxMessageBytes})
+	inference.RegisterGRPCInferenceServiceServer(s.grpc, &oipService{reg: opts.Registry, limits: lim, maxMessageBytes: opts.MaxMessageBytes})
 	healthpb.RegisterHealthServer(s.grpc, s.health)
 	reflection.Register(s.grpc)
-	for _, name := range []string{"", VisionServiceName, InferenceServiceName} {
-		s.health.SetServingStatus(name, healthpb.HealthCheckResponse_NOT_SERVING)
-	}
+	// One readiness, the registry's, drives health checking; /readyz
+	// and OIP ServerReady read the same, so none can disagree.
+	opts.Registry.Watch(func(ready bool, _ string) {
+		st := healthpb.HealthCheckResponse_NOT_SERVING
+		if ready {
+			st = healthpb.HealthCheckResponse_SERVING
+		}
+		for _, name := range HealthServices {
+			s.health.SetServingStatus(name, st)
+		}
+	})
 	return s, nil
 }
 
-// SetServing marks every service SERVING in health checking; call it once
-// the models have warmed up.
-func (s *Server) SetServing() {
-	for _, name := range []string{"", VisionServiceName, InferenceServiceName} {
-		s.health.SetServingStatus(name, healthpb.HealthCheckResponse_SERVING)
-	}
-}
-
-// Ready reports whether the server takes requests: every model warm and
-// shutdown not begun. It is what /readyz answers.
-func (s *Server) Ready() bool {
-	select {
-	case <-s.draining:
-		return false
-	default:
-		return s.reg.Ready()
-	}
-}
+// HealthServices are the names health checking answers for; "" is the
+// server as a whole.
+var HealthServices = []string{"", VisionServiceName, InferenceServiceName}
 
 // Serve accepts connections on lis until Shutdown; it returns nil after a
 // Shutdown.
@@ -159,8 +157,8 @@ func (s *Server) Serve(lis net.Listener) error {
 }
 
 // Shutdown stops the server without losing accepted work, in this order:
-//  1. health checking says NOT_SERVING, so load balancers and probes stop
-//     sending new calls;
+//  1. the registry drains, so /readyz and health checking say not ready
+//     and load balancers and probes stop sending new calls;
 //  2. streams are told to finish the frames they took in and end;
 //  3. GracefulStop stops accepting and waits for the calls in flight, at
 //     most grace; after that Stop cancels what is left;
@@ -171,6 +169,7 @@ func (s *Server) Serve(lis net.Listener) error {
 func (s *Server) Shutdown(ctx context.Context, grace time.Duration) error {
 	var err error
 	s.drain.Do(func() {
+		s.reg.Drain()
 		s.health.Shutdown()
 		close(s.draining)
 		stopped := make(chan struct{})
@@ -224,4 +223,28 @@ func recoverStream(log *slog.Logger) grpc.StreamServerInterceptor {
 		}()
 		return handler(srv, ss)
 	}
+}
+
+// clientUnary and clientStream name each call's client for the models'
+// batchers, which share their queues fairly between connections.
+func clientUnary(ctx context.Context, req any, _ *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+	return handler(withClient(ctx), req)
+}
+
+func clientStream(srv any, ss grpc.ServerStream, _ *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+	return handler(srv, &clientServerStream{ServerStream: ss, ctx: withClient(ss.Context())})
+}
+
+type clientServerStream struct {
+	grpc.ServerStream
+	ctx context.Context
+}
+
+func (s *clientServerStream) Context() context.Context { return s.ctx }
+
+func withClient(ctx context.Context) context.Context {
+	if p, ok := peer.FromContext(ctx); ok && p.Addr != nil {
+		return model.WithClient(ctx, p.Addr.String())
+	}
+	return ctx
 }

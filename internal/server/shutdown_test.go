@@ -9,6 +9,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/visionserve/visionserve/pkg/model/modeltest"
 	visionv1 "github.com/visionserve/visionserve/proto/visionserve/v1"
 )
 
@@ -18,7 +19,7 @@ import (
 func TestShutdownFinishesAcceptedWork(t *testing.T) {
 	gate := make(chan struct{})
 	started := make(chan struct{}, 1)
-	e := newEnv(t, func(c *envConfig) { c.cls = &fakeEngine{classes: 10, gate: gate, started: started} })
+	e := newEnv(t, func(c *envConfig) { c.cls = &modeltest.Engine{Classes: 10, Gate: gate, Started: started} })
 	img := encoded(jpegBytes(t, 16, 16, 10))
 
 	const inflight = 6
@@ -54,8 +55,8 @@ func TestShutdownFinishesAcceptedWork(t *testing.T) {
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
-	if e.srv.Ready() {
-		t.Error("Ready during shutdown")
+	if ok, _ := e.srv.reg.Ready(); ok {
+		t.Error("ready during shutdown")
 	}
 	// New calls are refused while the accepted ones wait.
 	_, err = e.vision.Classify(ctxT(t), &visionv1.ClassifyRequest{Model: "cls", Images: []*visionv1.Image{img}})
@@ -67,7 +68,7 @@ func TestShutdownFinishesAcceptedWork(t *testing.T) {
 		t.Fatal("shutdown returned with calls in flight")
 	default:
 	}
-	if e.cls.closed.Load() {
+	if e.cls.Closed() {
 		t.Fatal("engine closed with calls in flight")
 	}
 	close(gate)
@@ -88,7 +89,7 @@ func TestShutdownFinishesAcceptedWork(t *testing.T) {
 	if err := <-done; err != nil {
 		t.Fatal(err)
 	}
-	if !e.cls.closed.Load() || !e.det.closed.Load() {
+	if !e.cls.Closed() || !e.det.Closed() {
 		t.Error("engines not closed after shutdown")
 	}
 }

@@ -11,6 +11,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/visionserve/visionserve/pkg/model"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
 	"github.com/visionserve/visionserve/pkg/pipeline"
 	visionv1 "github.com/visionserve/visionserve/proto/visionserve/v1"
@@ -181,7 +182,7 @@ func (q *frameQueue) finished() (bool, error) {
 
 // serveQueued answers everything in the queue: dropped frames first, then
 // the newest one with its result.
-func (s *visionService) serveQueued(ctx context.Context, st frameStream, q *frameQueue, m *Model, opts pipeline.Options) error {
+func (s *visionService) serveQueued(ctx context.Context, st frameStream, q *frameQueue, m *model.Model, opts pipeline.Options) error {
 	for {
 		dropped, next := q.take()
 		for _, f := range dropped {
@@ -205,7 +206,7 @@ func (s *visionService) serveQueued(ctx context.Context, st frameStream, q *fram
 // serveFrame runs one frame. A problem with the frame itself is reported
 // in its response and the stream goes on; the end of the stream's context
 // ends the stream.
-func (s *visionService) serveFrame(ctx context.Context, f *visionv1.StreamRequest, m *Model, opts pipeline.Options) (*visionv1.StreamResponse, error) {
+func (s *visionService) serveFrame(ctx context.Context, f *visionv1.StreamRequest, m *model.Model, opts pipeline.Options) (*visionv1.StreamResponse, error) {
 	start := time.Now()
 	resp := &visionv1.StreamResponse{FrameId: f.GetFrameId(), Timestamp: f.GetTimestamp()}
 	fail := func(err error) (*visionv1.StreamResponse, error) {
@@ -220,7 +221,7 @@ func (s *visionService) serveFrame(ctx context.Context, f *visionv1.StreamReques
 	if err != nil {
 		return fail(err)
 	}
-	res, err := m.Runner.Infer(ctx, []Input{in}, opts)
+	res, err := m.Runner.Infer(ctx, []model.Input{in}, opts)
 	if ctx.Err() != nil {
 		return nil, toStatus(ctx.Err())
 	}

@@ -11,6 +11,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/visionserve/visionserve/pkg/model/modeltest"
 	visionv1 "github.com/visionserve/visionserve/proto/visionserve/v1"
 )
 
@@ -75,7 +76,7 @@ func TestStreamInOrderEveryFrameAnswered(t *testing.T) {
 
 func TestStreamKeepsNewestFrameAndReportsDrops(t *testing.T) {
 	e := newEnv(t, func(c *envConfig) {
-		c.det = &fakeEngine{classes: 3, detect: true, anchors: 84, delay: 300 * time.Millisecond}
+		c.det = &modeltest.Engine{Classes: 3, Detect: true, Anchors: 84, Delay: 300 * time.Millisecond}
 	})
 	st, err := e.vision.StreamDetect(ctxT(t))
 	if err != nil {
@@ -116,7 +117,7 @@ func TestStreamKeepsNewestFrameAndReportsDrops(t *testing.T) {
 	if len(resps) != 10 || len(served) != 2 || served[0] != 1 || served[1] != 10 || len(dropped) != 8 {
 		t.Errorf("served %v dropped %v, want served [1 10] dropped 2..9", served, dropped)
 	}
-	if runs := e.det.runs.Load(); runs != 2 {
+	if runs := e.det.Runs(); runs != 2 {
 		t.Errorf("engine ran %d times, want 2", runs)
 	}
 }

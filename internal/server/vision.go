@@ -8,6 +8,7 @@ import (
 
 	"google.golang.org/protobuf/types/known/durationpb"
 
+	"github.com/visionserve/visionserve/pkg/model"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
 	"github.com/visionserve/visionserve/pkg/pipeline"
 	visionv1 "github.com/visionserve/visionserve/proto/visionserve/v1"
@@ -26,7 +27,7 @@ type Limits struct {
 // visionService implements visionserve.v1.VisionService.
 type visionService struct {
 	visionv1.UnimplementedVisionServiceServer
-	reg     *Registry
+	reg     *model.Registry
 	limits  Limits
 	streams *streamSlots
 	// draining is closed when shutdown begins: streams finish the frames
@@ -36,7 +37,7 @@ type visionService struct {
 
 // lookup finds a ready model of the given task ("" for any), or the
 // error to answer.
-func lookup(reg *Registry, name string, task modelrepo.Task) (*Model, error) {
+func lookup(reg *model.Registry, name string, task modelrepo.Task) (*model.Model, error) {
 	if name == "" {
 		return nil, invalid("model name is missing")
 	}
@@ -44,8 +45,11 @@ func lookup(reg *Registry, name string, task modelrepo.Task) (*Model, error) {
 	if !ok {
 		return nil, notFound("model %q not found", name)
 	}
-	if !m.Ready() {
-		return nil, unavailable("model %q is not ready", name)
+	if st, why := m.State(); st != model.Ready {
+		if why != nil {
+			return nil, unavailable("model %q is %s: %v", name, st, why)
+		}
+		return nil, unavailable("model %q is %s, not ready", name, st)
 	}
 	if task != "" && m.Task != task {
 		return nil, invalid("model %q is a %s model, not %s", name, m.Task, task)
@@ -91,7 +95,7 @@ func (s *visionService) run(ctx context.Context, name string, task modelrepo.Tas
 	if len(images) > s.limits.MaxImagesPerRequest {
 		return nil, invalid("%d images in one request, over the limit of %d (--max-images-per-request)", len(images), s.limits.MaxImagesPerRequest)
 	}
-	inputs := make([]Input, len(images))
+	inputs := make([]model.Input, len(images))
 	for i, img := range images {
 		if inputs[i], err = toInput(img, m, s.limits); err != nil {
 			return nil, prefixImage(i, err)
@@ -140,37 +144,37 @@ func toOptions(o *visionv1.Options) (pipeline.Options, error) {
 
 // toInput checks one tensor image against the limits and the model and
 // converts it; encoded images are checked by the runner.
-func toInput(img *visionv1.Image, m *Model, lim Limits) (Input, error) {
+func toInput(img *visionv1.Image, m *model.Model, lim Limits) (model.Input, error) {
 	switch src := img.GetSource().(type) {
 	case *visionv1.Image_Encoded:
 		// The runner reads the header first (pipeline.CheckHeader: format,
 		// zero sides, the pixel limit) before any pixel memory is taken.
-		return Input{Encoded: src.Encoded}, nil
+		return model.Input{Encoded: src.Encoded}, nil
 	case *visionv1.Image_Tensor:
 		t := src.Tensor
 		switch t.GetDatatype() {
 		case visionv1.Tensor_DATA_TYPE_FLOAT32:
 			data, err := chwTensor(t.GetShape(), t.GetData(), m)
 			if err != nil {
-				return Input{}, err
+				return model.Input{}, err
 			}
-			return Input{Tensor: data}, nil
+			return model.Input{Tensor: data}, nil
 		case visionv1.Tensor_DATA_TYPE_UINT8:
 			h, w, err := hwcShape(t.GetShape(), len(t.GetData()), lim.MaxPixels)
 			if err != nil {
-				return Input{}, err
+				return model.Input{}, err
 			}
-			return Input{Pixels: t.GetData(), Height: h, Width: w}, nil
+			return model.Input{Pixels: t.GetData(), Height: h, Width: w}, nil
 		default:
-			return Input{}, invalid("tensor datatype %v not supported (want DATA_TYPE_FLOAT32 [3,H,W] or DATA_TYPE_UINT8 [H,W,3])", t.GetDatatype())
+			return model.Input{}, invalid("tensor datatype %v not supported (want DATA_TYPE_FLOAT32 [3,H,W] or DATA_TYPE_UINT8 [H,W,3])", t.GetDatatype())
 		}
 	}
-	return Input{}, invalid("empty image: set encoded or tensor")
+	return model.Input{}, invalid("empty image: set encoded or tensor")
 }
 
 // chwTensor checks a preprocessed [3,H,W] FP32 input of the model's size
 // and decodes its little-endian bytes.
-func chwTensor(shape []int64, raw []byte, m *Model) ([]float32, error) {
+func chwTensor(shape []int64, raw []byte, m *model.Model) ([]float32, error) {
 	h, w := int64(m.Input.Height), int64(m.Input.Width)
 	if len(shape) != 3 || shape[0] != 3 || shape[1] != h || shape[2] != w {
 		return nil, invalid("FLOAT32 tensor shape %v, want [3 %d %d] (the model's preprocessed input)", shape, h, w)
@@ -226,7 +230,7 @@ func toResult(r *pipeline.Result, total time.Duration) *visionv1.ImageResult {
 func (s *visionService) ListModels(context.Context, *visionv1.ListModelsRequest) (*visionv1.ListModelsResponse, error) {
 	resp := &visionv1.ListModelsResponse{}
 	for _, m := range s.reg.Models() {
-		resp.Models = append(resp.Models, modelInfo(m))
+		resp.Models = append(resp.Models, modelInfo(m, s.reg.Draining()))
 	}
 	return resp, nil
 }
@@ -240,10 +244,12 @@ func (s *visionService) ModelInfo(_ context.Context, req *visionv1.ModelInfoRequ
 	if !ok {
 		return nil, toStatus(notFound("model %q not found", req.GetModel()))
 	}
-	return modelInfo(m), nil
+	return modelInfo(m, s.reg.Draining()), nil
 }
 
-func modelInfo(m *Model) *visionv1.ModelInfoResponse {
+// modelInfo describes m; ready is false while the server drains, as OIP
+// ModelReady says.
+func modelInfo(m *model.Model, draining bool) *visionv1.ModelInfoResponse {
 	task := visionv1.Task_TASK_UNSPECIFIED
 	switch m.Task {
 	case modelrepo.TaskClassify:
@@ -251,12 +257,17 @@ func modelInfo(m *Model) *visionv1.ModelInfoResponse {
 	case modelrepo.TaskDetect:
 		task = visionv1.Task_TASK_DETECT
 	}
-	b := effectiveBatching(m) // what self-tuning chose, else the config
+	b := m.EffectiveBatching() // what self-tuning chose, else the config
 	pref := make([]int32, len(b.PreferredBatchSizes))
 	for i, p := range b.PreferredBatchSizes {
 		pref[i] = int32(p)
 	}
 	d := m.Defaults
+	st, why := m.State()
+	reason := ""
+	if why != nil {
+		reason = why.Error()
+	}
 	return &visionv1.ModelInfoResponse{
 		Name:        m.Name,
 		Task:        task,
@@ -265,7 +276,7 @@ func modelInfo(m *Model) *visionv1.ModelInfoResponse {
 		InputHeight: int32(m.Input.Height),
 		OutputName:  m.Output().Name,
 		LabelsCount: int32(len(m.LabelNames)),
-		Backend:     m.Runner.Backend(),
+		Backend:     backendOf(m),
 		Batching: &visionv1.Batching{
 			MaxBatchSize:        int32(b.MaxBatchSize),
 			MaxQueueDelay:       durationpb.New(b.MaxQueueDelay),
@@ -273,9 +284,28 @@ func modelInfo(m *Model) *visionv1.ModelInfoResponse {
 			QueueSize:           int32(b.QueueSize),
 			Instances:           int32(b.Instances),
 		},
-		Defaults: &visionv1.Options{TopK: int32(d.TopK), Confidence: d.Confidence, Iou: d.IoU, MaxDetections: int32(d.MaxDetections)},
-		Ready:    m.Ready(),
+		Defaults:    &visionv1.Options{TopK: int32(d.TopK), Confidence: d.Confidence, Iou: d.IoU, MaxDetections: int32(d.MaxDetections)},
+		Ready:       st == model.Ready && !draining,
+		State:       modelStates[st],
+		StateReason: reason,
 	}
+}
+
+// modelStates maps a model's state to the vision API's.
+var modelStates = map[model.State]visionv1.ModelState{
+	model.Loading:     visionv1.ModelState_MODEL_STATE_LOADING,
+	model.Ready:       visionv1.ModelState_MODEL_STATE_READY,
+	model.Unavailable: visionv1.ModelState_MODEL_STATE_UNAVAILABLE,
+	model.Unloading:   visionv1.ModelState_MODEL_STATE_UNLOADING,
+}
+
+// backendOf names what runs m; "" while it has no engines.
+func backendOf(m *model.Model) string {
+	st, _ := m.State()
+	if m.Runner == nil || st == model.Unavailable {
+		return ""
+	}
+	return m.Runner.Backend()
 }
 
 func encodedImage(b []byte) *visionv1.Image {

@@ -15,6 +15,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/visionserve/visionserve/pkg/model/modeltest"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
 	visionv1 "github.com/visionserve/visionserve/proto/visionserve/v1"
 )
@@ -43,7 +44,7 @@ func TestClassify(t *testing.T) {
 		if len(r.Classes) != 3 {
 			t.Fatalf("image %d: %d classes, want top_k 3", i, len(r.Classes))
 		}
-		if c := r.Classes[0]; c.Index != want.top || c.Label != testModel("x", modelrepo.TaskClassify, 10).LabelNames[want.top] {
+		if c := r.Classes[0]; c.Index != want.top || c.Label != modeltest.Model("x", modelrepo.TaskClassify, 10).LabelNames[want.top] {
 			t.Errorf("image %d: top class %d %q, want %d", i, c.Index, c.Label, want.top)
 		}
 		if r.Classes[0].Score < r.Classes[1].Score || r.Classes[0].Score > 1 {
@@ -228,19 +229,21 @@ func TestBadRequestsThenGoodOne(t *testing.T) {
 
 func TestZeroDeadlineNeverRuns(t *testing.T) {
 	e := newEnv(t)
-	before := e.cls.runs.Load()
+	before := e.cls.Runs()
 	ctx, cancel := context.WithTimeout(context.Background(), 0)
 	defer cancel()
 	_, err := e.vision.Classify(ctx, &visionv1.ClassifyRequest{Model: "cls", Images: []*visionv1.Image{encoded(jpegBytes(t, 8, 8, 1))}})
 	wantCode(t, err, codes.DeadlineExceeded, "")
-	if got := e.cls.runs.Load(); got != before {
+	if got := e.cls.Runs(); got != before {
 		t.Errorf("engine ran %d batches for an expired request", got-before)
 	}
 }
 
 func TestQueueFullIsResourceExhausted(t *testing.T) {
 	gate := make(chan struct{})
-	e := newEnv(t, func(c *envConfig) { c.cls = &fakeEngine{classes: 10, gate: gate, started: make(chan struct{}, 1)} })
+	e := newEnv(t, func(c *envConfig) {
+		c.cls = &modeltest.Engine{Classes: 10, Gate: gate, Started: make(chan struct{}, 1)}
+	})
 	img := encoded(jpegBytes(t, 16, 16, 10))
 	// The engine holds one batch of 4; the queue holds 16 more images.
 	var wg sync.WaitGroup

@@ -34,12 +34,6 @@ const (
 	AttrWorker    = "visionserve.batch.worker"
 )
 
-// StartStage starts the span of one pipeline stage as a child of the
-// span in ctx; the caller ends it.
-func StartStage(ctx context.Context, stage string, attrs ...attribute.KeyValue) (context.Context, trace.Span) {
-	return Tracer().Start(ctx, stage, trace.WithAttributes(attrs...))
-}
-
 // RecordStages adds one span per pipeline stage (decode, queue,
 // preprocess, inference, postprocess) under the request span in ctx, for
 // a request that started at start and whose images took timings. The

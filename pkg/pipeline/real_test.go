@@ -10,6 +10,7 @@ import (
 	"github.com/visionserve/visionserve/pkg/engine/onnxrt"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
 	"github.com/visionserve/visionserve/pkg/pipeline"
+	"github.com/visionserve/visionserve/pkg/pipeline/pipelinetest"
 )
 
 const shared = "../../../shared/testdata"
@@ -31,13 +32,13 @@ func sharedFiles(t *testing.T, rel ...string) []string {
 
 // realRunner loads m on ONNX Runtime CPU, skipping when the library is not
 // installed (scripts/setup.sh).
-func realRunner(t *testing.T, m *modelrepo.Model) *pipeline.Runner {
+func realRunner(t *testing.T, m *modelrepo.Model) *pipelinetest.Runner {
 	t.Helper()
 	return runnerWith(t, m, pipeline.PreprocessOptions{})
 }
 
 // runnerWith is realRunner with preprocess options.
-func runnerWith(t *testing.T, m *modelrepo.Model, opts pipeline.PreprocessOptions) *pipeline.Runner {
+func runnerWith(t *testing.T, m *modelrepo.Model, opts pipeline.PreprocessOptions) *pipelinetest.Runner {
 	t.Helper()
 	if err := onnxrt.Init(testenv.ORTLib(t)); err != nil {
 		t.Fatal(err)
@@ -47,7 +48,7 @@ func runnerWith(t *testing.T, m *modelrepo.Model, opts pipeline.PreprocessOption
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { eng.Close() })
-	r, err := pipeline.New(m, eng, opts)
+	r, err := pipelinetest.New(m, eng, opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -234,7 +235,7 @@ func BenchmarkInferYOLOv8s(b *testing.B) {
 		b.Fatal(err)
 	}
 	defer eng.Close()
-	r, err := pipeline.New(m, eng, pipeline.PreprocessOptions{})
+	r, err := pipelinetest.New(m, eng, pipeline.PreprocessOptions{})
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -130,7 +130,7 @@ func TestOperationsOfARealServer(t *testing.T) {
 	deadline := time.Now().Add(3 * time.Minute)
 	for {
 		code, body := get(t, base+ops.ReadyzPath)
-		st := healthStatus(t, health, ops.ServiceVision)
+		st := healthStatus(t, health, server.VisionServiceName)
 		if code == 200 {
 			if st != healthpb.HealthCheckResponse_SERVING {
 				// Readiness sets health before /readyz can read it.
@@ -146,7 +146,7 @@ func TestOperationsOfARealServer(t *testing.T) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	for _, svc := range ops.HealthServices {
+	for _, svc := range server.HealthServices {
 		if st := healthStatus(t, health, svc); st != healthpb.HealthCheckResponse_SERVING {
 			t.Errorf("health of %q = %v once ready", svc, st)
 		}

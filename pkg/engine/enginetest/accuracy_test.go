@@ -9,6 +9,7 @@ import (
 	"github.com/visionserve/visionserve/pkg/engine/onnxrt"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
 	"github.com/visionserve/visionserve/pkg/pipeline"
+	"github.com/visionserve/visionserve/pkg/pipeline/pipelinetest"
 )
 
 // The real pretrained models of ../shared/testdata, configured in code as
@@ -57,7 +58,7 @@ func mobilenetv2Int8(t testing.TB) *modelrepo.Model {
 	}
 }
 
-func ortRunner(t testing.TB, m *modelrepo.Model) *pipeline.Runner {
+func ortRunner(t testing.TB, m *modelrepo.Model) *pipelinetest.Runner {
 	t.Helper()
 	initORT(t)
 	e, err := onnxrt.NewForModel(m, onnxrt.Options{})
@@ -65,7 +66,7 @@ func ortRunner(t testing.TB, m *modelrepo.Model) *pipeline.Runner {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { e.Close() })
-	r, err := pipeline.New(m, e, pipeline.PreprocessOptions{})
+	r, err := pipelinetest.New(m, e, pipeline.PreprocessOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -187,7 +188,7 @@ func TestRealMobileNetV2Int8OnOpenCV(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer e.Close()
-	r, err := pipeline.New(m, e, pipeline.PreprocessOptions{})
+	r, err := pipelinetest.New(m, e, pipeline.PreprocessOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}

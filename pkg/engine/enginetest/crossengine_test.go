@@ -15,6 +15,7 @@ import (
 	"github.com/visionserve/visionserve/pkg/engine/onnxrt"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
 	"github.com/visionserve/visionserve/pkg/pipeline"
+	"github.com/visionserve/visionserve/pkg/pipeline/pipelinetest"
 )
 
 // testImages are the shared photographs when present, else drawn scenes:
@@ -51,7 +52,7 @@ func testImages(t testing.TB) [][]byte {
 }
 
 // runners builds the model's pipeline on ONNX Runtime and on OpenCV DNN.
-func runners(t *testing.T, m *modelrepo.Model) (ort, cv *pipeline.Runner, ortE *onnxrt.Engine, cvE *cvdnn.Engine) {
+func runners(t *testing.T, m *modelrepo.Model) (ort, cv *pipelinetest.Runner, ortE *onnxrt.Engine, cvE *cvdnn.Engine) {
 	t.Helper()
 	initORT(t)
 	var err error
@@ -67,10 +68,10 @@ func runners(t *testing.T, m *modelrepo.Model) (ort, cv *pipeline.Runner, ortE *
 	t.Cleanup(func() { cvE.Close() })
 	t.Logf("%s on OpenCV: cut at the detect head %v, image by image %v", m.Name, cvE.Head() != nil, cvE.PerImage())
 	for _, p := range []struct {
-		r **pipeline.Runner
+		r **pipelinetest.Runner
 		e engine.Engine
 	}{{&ort, ortE}, {&cv, cvE}} {
-		r, err := pipeline.New(m, p.e, pipeline.PreprocessOptions{})
+		r, err := pipelinetest.New(m, p.e, pipeline.PreprocessOptions{})
 		if err != nil {
 			t.Fatal(err)
 		}

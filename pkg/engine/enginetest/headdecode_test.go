@@ -9,6 +9,7 @@ import (
 	"github.com/visionserve/visionserve/pkg/engine/cvdnn"
 	"github.com/visionserve/visionserve/pkg/engine/onnxrt"
 	"github.com/visionserve/visionserve/pkg/pipeline"
+	"github.com/visionserve/visionserve/pkg/pipeline/pipelinetest"
 )
 
 // cutEngine runs a YOLOv8 graph the way the OpenCV engine does, cut at its
@@ -64,7 +65,7 @@ func TestRealYOLOv8nCutDecodeMatchesFullGraph(t *testing.T) {
 	}
 	ce := &cutEngine{ort: ort, head: head}
 	defer ce.Close()
-	cut, err := pipeline.New(m, ce, pipeline.PreprocessOptions{})
+	cut, err := pipelinetest.New(m, ce, pipeline.PreprocessOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -77,6 +77,66 @@ func (Task) EnumDescriptor() ([]byte, []int) {
 	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{0}
 }
 
+// ModelState is where a served model is in its life.
+type ModelState int32
+
+const (
+	ModelState_MODEL_STATE_UNSPECIFIED ModelState = 0
+	// Its engines load, or it warms up.
+	ModelState_MODEL_STATE_LOADING ModelState = 1
+	// It takes requests.
+	ModelState_MODEL_STATE_READY ModelState = 2
+	// It could not be loaded or warmed up; state_reason says why.
+	ModelState_MODEL_STATE_UNAVAILABLE ModelState = 3
+	// It finishes the requests it accepted, then frees its engines.
+	ModelState_MODEL_STATE_UNLOADING ModelState = 4
+)
+
+// Enum value maps for ModelState.
+var (
+	ModelState_name = map[int32]string{
+		0: "MODEL_STATE_UNSPECIFIED",
+		1: "MODEL_STATE_LOADING",
+		2: "MODEL_STATE_READY",
+		3: "MODEL_STATE_UNAVAILABLE",
+		4: "MODEL_STATE_UNLOADING",
+	}
+	ModelState_value = map[string]int32{
+		"MODEL_STATE_UNSPECIFIED": 0,
+		"MODEL_STATE_LOADING":     1,
+		"MODEL_STATE_READY":       2,
+		"MODEL_STATE_UNAVAILABLE": 3,
+		"MODEL_STATE_UNLOADING":   4,
+	}
+)
+
+func (x ModelState) Enum() *ModelState {
+	p := new(ModelState)
+	*p = x
+	return p
+}
+
+func (x ModelState) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (ModelState) Descriptor() protoreflect.EnumDescriptor {
+	return file_visionserve_v1_vision_proto_enumTypes[1].Descriptor()
+}
+
+func (ModelState) Type() protoreflect.EnumType {
+	return &file_visionserve_v1_vision_proto_enumTypes[1]
+}
+
+func (x ModelState) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use ModelState.Descriptor instead.
+func (ModelState) EnumDescriptor() ([]byte, []int) {
+	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{1}
+}
+
 // DataType says what data holds.
 type Tensor_DataType int32
 
@@ -115,11 +175,11 @@ func (x Tensor_DataType) String() string {
 }
 
 func (Tensor_DataType) Descriptor() protoreflect.EnumDescriptor {
-	return file_visionserve_v1_vision_proto_enumTypes[1].Descriptor()
+	return file_visionserve_v1_vision_proto_enumTypes[2].Descriptor()
 }
 
 func (Tensor_DataType) Type() protoreflect.EnumType {
-	return &file_visionserve_v1_vision_proto_enumTypes[1]
+	return &file_visionserve_v1_vision_proto_enumTypes[2]
 }
 
 func (x Tensor_DataType) Number() protoreflect.EnumNumber {
@@ -1395,8 +1455,12 @@ type ModelInfoResponse struct {
 	Backend  string    `protobuf:"bytes,8,opt,name=backend,proto3" json:"backend,omitempty"`
 	Batching *Batching `protobuf:"bytes,9,opt,name=batching,proto3" json:"batching,omitempty"`
 	// Defaults for options a request leaves unset.
-	Defaults      *Options `protobuf:"bytes,10,opt,name=defaults,proto3" json:"defaults,omitempty"`
-	Ready         bool     `protobuf:"varint,11,opt,name=ready,proto3" json:"ready,omitempty"`
+	Defaults *Options `protobuf:"bytes,10,opt,name=defaults,proto3" json:"defaults,omitempty"`
+	// Whether the model takes requests now: state is MODEL_STATE_READY.
+	Ready bool `protobuf:"varint,11,opt,name=ready,proto3" json:"ready,omitempty"`
+	// Where the model is in its life, and why when it is unavailable.
+	State         ModelState `protobuf:"varint,12,opt,name=state,proto3,enum=visionserve.v1.ModelState" json:"state,omitempty"`
+	StateReason   string     `protobuf:"bytes,13,opt,name=state_reason,json=stateReason,proto3" json:"state_reason,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1508,6 +1572,20 @@ func (x *ModelInfoResponse) GetReady() bool {
 	return false
 }
 
+func (x *ModelInfoResponse) GetState() ModelState {
+	if x != nil {
+		return x.State
+	}
+	return ModelState_MODEL_STATE_UNSPECIFIED
+}
+
+func (x *ModelInfoResponse) GetStateReason() string {
+	if x != nil {
+		return x.StateReason
+	}
+	return ""
+}
+
 var File_visionserve_v1_vision_proto protoreflect.FileDescriptor
 
 const file_visionserve_v1_vision_proto_rawDesc = "" +
@@ -1607,7 +1685,7 @@ const file_visionserve_v1_vision_proto_rawDesc = "" +
 	"\x15preferred_batch_sizes\x18\x03 \x03(\x05R\x13preferredBatchSizes\x12\x1d\n" +
 	"\n" +
 	"queue_size\x18\x04 \x01(\x05R\tqueueSize\x12\x1c\n" +
-	"\tinstances\x18\x05 \x01(\x05R\tinstances\"\x93\x03\n" +
+	"\tinstances\x18\x05 \x01(\x05R\tinstances\"\xe8\x03\n" +
 	"\x11ModelInfoResponse\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12(\n" +
 	"\x04task\x18\x02 \x01(\x0e2\x14.visionserve.v1.TaskR\x04task\x12\x1d\n" +
@@ -1623,11 +1701,20 @@ const file_visionserve_v1_vision_proto_rawDesc = "" +
 	"\bbatching\x18\t \x01(\v2\x18.visionserve.v1.BatchingR\bbatching\x123\n" +
 	"\bdefaults\x18\n" +
 	" \x01(\v2\x17.visionserve.v1.OptionsR\bdefaults\x12\x14\n" +
-	"\x05ready\x18\v \x01(\bR\x05ready*@\n" +
+	"\x05ready\x18\v \x01(\bR\x05ready\x120\n" +
+	"\x05state\x18\f \x01(\x0e2\x1a.visionserve.v1.ModelStateR\x05state\x12!\n" +
+	"\fstate_reason\x18\r \x01(\tR\vstateReason*@\n" +
 	"\x04Task\x12\x14\n" +
 	"\x10TASK_UNSPECIFIED\x10\x00\x12\x11\n" +
 	"\rTASK_CLASSIFY\x10\x01\x12\x0f\n" +
-	"\vTASK_DETECT\x10\x022\xf6\x03\n" +
+	"\vTASK_DETECT\x10\x02*\x91\x01\n" +
+	"\n" +
+	"ModelState\x12\x1b\n" +
+	"\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x17\n" +
+	"\x13MODEL_STATE_LOADING\x10\x01\x12\x15\n" +
+	"\x11MODEL_STATE_READY\x10\x02\x12\x1b\n" +
+	"\x17MODEL_STATE_UNAVAILABLE\x10\x03\x12\x19\n" +
+	"\x15MODEL_STATE_UNLOADING\x10\x042\xf6\x03\n" +
 	"\rVisionService\x12M\n" +
 	"\bClassify\x12\x1f.visionserve.v1.ClassifyRequest\x1a .visionserve.v1.ClassifyResponse\x12G\n" +
 	"\x06Detect\x12\x1d.visionserve.v1.DetectRequest\x1a\x1e.visionserve.v1.DetectResponse\x12S\n" +
@@ -1649,81 +1736,83 @@ func file_visionserve_v1_vision_proto_rawDescGZIP() []byte {
 	return file_visionserve_v1_vision_proto_rawDescData
 }
 
-var file_visionserve_v1_vision_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
+var file_visionserve_v1_vision_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
 var file_visionserve_v1_vision_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
 var file_visionserve_v1_vision_proto_goTypes = []any{
 	(Task)(0),                     // 0: visionserve.v1.Task
-	(Tensor_DataType)(0),          // 1: visionserve.v1.Tensor.DataType
-	(*Image)(nil),                 // 2: visionserve.v1.Image
-	(*Tensor)(nil),                // 3: visionserve.v1.Tensor
-	(*Options)(nil),               // 4: visionserve.v1.Options
-	(*ClassifyRequest)(nil),       // 5: visionserve.v1.ClassifyRequest
-	(*ClassifyResponse)(nil),      // 6: visionserve.v1.ClassifyResponse
-	(*DetectRequest)(nil),         // 7: visionserve.v1.DetectRequest
-	(*DetectResponse)(nil),        // 8: visionserve.v1.DetectResponse
-	(*Class)(nil),                 // 9: visionserve.v1.Class
-	(*Box)(nil),                   // 10: visionserve.v1.Box
-	(*Detection)(nil),             // 11: visionserve.v1.Detection
-	(*Timings)(nil),               // 12: visionserve.v1.Timings
-	(*ImageResult)(nil),           // 13: visionserve.v1.ImageResult
-	(*StreamRequest)(nil),         // 14: visionserve.v1.StreamRequest
-	(*StreamResponse)(nil),        // 15: visionserve.v1.StreamResponse
-	(*FrameError)(nil),            // 16: visionserve.v1.FrameError
-	(*ListModelsRequest)(nil),     // 17: visionserve.v1.ListModelsRequest
-	(*ListModelsResponse)(nil),    // 18: visionserve.v1.ListModelsResponse
-	(*ModelInfoRequest)(nil),      // 19: visionserve.v1.ModelInfoRequest
-	(*Batching)(nil),              // 20: visionserve.v1.Batching
-	(*ModelInfoResponse)(nil),     // 21: visionserve.v1.ModelInfoResponse
-	(*durationpb.Duration)(nil),   // 22: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil), // 23: google.protobuf.Timestamp
+	(ModelState)(0),               // 1: visionserve.v1.ModelState
+	(Tensor_DataType)(0),          // 2: visionserve.v1.Tensor.DataType
+	(*Image)(nil),                 // 3: visionserve.v1.Image
+	(*Tensor)(nil),                // 4: visionserve.v1.Tensor
+	(*Options)(nil),               // 5: visionserve.v1.Options
+	(*ClassifyRequest)(nil),       // 6: visionserve.v1.ClassifyRequest
+	(*ClassifyResponse)(nil),      // 7: visionserve.v1.ClassifyResponse
+	(*DetectRequest)(nil),         // 8: visionserve.v1.DetectRequest
+	(*DetectResponse)(nil),        // 9: visionserve.v1.DetectResponse
+	(*Class)(nil),                 // 10: visionserve.v1.Class
+	(*Box)(nil),                   // 11: visionserve.v1.Box
+	(*Detection)(nil),             // 12: visionserve.v1.Detection
+	(*Timings)(nil),               // 13: visionserve.v1.Timings
+	(*ImageResult)(nil),           // 14: visionserve.v1.ImageResult
+	(*StreamRequest)(nil),         // 15: visionserve.v1.StreamRequest
+	(*StreamResponse)(nil),        // 16: visionserve.v1.StreamResponse
+	(*FrameError)(nil),            // 17: visionserve.v1.FrameError
+	(*ListModelsRequest)(nil),     // 18: visionserve.v1.ListModelsRequest
+	(*ListModelsResponse)(nil),    // 19: visionserve.v1.ListModelsResponse
+	(*ModelInfoRequest)(nil),      // 20: visionserve.v1.ModelInfoRequest
+	(*Batching)(nil),              // 21: visionserve.v1.Batching
+	(*ModelInfoResponse)(nil),     // 22: visionserve.v1.ModelInfoResponse
+	(*durationpb.Duration)(nil),   // 23: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil), // 24: google.protobuf.Timestamp
 }
 var file_visionserve_v1_vision_proto_depIdxs = []int32{
-	3,  // 0: visionserve.v1.Image.tensor:type_name -> visionserve.v1.Tensor
-	1,  // 1: visionserve.v1.Tensor.datatype:type_name -> visionserve.v1.Tensor.DataType
-	2,  // 2: visionserve.v1.ClassifyRequest.images:type_name -> visionserve.v1.Image
-	4,  // 3: visionserve.v1.ClassifyRequest.options:type_name -> visionserve.v1.Options
-	13, // 4: visionserve.v1.ClassifyResponse.results:type_name -> visionserve.v1.ImageResult
-	2,  // 5: visionserve.v1.DetectRequest.images:type_name -> visionserve.v1.Image
-	4,  // 6: visionserve.v1.DetectRequest.options:type_name -> visionserve.v1.Options
-	13, // 7: visionserve.v1.DetectResponse.results:type_name -> visionserve.v1.ImageResult
-	10, // 8: visionserve.v1.Detection.box:type_name -> visionserve.v1.Box
-	22, // 9: visionserve.v1.Timings.queue:type_name -> google.protobuf.Duration
-	22, // 10: visionserve.v1.Timings.decode:type_name -> google.protobuf.Duration
-	22, // 11: visionserve.v1.Timings.preprocess:type_name -> google.protobuf.Duration
-	22, // 12: visionserve.v1.Timings.inference:type_name -> google.protobuf.Duration
-	22, // 13: visionserve.v1.Timings.postprocess:type_name -> google.protobuf.Duration
-	22, // 14: visionserve.v1.Timings.total:type_name -> google.protobuf.Duration
-	9,  // 15: visionserve.v1.ImageResult.classes:type_name -> visionserve.v1.Class
-	11, // 16: visionserve.v1.ImageResult.detections:type_name -> visionserve.v1.Detection
-	12, // 17: visionserve.v1.ImageResult.timings:type_name -> visionserve.v1.Timings
-	4,  // 18: visionserve.v1.StreamRequest.options:type_name -> visionserve.v1.Options
-	23, // 19: visionserve.v1.StreamRequest.timestamp:type_name -> google.protobuf.Timestamp
-	2,  // 20: visionserve.v1.StreamRequest.image:type_name -> visionserve.v1.Image
-	23, // 21: visionserve.v1.StreamResponse.timestamp:type_name -> google.protobuf.Timestamp
-	13, // 22: visionserve.v1.StreamResponse.result:type_name -> visionserve.v1.ImageResult
-	16, // 23: visionserve.v1.StreamResponse.error:type_name -> visionserve.v1.FrameError
-	21, // 24: visionserve.v1.ListModelsResponse.models:type_name -> visionserve.v1.ModelInfoResponse
-	22, // 25: visionserve.v1.Batching.max_queue_delay:type_name -> google.protobuf.Duration
+	4,  // 0: visionserve.v1.Image.tensor:type_name -> visionserve.v1.Tensor
+	2,  // 1: visionserve.v1.Tensor.datatype:type_name -> visionserve.v1.Tensor.DataType
+	3,  // 2: visionserve.v1.ClassifyRequest.images:type_name -> visionserve.v1.Image
+	5,  // 3: visionserve.v1.ClassifyRequest.options:type_name -> visionserve.v1.Options
+	14, // 4: visionserve.v1.ClassifyResponse.results:type_name -> visionserve.v1.ImageResult
+	3,  // 5: visionserve.v1.DetectRequest.images:type_name -> visionserve.v1.Image
+	5,  // 6: visionserve.v1.DetectRequest.options:type_name -> visionserve.v1.Options
+	14, // 7: visionserve.v1.DetectResponse.results:type_name -> visionserve.v1.ImageResult
+	11, // 8: visionserve.v1.Detection.box:type_name -> visionserve.v1.Box
+	23, // 9: visionserve.v1.Timings.queue:type_name -> google.protobuf.Duration
+	23, // 10: visionserve.v1.Timings.decode:type_name -> google.protobuf.Duration
+	23, // 11: visionserve.v1.Timings.preprocess:type_name -> google.protobuf.Duration
+	23, // 12: visionserve.v1.Timings.inference:type_name -> google.protobuf.Duration
+	23, // 13: visionserve.v1.Timings.postprocess:type_name -> google.protobuf.Duration
+	23, // 14: visionserve.v1.Timings.total:type_name -> google.protobuf.Duration
+	10, // 15: visionserve.v1.ImageResult.classes:type_name -> visionserve.v1.Class
+	12, // 16: visionserve.v1.ImageResult.detections:type_name -> visionserve.v1.Detection
+	13, // 17: visionserve.v1.ImageResult.timings:type_name -> visionserve.v1.Timings
+	5,  // 18: visionserve.v1.StreamRequest.options:type_name -> visionserve.v1.Options
+	24, // 19: visionserve.v1.StreamRequest.timestamp:type_name -> google.protobuf.Timestamp
+	3,  // 20: visionserve.v1.StreamRequest.image:type_name -> visionserve.v1.Image
+	24, // 21: visionserve.v1.StreamResponse.timestamp:type_name -> google.protobuf.Timestamp
+	14, // 22: visionserve.v1.StreamResponse.result:type_name -> visionserve.v1.ImageResult
+	17, // 23: visionserve.v1.StreamResponse.error:type_name -> visionserve.v1.FrameError
+	22, // 24: visionserve.v1.ListModelsResponse.models:type_name -> visionserve.v1.ModelInfoResponse
+	23, // 25: visionserve.v1.Batching.max_queue_delay:type_name -> google.protobuf.Duration
 	0,  // 26: visionserve.v1.ModelInfoResponse.task:type_name -> visionserve.v1.Task
-	20, // 27: visionserve.v1.ModelInfoResponse.batching:type_name -> visionserve.v1.Batching
-	4,  // 28: visionserve.v1.ModelInfoResponse.defaults:type_name -> visionserve.v1.Options
-	5,  // 29: visionserve.v1.VisionService.Classify:input_type -> visionserve.v1.ClassifyRequest
-	7,  // 30: visionserve.v1.VisionService.Detect:input_type -> visionserve.v1.DetectRequest
-	14, // 31: visionserve.v1.VisionService.StreamClassify:input_type -> visionserve.v1.StreamRequest
-	14, // 32: visionserve.v1.VisionService.StreamDetect:input_type -> visionserve.v1.StreamRequest
-	17, // 33: visionserve.v1.VisionService.ListModels:input_type -> visionserve.v1.ListModelsRequest
-	19, // 34: visionserve.v1.VisionService.ModelInfo:input_type -> visionserve.v1.ModelInfoRequest
-	6,  // 35: visionserve.v1.VisionService.Classify:output_type -> visionserve.v1.ClassifyResponse
-	8,  // 36: visionserve.v1.VisionService.Detect:output_type -> visionserve.v1.DetectResponse
-	15, // 37: visionserve.v1.VisionService.StreamClassify:output_type -> visionserve.v1.StreamResponse
-	15, // 38: visionserve.v1.VisionService.StreamDetect:output_type -> visionserve.v1.StreamResponse
-	18, // 39: visionserve.v1.VisionService.ListModels:output_type -> visionserve.v1.ListModelsResponse
-	21, // 40: visionserve.v1.VisionService.ModelInfo:output_type -> visionserve.v1.ModelInfoResponse
-	35, // [35:41] is the sub-list for method output_type
-	29, // [29:35] is the sub-list for method input_type
-	29, // [29:29] is the sub-list for extension type_name
-	29, // [29:29] is the sub-list for extension extendee
-	0,  // [0:29] is the sub-list for field type_name
+	21, // 27: visionserve.v1.ModelInfoResponse.batching:type_name -> visionserve.v1.Batching
+	5,  // 28: visionserve.v1.ModelInfoResponse.defaults:type_name -> visionserve.v1.Options
+	1,  // 29: visionserve.v1.ModelInfoResponse.state:type_name -> visionserve.v1.ModelState
+	6,  // 30: visionserve.v1.VisionService.Classify:input_type -> visionserve.v1.ClassifyRequest
+	8,  // 31: visionserve.v1.VisionService.Detect:input_type -> visionserve.v1.DetectRequest
+	15, // 32: visionserve.v1.VisionService.StreamClassify:input_type -> visionserve.v1.StreamRequest
+	15, // 33: visionserve.v1.VisionService.StreamDetect:input_type -> visionserve.v1.StreamRequest
+	18, // 34: visionserve.v1.VisionService.ListModels:input_type -> visionserve.v1.ListModelsRequest
+	20, // 35: visionserve.v1.VisionService.ModelInfo:input_type -> visionserve.v1.ModelInfoRequest
+	7,  // 36: visionserve.v1.VisionService.Classify:output_type -> visionserve.v1.ClassifyResponse
+	9,  // 37: visionserve.v1.VisionService.Detect:output_type -> visionserve.v1.DetectResponse
+	16, // 38: visionserve.v1.VisionService.StreamClassify:output_type -> visionserve.v1.StreamResponse
+	16, // 39: visionserve.v1.VisionService.StreamDetect:output_type -> visionserve.v1.StreamResponse
+	19, // 40: visionserve.v1.VisionService.ListModels:output_type -> visionserve.v1.ListModelsResponse
+	22, // 41: visionserve.v1.VisionService.ModelInfo:output_type -> visionserve.v1.ModelInfoResponse
+	36, // [36:42] is the sub-list for method output_type
+	30, // [30:36] is the sub-list for method input_type
+	30, // [30:30] is the sub-list for extension type_name
+	30, // [30:30] is the sub-list for extension extendee
+	0,  // [0:30] is the sub-list for field type_name
 }
 
 func init() { file_visionserve_v1_vision_proto_init() }
@@ -1740,7 +1829,7 @@ func file_visionserve_v1_vision_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_visionserve_v1_vision_proto_rawDesc), len(file_visionserve_v1_vision_proto_rawDesc)),
-			NumEnums:      2,
+			NumEnums:      3,
 			NumMessages:   20,
 			NumExtensions: 0,
 			NumServices:   1,

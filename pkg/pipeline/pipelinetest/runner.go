@@ -1,4 +1,8 @@
-package pipeline
+// Package pipelinetest holds the synchronous reference path through a
+// model for tests, tools and benchmarks: prepare each image, fill one
+// pooled batch, run the engine, postprocess; no batcher, no queue. The
+// server never uses it: it serves through package model.
+package pipelinetest
 
 import (
 	"context"
@@ -8,16 +12,15 @@ import (
 
 	"github.com/visionserve/visionserve/pkg/engine"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
+	"github.com/visionserve/visionserve/pkg/pipeline"
 )
 
 // Runner is the simple synchronous pipeline: prepare, fill one pooled
-// batch, run the engine, postprocess. It serves tests, benchmarks and
-// tools; the server's dynamic batcher uses Preprocessor, Prepared.Fill and
-// Postprocessor directly. Like its Engine, a Runner is used by one
-// goroutine at a time.
+// batch, run the engine, postprocess. Like its Engine, a Runner is used
+// by one goroutine at a time.
 type Runner struct {
-	pre      *Preprocessor
-	post     *Postprocessor
+	pre      *pipeline.Preprocessor
+	post     *pipeline.Postprocessor
 	engine   engine.Engine
 	pool     *engine.BatchPool
 	maxBatch int
@@ -25,15 +28,15 @@ type Runner struct {
 
 // New builds a Runner of model m on engine e. The Runner does not own e:
 // closing the Runner leaves the engine open.
-func New(m *modelrepo.Model, e engine.Engine, opts PreprocessOptions) (*Runner, error) {
+func New(m *modelrepo.Model, e engine.Engine, opts pipeline.PreprocessOptions) (*Runner, error) {
 	if e == nil {
-		return nil, errors.New("pipeline: nil engine")
+		return nil, errors.New("pipelinetest: nil engine")
 	}
-	pre, err := NewPreprocessor(m, opts)
+	pre, err := pipeline.NewPreprocessor(m, opts)
 	if err != nil {
 		return nil, err
 	}
-	post, err := NewPostprocessor(m)
+	post, err := pipeline.NewPostprocessor(m)
 	if err != nil {
 		return nil, err
 	}
@@ -48,20 +51,20 @@ func New(m *modelrepo.Model, e engine.Engine, opts PreprocessOptions) (*Runner, 
 }
 
 // Preprocessor returns the Runner's preprocessor.
-func (r *Runner) Preprocessor() *Preprocessor { return r.pre }
+func (r *Runner) Preprocessor() *pipeline.Preprocessor { return r.pre }
 
 // Postprocessor returns the Runner's postprocessor.
-func (r *Runner) Postprocessor() *Postprocessor { return r.post }
+func (r *Runner) Postprocessor() *pipeline.Postprocessor { return r.post }
 
 // Infer runs encoded images through the model, at most the model's
 // max_batch_size per engine run, and returns one Result per image in order.
-// A bad image fails the call with an error naming its index (see Decode
+// A bad image fails the call with an error naming its index (see pipeline.Decode
 // for the accepted formats and limits).
-func (r *Runner) Infer(ctx context.Context, images [][]byte, opts Options) ([]Result, error) {
+func (r *Runner) Infer(ctx context.Context, images [][]byte, opts pipeline.Options) ([]pipeline.Result, error) {
 	if _, err := r.post.Resolve(opts); err != nil {
 		return nil, err
 	}
-	results := make([]Result, 0, len(images))
+	results := make([]pipeline.Result, 0, len(images))
 	for start := 0; start < len(images); start += r.maxBatch {
 		chunk := images[start:min(start+r.maxBatch, len(images))]
 		res, err := r.inferChunk(ctx, chunk, start, opts)
@@ -73,8 +76,8 @@ func (r *Runner) Infer(ctx context.Context, images [][]byte, opts Options) ([]Re
 	return results, nil
 }
 
-func (r *Runner) inferChunk(ctx context.Context, images [][]byte, first int, opts Options) ([]Result, error) {
-	prepared := make([]*Prepared, 0, len(images))
+func (r *Runner) inferChunk(ctx context.Context, images [][]byte, first int, opts pipeline.Options) ([]pipeline.Result, error) {
+	prepared := make([]*pipeline.Prepared, 0, len(images))
 	defer func() {
 		for _, p := range prepared {
 			p.Close()
@@ -110,7 +113,7 @@ func (r *Runner) inferChunk(ctx context.Context, images [][]byte, first int, opt
 		return nil, fmt.Errorf("running %s: %w", r.engine.Backend(), err)
 	}
 	inference := time.Since(t)
-	results := make([]Result, len(images))
+	results := make([]pipeline.Result, len(images))
 	for k, p := range prepared {
 		res, err := r.post.Decode(outs, k, p, opts)
 		if err != nil {

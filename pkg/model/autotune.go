@@ -1,4 +1,4 @@
-package server
+package model
 
 import (
 	"context"
@@ -162,10 +162,10 @@ func (t *tuner) stop() {
 	}
 }
 
-// effectiveBatching is the model's batching config with what the
+// EffectiveBatching is the model's batching config with what the
 // self-tuner chose in place of the configured sizes and delay, for
 // ModelInfo; a model that does not tune reports its config.
-func effectiveBatching(m *Model) modelrepo.BatchingConfig {
+func (m *Model) EffectiveBatching() modelrepo.BatchingConfig {
 	b := m.Batching
 	t, ok := m.Runner.(interface{ Tuning() Tuning })
 	if !ok {

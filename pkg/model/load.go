@@ -1,4 +1,4 @@
-package server
+package model
 
 import (
 	"context"
@@ -12,7 +12,7 @@ import (
 	"github.com/visionserve/visionserve/pkg/pipeline"
 )
 
-// LoadOptions say how LoadModels builds the models of a repository.
+// LoadOptions say how Load builds the models of a repository.
 type LoadOptions struct {
 	// Backend is the requested backend name (auto, ort-cpu, ...).
 	Backend string
@@ -24,10 +24,12 @@ type LoadOptions struct {
 	Logger *slog.Logger
 }
 
-// LoadModels builds a runner for every model of repo and adds it to reg.
-// A model that cannot be loaded is left out with an error log line naming
-// it; the others are still served. It fails only when no model loads.
-func LoadModels(ctx context.Context, repo *modelrepo.Repo, reg *Registry, opts LoadOptions) error {
+// Load registers every model of repo in reg and builds its engines and
+// runner. A model that cannot be loaded stays known, Unavailable with
+// the reason and an error log line naming it; the others are still
+// served. Load fails only when no model loads at all, or the registry
+// refuses one; the models it loaded are then reg's to close.
+func Load(ctx context.Context, repo *modelrepo.Repo, reg *Registry, opts LoadOptions) error {
 	log := opts.Logger
 	if log == nil {
 		log = slog.Default()
@@ -36,27 +38,30 @@ func LoadModels(ctx context.Context, repo *modelrepo.Repo, reg *Registry, opts L
 		return errors.New("loading models: no engine registry given")
 	}
 	var errs []error
+	loaded := 0
 	for _, m := range repo.Models {
+		entry := New(m, nil)
+		if err := reg.Add(entry); err != nil {
+			return err
+		}
 		start := time.Now()
 		r, choice, err := loadModel(ctx, m, opts)
 		if err != nil {
 			log.Error("model not served", "model", m.Name, "err", err)
 			errs = append(errs, err)
+			entry.SetState(Unavailable, err)
 			continue
 		}
-		if err := reg.Add(&Model{Model: m, Runner: r, LoadTime: time.Since(start)}); err != nil {
-			_ = r.Close(ctx)
-			errs = append(errs, err)
-			continue
-		}
+		entry.Runner, entry.LoadTime = r, time.Since(start)
+		loaded++
 		attrs := []any{"model", m.Name, "task", m.Task, "backend", choice.Backend, "requested", choice.Requested,
-			"instances", m.Batching.Instances, "load", time.Since(start).Round(time.Millisecond)}
+			"instances", m.Batching.Instances, "load", entry.LoadTime.Round(time.Millisecond)}
 		if choice.Reason != "" {
 			attrs = append(attrs, "reason", choice.Reason)
 		}
 		log.Info("model loaded", attrs...)
 	}
-	if len(reg.Models()) == 0 {
+	if loaded == 0 {
 		return fmt.Errorf("no model could be served: %w", errors.Join(errs...))
 	}
 	return nil
@@ -78,14 +83,18 @@ func loadModel(ctx context.Context, m *modelrepo.Model, opts LoadOptions) (Runne
 	return r, choice, nil
 }
 
-// WarmUp runs one full batch of a plain grey image through every model,
-// so that the first client does not pay for lazy allocations and kernel
-// selection, and marks each model ready. A model whose warm-up fails is
-// logged, closed and removed, like a model that failed to load; WarmUp
-// fails only when no model is left (or ctx ended).
+// WarmUp runs one full batch of a plain grey image through every loaded
+// model still Loading, so that the first client does not pay for lazy
+// allocations and kernel selection, self-tunes it, and turns it Ready. A
+// model whose warm-up fails is closed and turns Unavailable, like a
+// model that failed to load; WarmUp fails only when no model is Ready
+// afterwards (or ctx ended).
 func WarmUp(ctx context.Context, reg *Registry, log *slog.Logger) error {
 	var errs []error
 	for _, m := range reg.Models() {
+		if s, _ := m.State(); s != Loading || m.Runner == nil {
+			continue
+		}
 		start := time.Now()
 		if err := warmUp(ctx, m, log); err != nil {
 			if ctx.Err() != nil {
@@ -94,19 +103,22 @@ func WarmUp(ctx context.Context, reg *Registry, log *slog.Logger) error {
 			err = fmt.Errorf("warming up model %q: %w", m.Name, err)
 			log.Error("model not served", "model", m.Name, "err", err)
 			errs = append(errs, err)
-			if err := reg.Remove(ctx, m.Name); err != nil {
-				log.Warn("closing model", "model", m.Name, "err", err)
+			if cerr := m.Runner.Close(ctx); cerr != nil {
+				log.Warn("closing model", "model", m.Name, "err", cerr)
 			}
+			m.SetState(Unavailable, err)
 			continue
 		}
 		m.WarmupTime = time.Since(start)
-		m.SetReady(true)
-		log.Info("model ready", "model", m.Name, "backend", m.Runner.Backend(), "warmup", time.Since(start).Round(time.Millisecond))
+		m.SetState(Ready, nil)
+		log.Info("model ready", "model", m.Name, "backend", m.Runner.Backend(), "warmup", m.WarmupTime.Round(time.Millisecond))
 	}
-	if len(reg.Models()) == 0 {
-		return fmt.Errorf("no model warmed up: %w", errors.Join(errs...))
+	for _, m := range reg.Models() {
+		if m.Ready() {
+			return nil
+		}
 	}
-	return nil
+	return fmt.Errorf("no model warmed up: %w", errors.Join(errs...))
 }
 
 func warmUp(ctx context.Context, m *Model, log *slog.Logger) error {

@@ -1,4 +1,4 @@
-package server
+package model
 
 import (
 	"context"
@@ -7,9 +7,6 @@ import (
 	"sync"
 	"time"
 
-	"google.golang.org/grpc/peer"
-
-	"github.com/visionserve/visionserve/internal/telemetry"
 	"github.com/visionserve/visionserve/pkg/batcher"
 	"github.com/visionserve/visionserve/pkg/engine"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
@@ -28,6 +25,7 @@ type PipelineRunner struct {
 	engines []engine.Engine
 	backend string
 	tuner   *tuner // self-tuning of the batcher (autotune.go)
+	results func(ctx context.Context, model string, start time.Time, res []pipeline.Result)
 	closing sync.Once
 	err     error
 }
@@ -42,6 +40,13 @@ type RunnerOptions struct {
 	// TuneObserver is told what the self-tuner chose (metrics); nil for
 	// none.
 	TuneObserver batcher.TuneObserver
+	// WrapEngines, when set, wraps the engines the batcher runs (an
+	// inference span per run, say); the runner still closes the engines
+	// it was given.
+	WrapEngines func([]engine.Engine) []engine.Engine
+	// Results, when set, is told every request's results once they are
+	// in (stage spans, say).
+	Results func(ctx context.Context, model string, start time.Time, res []pipeline.Result)
 }
 
 // NewPipelineRunner serves m on engines, one batcher worker per engine.
@@ -65,6 +70,10 @@ func NewPipelineRunner(m *modelrepo.Model, engines []engine.Engine, opts RunnerO
 	if err != nil {
 		return nil, err
 	}
+	run := engines
+	if opts.WrapEngines != nil {
+		run = opts.WrapEngines(engines)
+	}
 	batcher, err := batcher.New(batcher.Config{
 		Model:               m.Name,
 		MaxBatchSize:        b.MaxBatchSize,
@@ -72,14 +81,13 @@ func NewPipelineRunner(m *modelrepo.Model, engines []engine.Engine, opts RunnerO
 		PreferredBatchSizes: b.PreferredBatchSizes,
 		QueueSize:           b.QueueSize,
 		C:                   c, H: h, W: w,
-		// Each engine run is an inference span under its batch's span.
-		Engines:  telemetry.TraceEngines(engines),
+		Engines:  run,
 		Observer: observer,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("model %q: %w", m.Name, err)
 	}
-	return &PipelineRunner{name: m.Name, pre: pre, post: post, batcher: batcher, engines: engines, backend: engines[0].Backend(), tuner: tn}, nil
+	return &PipelineRunner{name: m.Name, pre: pre, post: post, batcher: batcher, engines: engines, backend: engines[0].Backend(), tuner: tn, results: opts.Results}, nil
 }
 
 // Backend names the engines' backend.
@@ -119,13 +127,19 @@ func closeAll(ps []*pipeline.Prepared) {
 	}
 }
 
-// fairnessKey shares the batcher fairly between clients: each connection
-// is one key, so one client's flood does not starve the others.
+type clientKey struct{}
+
+// WithClient names the client a request comes from (its connection's
+// address, say). The batcher shares its queue fairly between clients, so
+// that one client's flood does not starve the others; requests with no
+// client named share one key.
+func WithClient(ctx context.Context, client string) context.Context {
+	return context.WithValue(ctx, clientKey{}, client)
+}
+
 func fairnessKey(ctx context.Context) string {
-	if p, ok := peer.FromContext(ctx); ok && p.Addr != nil {
-		return p.Addr.String()
-	}
-	return ""
+	k, _ := ctx.Value(clientKey{}).(string)
+	return k
 }
 
 // resultItem is one image whose batch output row becomes its Result.
@@ -180,8 +194,9 @@ func (r *PipelineRunner) Infer(ctx context.Context, inputs []Input, opts pipelin
 	for i, it := range items {
 		res[i] = it.res
 	}
-	// Stage spans under the request's span (a no-op when not traced).
-	telemetry.RecordResults(ctx, r.name, start, res)
+	if r.results != nil {
+		r.results(ctx, r.name, start, res)
+	}
 	return res, nil
 }
 

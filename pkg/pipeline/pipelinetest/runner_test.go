@@ -1,16 +1,18 @@
-package pipeline
+package pipelinetest
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"image"
-	"image/color"
+	"image/png"
 	"math"
 	"strings"
 	"testing"
 
 	"github.com/visionserve/visionserve/pkg/engine"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
+	"github.com/visionserve/visionserve/pkg/pipeline"
 )
 
 // fakeClassifier is an Engine for a classifier whose "logits" put 10 on
@@ -57,17 +59,45 @@ func (f *fakeClassifier) AllocBatch(maxN, c, h, w int) ([]float32, func(), error
 	return make([]float32, maxN*c*h*w), func() { f.frees++ }, nil
 }
 
+// flatPNG is a 300×200 PNG of one colour whose red value is red.
 func flatPNG(t *testing.T, red uint8) []byte {
-	c := color.NRGBA{red, 0, 0, 255}
-	return encodePNG(t, rectImage(300, 200, image.Rectangle{}, c, c))
+	t.Helper()
+	img := image.NewNRGBA(image.Rect(0, 0, 300, 200))
+	for i := 0; i < len(img.Pix); i += 4 {
+		img.Pix[i], img.Pix[i+3] = red, 255
+	}
+	var b bytes.Buffer
+	if err := png.Encode(&b, img); err != nil {
+		t.Fatal(err)
+	}
+	return b.Bytes()
+}
+
+// classifier is a 32×32 classifier of 256 classes, resized shorter side
+// and centre-cropped, with ImageNet normalisation.
+func classifier() *modelrepo.Model {
+	labels := make([]string, 256)
+	for i := range labels {
+		labels[i] = "c" + string(rune('a'+i%26)) + string(rune('a'+i/26%26))
+	}
+	return &modelrepo.Model{Config: modelrepo.Config{
+		Name: "test", Task: modelrepo.TaskClassify, Labels: "labels.txt",
+		Input: modelrepo.InputConfig{
+			Name: "images", Width: 32, Height: 32, Layout: "NCHW", Color: "RGB", Scale: 1.0 / 255,
+			Resize: modelrepo.ResizeShorterCrop, ResizeShorter: 36,
+			Mean: [3]float32{0.485, 0.456, 0.406}, Std: [3]float32{0.229, 0.224, 0.225},
+		},
+		Output:   modelrepo.OutputConfig{Name: "logits", Decoding: modelrepo.DecodeLogits},
+		Defaults: modelrepo.DefaultOptions{TopK: 5, Confidence: 0.25, IoU: 0.45, MaxDetections: 300},
+		Batching: modelrepo.BatchingConfig{MaxBatchSize: 4, QueueSize: 16, Instances: 1},
+	}, LabelNames: labels, NumClasses: 256}
 }
 
 func TestRunnerInfer(t *testing.T) {
-	checkMats(t)
-	m := testModel(modelrepo.TaskClassify, modelrepo.ResizeShorterCrop, 32, 32, 256)
+	m := classifier()
 	m.Batching.MaxBatchSize = 4
 	eng := &fakeClassifier{m: m}
-	r, err := New(m, eng, PreprocessOptions{})
+	r, err := New(m, eng, pipeline.PreprocessOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -75,7 +105,7 @@ func TestRunnerInfer(t *testing.T) {
 	for k := range 9 {
 		images = append(images, flatPNG(t, uint8(10+20*k)))
 	}
-	res, err := r.Infer(context.Background(), images, Options{TopK: 1})
+	res, err := r.Infer(context.Background(), images, pipeline.Options{TopK: 1})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -109,7 +139,7 @@ func TestRunnerInfer(t *testing.T) {
 }
 
 func TestRunnerErrors(t *testing.T) {
-	m := testModel(modelrepo.TaskClassify, modelrepo.ResizeShorterCrop, 32, 32, 256)
+	m := classifier()
 	m.Batching.MaxBatchSize = 4
 	good := flatPNG(t, 50)
 	cancelled, cancel := context.WithCancel(context.Background())
@@ -120,21 +150,20 @@ func TestRunnerErrors(t *testing.T) {
 		eng     *fakeClassifier
 		ctx     context.Context
 		images  [][]byte
-		opts    Options
+		opts    pipeline.Options
 		wantErr error
 		wantMsg string
 	}{
-		{"bad image names its index", &fakeClassifier{m: m}, context.Background(), [][]byte{good, good, good, good, good, []byte("junk")}, Options{}, ErrUnknownFormat, "image 5"},
-		{"empty image", &fakeClassifier{m: m}, context.Background(), [][]byte{good, nil}, Options{}, ErrEmptyImage, "image 1"},
-		{"engine error", &fakeClassifier{m: m, err: boom}, context.Background(), [][]byte{good}, Options{}, boom, "fake"},
-		{"cancelled", &fakeClassifier{m: m}, cancelled, [][]byte{good}, Options{}, context.Canceled, ""},
-		{"wrong output shape", &fakeClassifier{m: m, shape: []int64{1, 255}}, context.Background(), [][]byte{good}, Options{}, nil, "want [N 256]"},
-		{"bad options", &fakeClassifier{m: m}, context.Background(), [][]byte{good}, Options{TopK: -3}, ErrBadOptions, "top_k"},
+		{"bad image names its index", &fakeClassifier{m: m}, context.Background(), [][]byte{good, good, good, good, good, []byte("junk")}, pipeline.Options{}, pipeline.ErrUnknownFormat, "image 5"},
+		{"empty image", &fakeClassifier{m: m}, context.Background(), [][]byte{good, nil}, pipeline.Options{}, pipeline.ErrEmptyImage, "image 1"},
+		{"engine error", &fakeClassifier{m: m, err: boom}, context.Background(), [][]byte{good}, pipeline.Options{}, boom, "fake"},
+		{"cancelled", &fakeClassifier{m: m}, cancelled, [][]byte{good}, pipeline.Options{}, context.Canceled, ""},
+		{"wrong output shape", &fakeClassifier{m: m, shape: []int64{1, 255}}, context.Background(), [][]byte{good}, pipeline.Options{}, nil, "want [N 256]"},
+		{"bad options", &fakeClassifier{m: m}, context.Background(), [][]byte{good}, pipeline.Options{TopK: -3}, pipeline.ErrBadOptions, "top_k"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			checkMats(t)
-			r, err := New(m, tt.eng, PreprocessOptions{})
+			r, err := New(m, tt.eng, pipeline.PreprocessOptions{})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -150,31 +179,5 @@ func TestRunnerErrors(t *testing.T) {
 				t.Errorf("error %q does not mention %q", err, tt.wantMsg)
 			}
 		})
-	}
-}
-
-func TestBatchPool(t *testing.T) {
-	p, err := engine.NewBatchPool(2, 3, 4, 5, 1, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	a, _ := p.Get()
-	b, _ := p.Get()
-	if a == b || len(a.Data) != 2*3*4*5 || a.SlotSize() != 60 {
-		t.Fatalf("bad batches %p %p len %d", a, b, len(a.Data))
-	}
-	a.N = 2
-	p.Put(a)
-	p.Put(b) // beyond maxIdle: dropped
-	c, _ := p.Get()
-	if c != a || c.N != 0 {
-		t.Errorf("Get did not reuse the idle batch (or left N=%d)", c.N)
-	}
-	p.Close()
-	if _, err := p.Get(); err == nil {
-		t.Error("Get after Close: no error")
-	}
-	if _, err := engine.NewBatchPool(0, 3, 4, 5, 1, nil); err == nil {
-		t.Error("zero capacity: no error")
 	}
 }

@@ -1,0 +1,175 @@
+// Package modeltest holds what tests of served models share: a fake
+// engine whose outputs look like a real classifier's or YOLOv8 detector's
+// and are a fixed function of the batch, and the small model config that
+// goes with it. It links no native code of its own.
+package modeltest
+
+import (
+	"bytes"
+	"context"
+	"image"
+	"image/jpeg"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/visionserve/visionserve/pkg/engine"
+	"github.com/visionserve/visionserve/pkg/modelrepo"
+)
+
+// Engine stands in for a model: its outputs are a fixed function of the
+// batch, so results can be predicted and compared bit for bit.
+type Engine struct {
+	// Classes is the number of classes (logits per image, or class rows
+	// of a detector's output).
+	Classes int
+	// Detect makes it a YOLOv8-style detector with Anchors anchors, one
+	// object in the centre of every image.
+	Detect  bool
+	Anchors int
+	// Delay is how long each Run takes (ended early by ctx).
+	Delay time.Duration
+	// Cost adds a run time by batch size, like a model on a CPU where
+	// some sizes are slower per image than others.
+	Cost map[int]time.Duration
+	// Fail, when set, fails every Run.
+	Fail error
+	// Gate, when set, blocks each Run until it is closed or receives.
+	Gate chan struct{}
+	// Started is signalled (non-blocking) when a Run begins.
+	Started chan struct{}
+
+	runs   atomic.Int64
+	images atomic.Int64
+	closed atomic.Bool
+}
+
+// Backend implements engine.Engine.
+func (e *Engine) Backend() string { return "fake" }
+
+// Close implements engine.Engine.
+func (e *Engine) Close() error {
+	e.closed.Store(true)
+	return nil
+}
+
+// Runs is how many batches ran successfully.
+func (e *Engine) Runs() int64 { return e.runs.Load() }
+
+// Images is how many images those batches held.
+func (e *Engine) Images() int64 { return e.images.Load() }
+
+// Closed reports whether Close was called.
+func (e *Engine) Closed() bool { return e.closed.Load() }
+
+// Run implements engine.Engine.
+func (e *Engine) Run(ctx context.Context, b *engine.Batch) ([]engine.Tensor, error) {
+	if e.Started != nil {
+		select {
+		case e.Started <- struct{}{}:
+		default:
+		}
+	}
+	if e.Gate != nil {
+		select {
+		case <-e.Gate:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+	if d := e.Delay + e.Cost[b.N]; d > 0 {
+		t := time.NewTimer(d)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			return nil, ctx.Err()
+		}
+	}
+	if e.Fail != nil {
+		return nil, e.Fail
+	}
+	e.runs.Add(1)
+	e.images.Add(int64(b.N))
+	return e.Outputs(b), nil
+}
+
+// Outputs computes the fake model's output for a batch.
+func (e *Engine) Outputs(b *engine.Batch) []engine.Tensor {
+	if !e.Detect {
+		out := make([]float32, b.N*e.Classes)
+		for n := range b.N {
+			slot := b.Slot(n)
+			var sum float32
+			for _, v := range slot {
+				sum += v
+			}
+			mean := sum / float32(len(slot))
+			// Class k's logit peaks where k/classes is near the mean
+			// pixel value: brighter images score higher classes.
+			for k := range e.Classes {
+				d := mean - float32(k)/float32(e.Classes)
+				out[n*e.Classes+k] = -d * d * 100
+			}
+		}
+		return []engine.Tensor{{Name: "logits", Shape: []int64{int64(b.N), int64(e.Classes)}, Data: out}}
+	}
+	rows, a := 4+e.Classes, e.Anchors
+	out := make([]float32, b.N*rows*a)
+	for n := range b.N {
+		o := out[n*rows*a : (n+1)*rows*a]
+		// One object in the centre of the input, half its size, class 0.
+		o[0*a], o[1*a], o[2*a], o[3*a] = float32(b.W)/2, float32(b.H)/2, float32(b.W)/2, float32(b.H)/2
+		o[4*a] = 0.9
+	}
+	return []engine.Tensor{{Name: "output0", Shape: []int64{int64(b.N), int64(rows), int64(a)}, Data: out}}
+}
+
+var _ engine.Engine = (*Engine)(nil)
+
+// Model describes a small model of the given task, 64×64 input, batches
+// of up to 4, that Engine serves: a classifier with logits "logits", or a
+// detector with a YOLOv8 output "output0" over 84 anchors.
+func Model(name string, task modelrepo.Task, classes int) *modelrepo.Model {
+	labels := make([]string, classes)
+	for i := range labels {
+		labels[i] = "class" + string(rune('A'+i%26)) + string(rune('a'+i/26))
+	}
+	cfg := modelrepo.Config{
+		Name: name, Task: task, ModelFile: "model.onnx", Labels: "labels.txt",
+		Input: modelrepo.InputConfig{
+			Name: "images", Width: 64, Height: 64, Layout: "NCHW", Color: "RGB",
+			Scale: 1.0 / 255, Std: [3]float32{1, 1, 1}, Resize: modelrepo.ResizeStretch,
+		},
+		Defaults: modelrepo.DefaultOptions{TopK: 5, Confidence: 0.25, IoU: 0.45, MaxDetections: 300},
+		Batching: modelrepo.BatchingConfig{MaxBatchSize: 4, MaxQueueDelay: time.Millisecond, QueueSize: 16, Instances: 1},
+	}
+	out := modelrepo.TensorInfo{Name: "logits", ElemType: 1, Shape: []int64{-1, int64(classes)}}
+	cfg.Output = modelrepo.OutputConfig{Name: "logits", Decoding: modelrepo.DecodeLogits}
+	if task == modelrepo.TaskDetect {
+		cfg.Input.Resize, cfg.Input.PadValue = modelrepo.ResizeLetterbox, 114
+		cfg.Output = modelrepo.OutputConfig{Name: "output0", Decoding: modelrepo.DecodeYOLOv8}
+		out = modelrepo.TensorInfo{Name: "output0", ElemType: 1, Shape: []int64{-1, int64(4 + classes), 84}}
+	}
+	return &modelrepo.Model{
+		Config: cfg, LabelNames: labels, NumClasses: classes,
+		Graph: &modelrepo.GraphIO{
+			Inputs:  []modelrepo.TensorInfo{{Name: "images", ElemType: 1, Shape: []int64{-1, 3, 64, 64}}},
+			Outputs: []modelrepo.TensorInfo{out},
+		},
+	}
+}
+
+// JPEG encodes a w×h image of one grey level v.
+func JPEG(tb testing.TB, w, h int, v uint8) []byte {
+	tb.Helper()
+	img := image.NewGray(image.Rect(0, 0, w, h))
+	for i := range img.Pix {
+		img.Pix[i] = v
+	}
+	var buf bytes.Buffer
+	if err := jpeg.Encode(&buf, img, &jpeg.Options{Quality: 95}); err != nil {
+		tb.Fatal(err)
+	}
+	return buf.Bytes()
+}
