@@ -39,6 +39,10 @@ type Config struct {
 	// ORTLib is the ONNX Runtime shared library; the default is where
 	// scripts/setup.sh installs it, relative to the working directory.
 	ORTLib string `yaml:"ort_lib"`
+	// CUDARuntimeLib is the CUDA runtime library (libcudart) that pinned
+	// host memory comes from, when it is not on the loader's path (as in
+	// a PyTorch environment); empty searches the loader's path.
+	CUDARuntimeLib string `yaml:"cudart_lib"`
 	// ORTThreads is ONNX Runtime's intra-op thread count; 0 means one per CPU.
 	ORTThreads int `yaml:"ort_threads"`
 	// MaxMessageBytes bounds a received gRPC message; gRPC itself refuses a
@@ -193,6 +197,7 @@ var settings = []setting{
 	{"http-addr", "HTTP (health, metrics) listen address; empty turns it off", str(func(c *Config) *string { return &c.HTTPAddr })},
 	{"backend", "inference backend: " + strings.Join(Backends, "|"), str(func(c *Config) *string { return &c.Backend })},
 	{"ort-lib", "ONNX Runtime shared library (default: where scripts/setup.sh installs it)", str(func(c *Config) *string { return &c.ORTLib })},
+	{"cudart-lib", "CUDA runtime library for pinned host memory (default: the loader's path)", str(func(c *Config) *string { return &c.CUDARuntimeLib })},
 	{"ort-threads", "ONNX Runtime intra-op threads (0: one per CPU)", integer(func(c *Config) *int { return &c.ORTThreads })},
 	{"max-message-bytes", "largest gRPC message received", integer(func(c *Config) *int { return &c.MaxMessageBytes })},
 	{"max-pixels", "largest image, width×height", integer(func(c *Config) *int { return &c.MaxPixels })},

@@ -11,22 +11,8 @@ import (
 	"github.com/visionserve/visionserve/internal/metrics"
 	"github.com/visionserve/visionserve/pkg/batcher"
 	"github.com/visionserve/visionserve/pkg/engine"
+	"github.com/visionserve/visionserve/pkg/engine/enginefake"
 )
-
-// slowEngine is a fake engine taking a fixed time per batch and returning
-// one logit row per image.
-type slowEngine struct{ d time.Duration }
-
-func (e slowEngine) Run(ctx context.Context, b *engine.Batch) ([]engine.Tensor, error) {
-	select {
-	case <-time.After(e.d):
-	case <-ctx.Done():
-		return nil, ctx.Err()
-	}
-	return []engine.Tensor{{Name: "logits", Shape: []int64{int64(b.N), 2}, Data: make([]float32, 2*b.N)}}, nil
-}
-func (slowEngine) Backend() string { return "fake" }
-func (slowEngine) Close() error    { return nil }
 
 // item is a batcher.Item that writes its slot and keeps its Run.
 type item struct{ run batcher.Run }
@@ -53,7 +39,7 @@ func TestBatcherFeedsMetrics(t *testing.T) {
 	m.ModelLoaded("resnet50", "fake", time.Second, time.Second)
 	b, err := batcher.New(batcher.Config{
 		Model: "resnet50", MaxBatchSize: 4, MaxQueueDelay: 5 * time.Millisecond,
-		C: 3, H: 4, W: 4, Engines: []engine.Engine{slowEngine{10 * time.Millisecond}},
+		C: 3, H: 4, W: 4, Engines: []engine.Engine{&enginefake.Engine{Delay: 10 * time.Millisecond, Outputs: 2}},
 		Observer: m.BatchObserver(),
 	})
 	if err != nil {

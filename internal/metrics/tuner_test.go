@@ -10,18 +10,8 @@ import (
 
 	"github.com/visionserve/visionserve/internal/metrics"
 	"github.com/visionserve/visionserve/pkg/batcher"
-	"github.com/visionserve/visionserve/pkg/engine"
+	"github.com/visionserve/visionserve/pkg/engine/enginefake"
 )
-
-// sizedEngine is a slowEngine whose batch run time depends on the batch
-// size.
-type sizedEngine map[int]time.Duration
-
-func (e sizedEngine) Run(ctx context.Context, b *engine.Batch) ([]engine.Tensor, error) {
-	return slowEngine{e[b.N]}.Run(ctx, b)
-}
-func (sizedEngine) Backend() string { return "fake" }
-func (sizedEngine) Close() error    { return nil }
 
 // TestTuneDecisionSeries measures an engine on which batch 4 is clearly
 // the fastest per image and batch 2 clearly the slowest, and checks what
@@ -32,7 +22,7 @@ func TestTuneDecisionSeries(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cost := sizedEngine{1: 4 * time.Millisecond, 2: 20 * time.Millisecond, 4: 6 * time.Millisecond}
+	cost := &enginefake.Engine{Cost: map[int]time.Duration{1: 4 * time.Millisecond, 2: 20 * time.Millisecond, 4: 6 * time.Millisecond}}
 	d, err := batcher.TuneBatchSizes(context.Background(), "resnet50", cost, 1, 2, 2,
 		batcher.MeasureOptions{MaxBatchSize: 4, MinRuns: 3, MinTime: time.Millisecond}, batcher.TuneOptions{})
 	if err != nil {
@@ -54,7 +44,7 @@ func TestTuneDecisionSeries(t *testing.T) {
 		// Timers only ever sleep longer: at most size/cost, and on a
 		// busy machine no less than a third of it.
 		ips := value(t, f, metrics.AutotuneBatchImagesPerSecond, labels)
-		if most := float64(size) / cost[size].Seconds(); ips > most*1.01 || ips < most/3 {
+		if most := float64(size) / cost.Cost[size].Seconds(); ips > most*1.01 || ips < most/3 {
 			t.Errorf("batch %d: %.1f images/s, want about %.1f", size, ips, most)
 		}
 		labels["reason"] = w.reason

@@ -16,6 +16,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/visionserve/visionserve/pkg/engine/onnxrt/onnxrttest"
+
 	"github.com/visionserve/visionserve/internal/modelgen"
 	"github.com/visionserve/visionserve/pkg/onnx"
 	"gocv.io/x/gocv"
@@ -126,7 +128,7 @@ func runOpenCV(t *testing.T, job opencvJob) opencvResult {
 // its per-level head tensors, in OpenCV 4.6 DNN and checks they agree with
 // ONNX Runtime on two images.
 func TestOpenCVMatchesORT(t *testing.T) {
-	initORT(t)
+	onnxrttest.Init(t)
 	tests := []struct {
 		name    string // model to build
 		cut     bool   // cut at the YOLO head tensors

@@ -6,59 +6,14 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
-	"os"
-	"path/filepath"
-	"sync"
 	"testing"
+
+	"github.com/visionserve/visionserve/pkg/engine/onnxrt/onnxrttest"
 
 	"github.com/visionserve/visionserve/internal/modelgen"
 	"github.com/visionserve/visionserve/pkg/onnx"
 	ort "github.com/yalue/onnxruntime_go"
 )
-
-// repoRoot walks up from the test's directory to go.mod.
-func repoRoot(t testing.TB) string {
-	t.Helper()
-	dir, err := os.Getwd()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for {
-		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
-			return dir
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			t.Fatal("go.mod not found above the test directory")
-		}
-		dir = parent
-	}
-}
-
-var (
-	ortOnce sync.Once
-	ortErr  error
-)
-
-// initORT loads the ONNX Runtime CPU library once per test binary, or
-// skips when it is not installed.
-func initORT(t testing.TB) {
-	t.Helper()
-	lib := os.Getenv("VISIONSERVE_ORT_LIB")
-	if lib == "" {
-		lib = filepath.Join(repoRoot(t), ".deps", "onnxruntime-1.29.0", "libonnxruntime.so.1.29.0")
-	}
-	if _, err := os.Stat(lib); err != nil {
-		t.Skipf("ONNX Runtime library not found at %s (run scripts/setup.sh or set VISIONSERVE_ORT_LIB): %v", lib, err)
-	}
-	ortOnce.Do(func() {
-		ort.SetSharedLibraryPath(lib)
-		ortErr = ort.InitializeEnvironment()
-	})
-	if ortErr != nil {
-		t.Fatalf("initializing ONNX Runtime from %s: %v", lib, ortErr)
-	}
-}
 
 // testImages returns n distinct NCHW test images in [0, 1]: white noise,
 // a colour gradient, and a flat image with a bright rectangle, repeating.
@@ -161,7 +116,7 @@ func checkFinite(t *testing.T, what string, v []float32) {
 // TestORT runs every model in ONNX Runtime at batch 1 and batch 2 and
 // checks that outputs are finite, input-dependent and plausible.
 func TestORT(t *testing.T) {
-	initORT(t)
+	onnxrttest.Init(t)
 	for _, s := range specs {
 		t.Run(s.name, func(t *testing.T) {
 			m, data := model(t, s.name)
@@ -286,7 +241,7 @@ func checkDetections(t *testing.T, img int, out []float32) {
 // sigmoid), which is exactly what the OpenCV engine does after cutting the
 // graph, and checks it matches the in-graph decode.
 func TestORTHostDecode(t *testing.T) {
-	initORT(t)
+	onnxrttest.Init(t)
 	m, _ := model(t, "yolov8s")
 	// ORT only fetches graph outputs, so declare the head tensors as
 	// outputs of a shallow copy of the model.

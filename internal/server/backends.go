@@ -35,7 +35,8 @@ func Backends(cfg config.Config) (*engine.Registry, *gpu.Backends, error) {
 // failing GPU batch falls back to cpu.
 func gpuOptions(cfg config.Config, cpu engine.Factory) gpu.BackendOptions {
 	o := gpu.BackendOptions{
-		ORTLib: cfg.ORTLib,
+		ORTLib:      cfg.ORTLib,
+		CUDARuntime: cfg.CUDARuntimeLib,
 		Session: gpu.SessionOptions{
 			IntraOpThreads: cfg.ORTThreads,
 			TensorRT:       gpu.TensorRTOptions{FP16: cfg.TensorRTFP16, CacheDir: cfg.TensorRTCacheDir},

@@ -21,19 +21,10 @@ import (
 	"github.com/visionserve/visionserve/internal/telemetry"
 	"github.com/visionserve/visionserve/pkg/batcher"
 	"github.com/visionserve/visionserve/pkg/engine"
+	"github.com/visionserve/visionserve/pkg/engine/enginefake"
 	"github.com/visionserve/visionserve/pkg/pipeline"
 	visionv1 "github.com/visionserve/visionserve/proto/visionserve/v1"
 )
-
-// fakeEngine is a fake engine taking a few milliseconds per batch.
-type fakeEngine struct{}
-
-func (fakeEngine) Run(ctx context.Context, b *engine.Batch) ([]engine.Tensor, error) {
-	time.Sleep(3 * time.Millisecond)
-	return []engine.Tensor{{Name: "logits", Shape: []int64{int64(b.N), 1}, Data: make([]float32, b.N)}}, nil
-}
-func (fakeEngine) Backend() string { return "fake" }
-func (fakeEngine) Close() error    { return nil }
 
 // item keeps a result with the stage timings the server would give it.
 type item struct{ res pipeline.Result }
@@ -92,7 +83,7 @@ func TestTraceOfBatchedRequests(t *testing.T) {
 	}
 	b, err := batcher.New(batcher.Config{
 		Model: "resnet50", MaxBatchSize: 8, MaxQueueDelay: 20 * time.Millisecond,
-		C: 1, H: 1, W: 1, Engines: []engine.Engine{telemetry.TraceEngine(fakeEngine{})},
+		C: 1, H: 1, W: 1, Engines: []engine.Engine{telemetry.TraceEngine(&enginefake.Engine{Delay: 3 * time.Millisecond})},
 		Observer: telemetry.BatchTracer{Next: batcher.NopBatchObserver{}},
 	})
 	if err != nil {
@@ -290,14 +281,14 @@ func (s *syncBuffer) String() string {
 }
 
 // allocEngine is an engine with its own batch buffers.
-type allocEngine struct{ fakeEngine }
+type allocEngine struct{ enginefake.Engine }
 
-func (allocEngine) AllocBatch(maxN, c, h, w int) ([]float32, func(), error) {
+func (*allocEngine) AllocBatch(maxN, c, h, w int) ([]float32, func(), error) {
 	return make([]float32, maxN*c*h*w), func() {}, nil
 }
 
 func TestTraceEngineKeepsTheAllocator(t *testing.T) {
-	traced := telemetry.TraceEngines([]engine.Engine{fakeEngine{}, allocEngine{}})
+	traced := telemetry.TraceEngines([]engine.Engine{&enginefake.Engine{}, &allocEngine{}})
 	if _, ok := traced[0].(engine.BatchAllocator); ok {
 		t.Error("an engine without an allocator gained one")
 	}

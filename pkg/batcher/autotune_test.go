@@ -14,6 +14,7 @@ import (
 
 	"github.com/visionserve/visionserve/pkg/batcher"
 	"github.com/visionserve/visionserve/pkg/engine"
+	"github.com/visionserve/visionserve/pkg/engine/enginefake"
 )
 
 // thr builds synthetic measurements from images/s per batch size.
@@ -252,7 +253,7 @@ func TestMeasureBatchSizesErrors(t *testing.T) {
 		{"no max", ctx, &simEngine{}, batcher.MeasureOptions{}, nil, "max batch size 0"},
 		{"size above max", ctx, &simEngine{}, batcher.MeasureOptions{MaxBatchSize: 2, Sizes: []int{4}}, nil, "outside 1..2"},
 		{"engine fails", ctx, &simEngine{fail: boom}, batcher.MeasureOptions{MaxBatchSize: 2}, boom, "batch size 1"},
-		{"wrong rows", ctx, wrongRows{}, batcher.MeasureOptions{MaxBatchSize: 2}, nil, "for 1 images"},
+		{"wrong rows", ctx, wrongRows, batcher.MeasureOptions{MaxBatchSize: 2}, nil, "for 1 images"},
 		{"canceled", canceled, &simEngine{}, batcher.MeasureOptions{MaxBatchSize: 2}, context.Canceled, "measuring batch sizes"},
 	}
 	for _, tt := range tests {
@@ -266,13 +267,9 @@ func TestMeasureBatchSizesErrors(t *testing.T) {
 }
 
 // wrongRows returns a batch dimension that does not match the batch.
-type wrongRows struct{}
-
-func (wrongRows) Backend() string { return "wrong" }
-func (wrongRows) Close() error    { return nil }
-func (wrongRows) Run(_ context.Context, b *engine.Batch) ([]engine.Tensor, error) {
+var wrongRows = &enginefake.Engine{RunFunc: func(_ context.Context, b *engine.Batch) ([]engine.Tensor, error) {
 	return []engine.Tensor{{Name: "out", Shape: []int64{int64(b.N + 1)}, Data: make([]float32, b.N+1)}}, nil
-}
+}}
 
 // simulateController runs the controller against a model of a batcher
 // under steady overload-free load: each window's batches take

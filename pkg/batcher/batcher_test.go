@@ -15,6 +15,7 @@ import (
 
 	"github.com/visionserve/visionserve/pkg/batcher"
 	"github.com/visionserve/visionserve/pkg/engine"
+	"github.com/visionserve/visionserve/pkg/engine/enginefake"
 )
 
 // Test images are C×H×W = 1×2×3: small, but more than one float, so that
@@ -1256,7 +1257,9 @@ func TestBatcherBadEngineOutputs(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			b := newTestBatcher(t, batcher.Config{
 				MaxBatchSize: 2, MaxQueueDelay: time.Hour,
-				Engines: []engine.Engine{&fixedEngine{outs: tt.outs}},
+				Engines: []engine.Engine{&enginefake.Engine{RunFunc: func(context.Context, *engine.Batch) ([]engine.Tensor, error) {
+					return tt.outs, nil
+				}}},
 			})
 			items, fakes := batchTestItems(2)
 			_, err := submit(b, context.Background(), "", items)
@@ -1271,15 +1274,6 @@ func TestBatcherBadEngineOutputs(t *testing.T) {
 		})
 	}
 }
-
-// fixedEngine returns the same outputs for every batch.
-type fixedEngine struct{ outs []engine.Tensor }
-
-func (e *fixedEngine) Run(context.Context, *engine.Batch) ([]engine.Tensor, error) {
-	return e.outs, nil
-}
-func (e *fixedEngine) Backend() string { return "fixed" }
-func (e *fixedEngine) Close() error    { return nil }
 
 type batchTestCtxKey struct{}
 

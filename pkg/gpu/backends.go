@@ -17,6 +17,9 @@ type BackendOptions struct {
 	// ORTLib is the ONNX Runtime library the probes and sessions load;
 	// use the GPU build, which serves the CPU engines too.
 	ORTLib string
+	// CUDARuntime is the CUDA runtime library (libcudart) pinned host
+	// memory comes from; "" looks for it on the loader's path.
+	CUDARuntime string
 	// Prober answers discovery and provider probes; nil means
 	// SystemProber over ORTLib and Session.
 	Prober Prober
@@ -204,6 +207,7 @@ func (r *Backends) load(ctx context.Context, name string, m *modelrepo.Model, de
 	lo := LoadOptions{
 		Name:               m.Name,
 		Session:            r.o.Session,
+		CUDARuntime:        r.o.CUDARuntime,
 		Devices:            devices,
 		InstancesPerDevice: perDevice,
 		WarmUpBatchSizes:   warmUpSizes(m.Batching),

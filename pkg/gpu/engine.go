@@ -23,6 +23,9 @@ type EngineOptions struct {
 	// benchmarks use as the baseline. Without the CUDA runtime memory is
 	// pageable whatever is asked.
 	InputMemory MemoryKind
+	// CUDARuntime is the CUDA runtime library pinned memory comes from;
+	// "" looks for libcudart on the loader's path.
+	CUDARuntime string
 	// Backend is what Backend reports; "" means the provider's name.
 	Backend string
 	// OutputNames are the outputs Run returns, in order; nil means all of
@@ -155,7 +158,7 @@ func NewEngine(s *Session, opts EngineOptions) (*Engine, error) {
 	}
 	e := &Engine{
 		sess: s, input: in, outputs: outputs,
-		alloc:   NewHostAllocator(want),
+		alloc:   NewHostAllocator(want, opts.CUDARuntime),
 		backend: opts.Backend,
 		sizes:   map[int]*binding{},
 		owned:   map[unsafe.Pointer]*HostBuffer{},

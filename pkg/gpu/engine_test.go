@@ -147,7 +147,7 @@ func TestBindingMatchesPlainSession(t *testing.T) {
 	if st.BindPinned {
 		t.Errorf("the CPU twin binds its buffers as CUDA-pinned memory: %+v", st)
 	}
-	if err := loadCUDARuntime(); err != nil && st.Memory != MemoryPageable {
+	if err := loadCUDARuntime(""); err != nil && st.Memory != MemoryPageable {
 		t.Errorf("without the CUDA runtime (%v) memory is %s, want pageable", err, st.Memory)
 	}
 }
@@ -400,11 +400,11 @@ func TestProbeGPUProvidersWithoutGPU(t *testing.T) {
 }
 
 func TestHostAllocator(t *testing.T) {
-	a := NewHostAllocator(MemoryPageable)
+	a := NewHostAllocator(MemoryPageable, "")
 	if a.Kind() != MemoryPageable || a.Reason() == "" {
 		t.Errorf("pageable allocator: kind %s reason %q", a.Kind(), a.Reason())
 	}
-	p := NewHostAllocator(MemoryPinned)
+	p := NewHostAllocator(MemoryPinned, "")
 	if p.Kind() == MemoryPageable && !strings.Contains(p.Reason(), "CUDA") {
 		t.Errorf("pinned allocator fell back to pageable with reason %q, want it to name CUDA", p.Reason())
 	}

@@ -9,7 +9,6 @@ import "C"
 import (
 	"errors"
 	"fmt"
-	"os"
 	"sync"
 	"unsafe"
 )
@@ -41,17 +40,15 @@ var (
 	cudaErr  error
 )
 
-// EnvCUDARuntime names the environment variable that points at the CUDA
-// runtime library (libcudart) when it is not on the loader's path, as in a
-// PyTorch environment.
-const EnvCUDARuntime = "VISIONSERVE_CUDART_LIB"
-
-// loadCUDARuntime dlopens libcudart once ($VISIONSERVE_CUDART_LIB, else
-// libcudart.so.13, .12 or unversioned); it is the only way package gpu
-// reaches CUDA, so binaries run where CUDA is absent.
-func loadCUDARuntime() error {
+// loadCUDARuntime dlopens the CUDA runtime library once per process:
+// path when set (the server's --cudart-lib, for a libcudart off the
+// loader's path, as in a PyTorch environment), else libcudart.so.13, .12
+// or unversioned. It is the only way package gpu reaches CUDA, so
+// binaries run where CUDA is absent. The library is process-wide: the
+// first call's path wins.
+func loadCUDARuntime(path string) error {
 	cudaOnce.Do(func() {
-		path := C.CString(os.Getenv(EnvCUDARuntime))
+		path := C.CString(path)
 		defer C.free(unsafe.Pointer(path))
 		cudaErr = cerr(C.vs_cuda_load(path))
 	})
@@ -59,13 +56,14 @@ func loadCUDARuntime() error {
 }
 
 // NewHostAllocator returns an allocator of pinned memory when want is
-// MemoryPinned and the CUDA runtime with a device is there, else of
-// pageable memory; Reason says why it is not pinned.
-func NewHostAllocator(want MemoryKind) *HostAllocator {
+// MemoryPinned and the CUDA runtime (loaded from cudart, or the loader's
+// path when empty) with a device is there, else of pageable memory;
+// Reason says why it is not pinned.
+func NewHostAllocator(want MemoryKind, cudart string) *HostAllocator {
 	if want != MemoryPinned {
 		return &HostAllocator{kind: MemoryPageable, reason: "pageable memory requested"}
 	}
-	if err := loadCUDARuntime(); err != nil {
+	if err := loadCUDARuntime(cudart); err != nil {
 		return &HostAllocator{kind: MemoryPageable, reason: err.Error()}
 	}
 	return &HostAllocator{kind: MemoryPinned}

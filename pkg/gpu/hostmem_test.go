@@ -25,7 +25,11 @@ int cudaFreeHost(void *p) { if (!p) return 1; free(p); return 0; }
 const char *cudaGetErrorString(int e) { return e == 2 ? "out of memory" : e == 1 ? "invalid argument" : "no error"; }
 `
 
-const fakeChildEnv = "VISIONSERVE_GPU_TEST_FAKE_CUDART"
+// The child learns what to expect, and where the fake library is.
+const (
+	fakeChildEnv = "VISIONSERVE_GPU_TEST_FAKE_CUDART"
+	fakeLibEnv   = "VISIONSERVE_GPU_TEST_FAKE_CUDART_LIB"
+)
 
 // TestPinnedAllocatorWithFakeCUDARuntime runs the pinned-memory path for
 // real against a fake libcudart, in a child process because the runtime is
@@ -47,7 +51,7 @@ func TestPinnedAllocatorWithFakeCUDARuntime(t *testing.T) {
 	for _, tt := range []struct{ devices, want string }{{"1", "pinned"}, {"0", "pageable"}} {
 		t.Run("devices="+tt.devices, func(t *testing.T) {
 			cmd := exec.Command(os.Args[0], "-test.run=^TestFakeCUDARuntimeChild$", "-test.v", "-test.count=1")
-			cmd.Env = append(os.Environ(), EnvCUDARuntime+"="+lib, "FAKE_CUDA_DEVICES="+tt.devices, fakeChildEnv+"="+tt.want)
+			cmd.Env = append(os.Environ(), fakeLibEnv+"="+lib, "FAKE_CUDA_DEVICES="+tt.devices, fakeChildEnv+"="+tt.want)
 			out, err := cmd.CombinedOutput()
 			if err != nil || !strings.Contains(string(out), "--- PASS: TestFakeCUDARuntimeChild") {
 				t.Fatalf("child: %v\n%s", err, out)
@@ -62,7 +66,7 @@ func TestFakeCUDARuntimeChild(t *testing.T) {
 	if want == "" {
 		t.Skip("helper process of TestPinnedAllocatorWithFakeCUDARuntime")
 	}
-	a := NewHostAllocator(MemoryPinned)
+	a := NewHostAllocator(MemoryPinned, os.Getenv(fakeLibEnv))
 	if want == "pageable" {
 		if a.Kind() != MemoryPageable || !strings.Contains(a.Reason(), "no usable device") {
 			t.Fatalf("with no device: kind %s, reason %q", a.Kind(), a.Reason())

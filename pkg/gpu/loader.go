@@ -23,6 +23,9 @@ type LoadOptions struct {
 	InstancesPerDevice int
 	// InputMemory is MemoryPinned (default) or MemoryPageable.
 	InputMemory MemoryKind
+	// CUDARuntime is the CUDA runtime library for pinned memory (see
+	// EngineOptions.CUDARuntime).
+	CUDARuntime string
 	// OutputNames are the outputs the engines return; nil means all.
 	OutputNames []string
 	// PadBatchSizes are the sizes batches are padded up to (see
@@ -119,7 +122,7 @@ func LoadModel(ctx context.Context, path string, o LoadOptions) (*Model, error) 
 		}
 		first := len(m.Engines)
 		for range instances {
-			e, err := NewEngine(s, EngineOptions{InputMemory: o.InputMemory, OutputNames: o.OutputNames, PadBatchSizes: o.PadBatchSizes})
+			e, err := NewEngine(s, EngineOptions{InputMemory: o.InputMemory, CUDARuntime: o.CUDARuntime, OutputNames: o.OutputNames, PadBatchSizes: o.PadBatchSizes})
 			if err != nil {
 				return fail(fmt.Errorf("loading model %q: %w", o.Name, err))
 			}

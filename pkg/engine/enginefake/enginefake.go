@@ -22,6 +22,9 @@ type Engine struct {
 	Outputs int
 	// Delay is how long each Run takes (ended early by ctx).
 	Delay time.Duration
+	// Cost adds a run time by batch size (a model on which some sizes
+	// are slower per image than others).
+	Cost map[int]time.Duration
 	// Err, when set, fails every Run.
 	Err error
 	// RunFunc, when set, replaces the default answer.
@@ -36,8 +39,8 @@ type Engine struct {
 // Run implements engine.Engine.
 func (e *Engine) Run(ctx context.Context, b *engine.Batch) ([]engine.Tensor, error) {
 	e.runs.Add(1)
-	if e.Delay > 0 {
-		t := time.NewTimer(e.Delay)
+	if d := e.Delay + e.Cost[b.N]; d > 0 {
+		t := time.NewTimer(d)
 		select {
 		case <-t.C:
 		case <-ctx.Done():

@@ -5,6 +5,8 @@ import (
 	"math"
 	"testing"
 
+	"github.com/visionserve/visionserve/pkg/engine/onnxrt/onnxrttest"
+
 	"github.com/visionserve/visionserve/pkg/engine/cvdnn"
 	"github.com/visionserve/visionserve/pkg/engine/onnxrt"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
@@ -60,7 +62,7 @@ func mobilenetv2Int8(t testing.TB) *modelrepo.Model {
 
 func ortRunner(t testing.TB, m *modelrepo.Model) *pipelinetest.Runner {
 	t.Helper()
-	initORT(t)
+	onnxrttest.Init(t)
 	e, err := onnxrt.NewForModel(m, onnxrt.Options{})
 	if err != nil {
 		t.Fatal(err)

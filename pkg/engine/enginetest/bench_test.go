@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/visionserve/visionserve/pkg/engine/onnxrt/onnxrttest"
+
 	"github.com/visionserve/visionserve/pkg/engine"
 	"github.com/visionserve/visionserve/pkg/engine/cvdnn"
 	"github.com/visionserve/visionserve/pkg/engine/onnxrt"
@@ -48,7 +50,7 @@ func BenchmarkEngine(b *testing.B) {
 // the runs.
 func benchEngine(b *testing.B, kind string, m *modelrepo.Model, maxBatch int) engine.Engine {
 	b.Helper()
-	initORT(b)
+	onnxrttest.Init(b)
 	var e engine.Engine
 	var err error
 	switch kind {

@@ -9,6 +9,8 @@ import (
 	"math"
 	"testing"
 
+	"github.com/visionserve/visionserve/pkg/engine/onnxrt/onnxrttest"
+
 	"github.com/visionserve/visionserve/internal/testenv"
 	"github.com/visionserve/visionserve/pkg/engine"
 	"github.com/visionserve/visionserve/pkg/engine/cvdnn"
@@ -54,7 +56,7 @@ func testImages(t testing.TB) [][]byte {
 // runners builds the model's pipeline on ONNX Runtime and on OpenCV DNN.
 func runners(t *testing.T, m *modelrepo.Model) (ort, cv *pipelinetest.Runner, ortE *onnxrt.Engine, cvE *cvdnn.Engine) {
 	t.Helper()
-	initORT(t)
+	onnxrttest.Init(t)
 	var err error
 	ortE, err = onnxrt.NewForModel(m, onnxrt.Options{})
 	if err != nil {

@@ -9,7 +9,6 @@ import (
 
 	"github.com/visionserve/visionserve/internal/testenv"
 	"github.com/visionserve/visionserve/pkg/engine/cvdnn"
-	"github.com/visionserve/visionserve/pkg/engine/onnxrt"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
 )
 
@@ -35,13 +34,6 @@ func readFile(t testing.TB, path string) []byte {
 		t.Fatal(err)
 	}
 	return b
-}
-
-func initORT(t testing.TB) {
-	t.Helper()
-	if err := onnxrt.Init(testenv.ORTLib(t)); err != nil {
-		t.Fatal(err)
-	}
 }
 
 // generated loads a model that cmd/modelgen writes into models/ (or the
