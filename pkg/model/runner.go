@@ -142,32 +142,6 @@ func fairnessKey(ctx context.Context) string {
 	return k
 }
 
-// resultItem is one image whose batch output row becomes its Result.
-type resultItem struct {
-	p    *pipeline.Prepared
-	post *pipeline.Postprocessor
-	opts pipeline.Options
-	res  pipeline.Result // set by Postprocess
-}
-
-func (it *resultItem) Fill(slot []float32) error { return it.p.Fill(slot) }
-
-func (it *resultItem) Postprocess(outputs []engine.Tensor, i int, run batcher.Run) error {
-	start := time.Now()
-	res, err := it.post.Decode(outputs, i, it.p, it.opts)
-	if err != nil {
-		return err
-	}
-	res.Timings.Queue = run.Queue
-	res.Timings.Preprocess += run.Fill
-	res.Timings.Inference = run.Inference
-	res.Timings.Postprocess = time.Since(start)
-	res.Backend = run.Backend
-	res.BatchSize = run.Size
-	it.res = res
-	return nil
-}
-
 // Infer implements Runner.
 func (r *PipelineRunner) Infer(ctx context.Context, inputs []Input, opts pipeline.Options) ([]pipeline.Result, error) {
 	start := time.Now()
@@ -181,10 +155,10 @@ func (r *PipelineRunner) Infer(ctx context.Context, inputs []Input, opts pipelin
 	}
 	// Submit returns only once no worker touches the items any more.
 	defer closeAll(prepared)
-	items := make([]*resultItem, len(prepared))
+	items := make([]*pipeline.ResultItem, len(prepared))
 	queued := make([]batcher.Item, len(prepared))
 	for i, p := range prepared {
-		items[i] = &resultItem{p: p, post: r.post, opts: opts}
+		items[i] = pipeline.NewResultItem(p, r.post, opts)
 		queued[i] = items[i]
 	}
 	if err := r.batcher.Submit(ctx, fairnessKey(ctx), queued); err != nil {
@@ -192,35 +166,12 @@ func (r *PipelineRunner) Infer(ctx context.Context, inputs []Input, opts pipelin
 	}
 	res := make([]pipeline.Result, len(items))
 	for i, it := range items {
-		res[i] = it.res
+		res[i] = it.Result()
 	}
 	if r.results != nil {
 		r.results(ctx, r.name, start, res)
 	}
 	return res, nil
-}
-
-// rawItem is one image whose batch output rows are copied out as they are.
-type rawItem struct {
-	p    *pipeline.Prepared
-	rows []engine.Tensor // one per output, batch dimension 1
-}
-
-func (it *rawItem) Fill(slot []float32) error { return it.p.Fill(slot) }
-
-func (it *rawItem) Postprocess(outputs []engine.Tensor, i int, _ batcher.Run) error {
-	it.rows = make([]engine.Tensor, len(outputs))
-	for k, t := range outputs {
-		if len(t.Shape) == 0 || t.Shape[0] <= int64(i) {
-			return fmt.Errorf("output %q of shape %v has no row %d", t.Name, t.Shape, i)
-		}
-		per := len(t.Data) / int(t.Shape[0])
-		row := make([]float32, per)
-		copy(row, t.Data[i*per:(i+1)*per])
-		shape := append([]int64{1}, t.Shape[1:]...)
-		it.rows[k] = engine.Tensor{Name: t.Name, Shape: shape, Data: row}
-	}
-	return nil
 }
 
 // InferRaw implements Runner: the images run in whatever batches the
@@ -232,36 +183,16 @@ func (r *PipelineRunner) InferRaw(ctx context.Context, inputs []Input) ([]engine
 		return nil, err
 	}
 	defer closeAll(prepared)
-	raw := make([]*rawItem, len(prepared))
+	raw := make([]*pipeline.RawItem, len(prepared))
 	items := make([]batcher.Item, len(prepared))
 	for i, p := range prepared {
-		raw[i] = &rawItem{p: p}
+		raw[i] = pipeline.NewRawItem(p)
 		items[i] = raw[i]
 	}
 	if err := r.batcher.Submit(ctx, fairnessKey(ctx), items); err != nil {
 		return nil, err
 	}
-	return stackRows(raw)
-}
-
-// stackRows concatenates per-image output rows along the batch dimension.
-func stackRows(raw []*rawItem) ([]engine.Tensor, error) {
-	if len(raw) == 0 {
-		return nil, nil
-	}
-	outs := make([]engine.Tensor, len(raw[0].rows))
-	for k, first := range raw[0].rows {
-		shape := append([]int64{int64(len(raw))}, first.Shape[1:]...)
-		data := make([]float32, 0, len(first.Data)*len(raw))
-		for _, it := range raw {
-			if len(it.rows) != len(outs) || len(it.rows[k].Data) != len(first.Data) {
-				return nil, errors.New("engine outputs differ in shape between batches")
-			}
-			data = append(data, it.rows[k].Data...)
-		}
-		outs[k] = engine.Tensor{Name: first.Name, Shape: shape, Data: data}
-	}
-	return outs, nil
+	return pipeline.StackRows(raw)
 }
 
 // Close implements Runner: the batcher runs every accepted image, then
