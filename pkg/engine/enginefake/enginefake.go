@@ -39,14 +39,8 @@ type Engine struct {
 // Run implements engine.Engine.
 func (e *Engine) Run(ctx context.Context, b *engine.Batch) ([]engine.Tensor, error) {
 	e.runs.Add(1)
-	if d := e.Delay + e.Cost[b.N]; d > 0 {
-		t := time.NewTimer(d)
-		select {
-		case <-t.C:
-		case <-ctx.Done():
-			t.Stop()
-			return nil, ctx.Err()
-		}
+	if err := Sleep(ctx, e.Delay+e.Cost[b.N]); err != nil {
+		return nil, err
 	}
 	if e.Err != nil {
 		return nil, e.Err
@@ -67,6 +61,22 @@ func (e *Engine) Run(ctx context.Context, b *engine.Batch) ([]engine.Tensor, err
 		}
 	}
 	return []engine.Tensor{{Name: "out", Shape: []int64{int64(b.N), int64(width)}, Data: out}}, nil
+}
+
+// Sleep waits d, or until ctx ends (its error). Fakes use it to take
+// the time a real run would.
+func Sleep(ctx context.Context, d time.Duration) error {
+	if d <= 0 {
+		return nil
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 // Backend implements engine.Engine.

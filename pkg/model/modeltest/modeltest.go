@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/visionserve/visionserve/pkg/engine"
+	"github.com/visionserve/visionserve/pkg/engine/enginefake"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
 )
 
@@ -77,14 +78,8 @@ func (e *Engine) Run(ctx context.Context, b *engine.Batch) ([]engine.Tensor, err
 			return nil, ctx.Err()
 		}
 	}
-	if d := e.Delay + e.Cost[b.N]; d > 0 {
-		t := time.NewTimer(d)
-		select {
-		case <-t.C:
-		case <-ctx.Done():
-			t.Stop()
-			return nil, ctx.Err()
-		}
+	if err := enginefake.Sleep(ctx, e.Delay+e.Cost[b.N]); err != nil {
+		return nil, err
 	}
 	if e.Fail != nil {
 		return nil, e.Fail
