@@ -55,7 +55,9 @@ type JSONResult struct {
 	Backend    string          `json:"backend,omitempty"`
 	Classes    []JSONClass     `json:"classes,omitempty"`
 	Detections []JSONDetection `json:"detections,omitempty"`
-	Dropped    bool            `json:"dropped,omitempty"`
+	// DroppedFrames counts the frames before this one that a newer
+	// frame replaced before they were served (video only).
+	DroppedFrames uint64 `json:"dropped_frames,omitempty"`
 	Error      string          `json:"error,omitempty"`
 }
 
@@ -121,14 +123,11 @@ func (p *printer) frame(video, model, task string, r *visionv1.StreamResponse) {
 			j = JSONResult{Image: video, Model: model}
 		}
 		id := r.GetFrameId()
-		j.Frame, j.Dropped = &id, r.GetDropped()
+		j.Frame, j.DroppedFrames = &id, r.GetDroppedFrames()
 		if e := r.GetError(); e != nil {
 			j.Error = e.GetMessage()
 		}
 		_ = p.enc.Encode(j)
-	case r.GetDropped():
-		p.header()
-		fmt.Fprintf(p.tw, "%s\t%s\t\t\t(dropped: a newer frame replaced it)\n", name, model)
 	case r.GetError() != nil:
 		p.header()
 		fmt.Fprintf(p.tw, "%s\t%s\t\t\terror: %s\n", name, model, r.GetError().GetMessage())

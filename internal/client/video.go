@@ -59,11 +59,8 @@ func runVideo(ctx context.Context, c visionv1.VisionServiceClient, task string, 
 			cancel()
 			break
 		}
-		if r.GetDropped() {
-			dropped++
-		} else {
-			served++
-		}
+		served++
+		dropped += int(r.GetDroppedFrames())
 		p.frame(path, o.Model, task, r)
 	}
 	sendErr := <-sent

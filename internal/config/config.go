@@ -54,6 +54,11 @@ type Config struct {
 	MaxImagesPerRequest int `yaml:"max_images_per_request"`
 	// MaxStreams bounds the concurrent StreamClassify/StreamDetect calls.
 	MaxStreams int `yaml:"max_streams"`
+	// MaxStreamsPerClient bounds the concurrent streams of one client (the
+	// peer's host); 0 turns the bound off.
+	MaxStreamsPerClient int `yaml:"max_streams_per_client"`
+	// StreamIdleTimeout ends a stream that sends no frame for that long.
+	StreamIdleTimeout time.Duration `yaml:"stream_idle_timeout"`
 	// GracePeriod is how long shutdown waits for calls in flight before it
 	// cancels them.
 	GracePeriod time.Duration `yaml:"grace_period"`
@@ -126,6 +131,8 @@ func Default() Config {
 		MaxPixels:           40_000_000,
 		MaxImagesPerRequest: 64,
 		MaxStreams:          64,
+		MaxStreamsPerClient: 16,
+		StreamIdleTimeout:   time.Minute,
 		GracePeriod:         30 * time.Second,
 		LogFormat:           "text",
 		LogLevel:            "info",
@@ -203,6 +210,8 @@ var settings = []setting{
 	{"max-pixels", "largest image, width×height", integer(func(c *Config) *int { return &c.MaxPixels })},
 	{"max-images-per-request", "most images in one request", integer(func(c *Config) *int { return &c.MaxImagesPerRequest })},
 	{"max-streams", "most concurrent video streams", integer(func(c *Config) *int { return &c.MaxStreams })},
+	{"max-streams-per-client", "most concurrent video streams from one client host (0: no bound)", integer(func(c *Config) *int { return &c.MaxStreamsPerClient })},
+	{"stream-idle-timeout", "end a video stream that sends no frame for this long", duration(func(c *Config) *time.Duration { return &c.StreamIdleTimeout })},
 	{"grace-period", "how long shutdown waits for calls in flight", duration(func(c *Config) *time.Duration { return &c.GracePeriod })},
 	{"tls-cert", "TLS certificate (PEM); turns TLS on with --tls-key", str(func(c *Config) *string { return &c.TLSCert })},
 	{"tls-key", "TLS private key (PEM)", str(func(c *Config) *string { return &c.TLSKey })},
@@ -248,7 +257,8 @@ func Load(args []string, getenv func(string) string, usage io.Writer) (Config, e
 		"model-repo": def.ModelRepo, "grpc-addr": def.GRPCAddr, "http-addr": def.HTTPAddr,
 		"backend": def.Backend, "max-message-bytes": strconv.Itoa(def.MaxMessageBytes),
 		"max-pixels": strconv.Itoa(def.MaxPixels), "max-images-per-request": strconv.Itoa(def.MaxImagesPerRequest),
-		"max-streams": strconv.Itoa(def.MaxStreams), "grace-period": def.GracePeriod.String(),
+		"max-streams": strconv.Itoa(def.MaxStreams), "max-streams-per-client": strconv.Itoa(def.MaxStreamsPerClient),
+		"stream-idle-timeout": def.StreamIdleTimeout.String(), "grace-period": def.GracePeriod.String(),
 		"log-format": def.LogFormat, "log-level": def.LogLevel, "ort-threads": "0",
 		"gpu-memory-budget": "0", "gpu-failover": def.GPUFailover, "tensorrt-fp16": "false",
 		"gpu-batch-padding": def.GPUBatchPadding, "strict-readiness": "true", "exit-on-error": "false",
@@ -344,6 +354,12 @@ func (c Config) Validate() error {
 	}
 	if c.MaxStreams < 1 || c.MaxStreams > MaxStreamsAny {
 		bad("max-streams %d out of range (1..%d)", c.MaxStreams, MaxStreamsAny)
+	}
+	if c.MaxStreamsPerClient < 0 || c.MaxStreamsPerClient > MaxStreamsAny {
+		bad("max-streams-per-client %d out of range (0..%d)", c.MaxStreamsPerClient, MaxStreamsAny)
+	}
+	if c.StreamIdleTimeout < time.Second || c.StreamIdleTimeout > time.Hour {
+		bad("stream-idle-timeout %v out of range (1s..1h)", c.StreamIdleTimeout)
 	}
 	if c.GracePeriod < 0 || c.GracePeriod > MaxGracePeriod {
 		bad("grace-period %v out of range (0..%v)", c.GracePeriod, MaxGracePeriod)

@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
 	"github.com/visionserve/visionserve/proto/inference"
@@ -49,10 +50,12 @@ func (m *Metrics) UnaryServerInterceptor() grpc.UnaryServerInterceptor {
 
 // StreamServerInterceptor does for StreamClassify and StreamDetect what
 // UnaryServerInterceptor does for unary calls, frame by frame: a frame is
-// in flight from its receipt until its response is sent, a served frame
-// counts as one OK request of one image, a dropped frame counts in
-// StreamFramesDropped, and frames still unanswered when the stream ends
-// with an error count as one request of that code.
+// in flight from its receipt until a response answers it or counts it
+// in dropped_frames; a served frame counts as one OK request of one
+// image, a dropped frame counts in StreamFramesDropped, and frames still
+// unanswered when the stream ends count as one request of its code. The
+// in-flight gauge returns exactly to where it was on every path: a frame
+// the stream's receiver reads after the handler returned is not counted.
 func (m *Metrics) StreamServerInterceptor() grpc.StreamServerInterceptor {
 	return func(srv any, ss grpc.ServerStream, _ *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
 		if m == nil {
@@ -70,11 +73,12 @@ type frameStream struct {
 	grpc.ServerStream
 	m *Metrics
 
-	mu       sync.Mutex // guards the fields below
-	model    string     // from the first frame; later frames may omit it
-	label    string     // model label value, resolved at the first frame
-	received map[uint64]time.Time
-	pending  int // frames received and not yet answered
+	mu      sync.Mutex // guards the fields below
+	model   string     // from the first frame; later frames may omit it
+	label   string     // model label value, resolved at the first frame
+	pending int        // frames received and not yet answered or dropped
+	last    time.Time  // when the newest frame came: the one a response serves
+	done    bool       // the handler returned: nothing more is counted
 }
 
 // RecvMsg implements grpc.ServerStream.
@@ -87,16 +91,19 @@ func (s *frameStream) RecvMsg(msg any) error {
 		return nil
 	}
 	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.done {
+		return nil
+	}
 	if s.label == "" {
 		s.model = req.GetModel()
 		s.label, _ = s.m.labels(s.model)
-		s.received = map[uint64]time.Time{}
 	}
-	s.received[req.GetFrameId()] = time.Now()
 	s.pending++
-	label := s.label
-	s.mu.Unlock()
-	s.m.inflight.WithLabelValues(label).Inc()
+	s.last = time.Now()
+	// Changed under s.mu, so that finish cannot settle between the
+	// count and the gauge.
+	s.m.inflight.WithLabelValues(s.label).Inc()
 	return nil
 }
 
@@ -108,25 +115,23 @@ func (s *frameStream) SendMsg(msg any) error {
 		return err
 	}
 	s.mu.Lock()
-	if s.pending == 0 {
+	answered := min(s.pending, 1+int(min(resp.GetDroppedFrames(), uint64(s.pending))))
+	if s.done || answered == 0 {
 		// A response to no frame we saw; nothing to account.
 		s.mu.Unlock()
 		return err
 	}
-	s.pending--
-	model, label := s.model, s.label
-	start, seen := s.received[resp.GetFrameId()]
-	delete(s.received, resp.GetFrameId())
+	s.pending -= answered
+	model, label, last := s.model, s.label, s.last
+	s.m.inflight.WithLabelValues(label).Sub(float64(answered))
 	s.mu.Unlock()
-	s.m.inflight.WithLabelValues(label).Dec()
-	switch {
-	case resp.GetDropped():
-		s.m.StreamFrameDropped(model)
-	default:
-		var total time.Duration
-		if seen {
-			total = time.Since(start)
-		}
+	if answered > 1 {
+		s.m.StreamFramesDropped(model, answered-1)
+	}
+	if fe := resp.GetError(); fe != nil {
+		s.m.ObserveRequest(model, codes.Code(fe.GetCode()).String(), 1, 0)
+	} else if resp.GetResult() != nil {
+		total := time.Since(last)
 		if t := resp.GetResult().GetTimings().GetTotal(); t != nil {
 			total = t.AsDuration()
 		}
@@ -136,15 +141,16 @@ func (s *frameStream) SendMsg(msg any) error {
 	return err
 }
 
-// finish settles the frames left unanswered when the handler returned.
+// finish settles the frames left unanswered when the handler returned,
+// and stops counting.
 func (s *frameStream) finish(err error) {
 	s.mu.Lock()
 	pending, model, label := s.pending, s.model, s.label
-	s.pending = 0
-	s.mu.Unlock()
+	s.pending, s.done = 0, true
 	if pending > 0 {
 		s.m.inflight.WithLabelValues(label).Sub(float64(pending))
 	}
+	s.mu.Unlock()
 	if err != nil && label != "" {
 		s.m.ObserveRequest(model, status.Code(err).String(), pending, 0)
 	}

@@ -327,13 +327,14 @@ func (m *Metrics) InflightAdd(model string, delta int) {
 	m.inflight.WithLabelValues(model).Add(float64(delta))
 }
 
-// StreamFrameDropped counts one stream frame of model answered as dropped.
-func (m *Metrics) StreamFrameDropped(model string) {
-	if m == nil {
+// StreamFramesDropped counts n frames of model's stream that newer
+// frames replaced before they were served.
+func (m *Metrics) StreamFramesDropped(model string, n int) {
+	if m == nil || n <= 0 {
 		return
 	}
 	model, backend := m.labels(model)
-	m.dropped.WithLabelValues(model, backend).Inc()
+	m.dropped.WithLabelValues(model, backend).Add(float64(n))
 }
 
 // ObserveBatch records one batch released to model's engine on backend

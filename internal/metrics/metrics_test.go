@@ -59,6 +59,7 @@ func (fakeVision) Classify(_ context.Context, req *visionv1.ClassifyRequest) (*v
 }
 
 func (fakeVision) StreamClassify(s grpc.BidiStreamingServer[visionv1.StreamRequest, visionv1.StreamResponse]) error {
+	var skipped uint64
 	for {
 		req, err := s.Recv()
 		if errors.Is(err, io.EOF) {
@@ -70,10 +71,15 @@ func (fakeVision) StreamClassify(s grpc.BidiStreamingServer[visionv1.StreamReque
 		if string(req.GetImage().GetEncoded()) == "abort" {
 			return status.Error(codes.InvalidArgument, "bad frame")
 		}
-		resp := &visionv1.StreamResponse{FrameId: req.GetFrameId(), Dropped: req.GetFrameId()%2 == 1}
-		if !resp.Dropped {
-			resp.Result = &visionv1.ImageResult{Backend: "ort-cpu", BatchSize: 1, Timings: fakeTimings}
+		// Even frames are replaced by the next one (newest frame wins)
+		// and counted in its response.
+		if req.GetFrameId()%2 == 0 {
+			skipped++
+			continue
 		}
+		resp := &visionv1.StreamResponse{FrameId: req.GetFrameId(), DroppedFrames: skipped,
+			Result: &visionv1.ImageResult{Backend: "ort-cpu", BatchSize: 1, Timings: fakeTimings}}
+		skipped = 0
 		if err := s.Send(resp); err != nil {
 			return err
 		}
@@ -178,7 +184,8 @@ func TestMetricsAfterTraffic(t *testing.T) {
 		t.Fatalf("unknown model: got %v, want NotFound", err)
 	}
 
-	// A stream of four frames: 0 and 2 served, 1 and 3 dropped.
+	// A stream of four frames: 1 and 3 served, each response counting
+	// the frame before it as dropped.
 	stream, err := client.StreamClassify(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -191,13 +198,19 @@ func TestMetricsAfterTraffic(t *testing.T) {
 		if err := stream.Send(req); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := stream.Recv(); err != nil {
-			t.Fatal(err)
-		}
 	}
 	stream.CloseSend()
-	if _, err := stream.Recv(); !errors.Is(err, io.EOF) {
-		t.Fatalf("stream end: %v", err)
+	for n := 0; ; n++ {
+		r, err := stream.Recv()
+		if errors.Is(err, io.EOF) {
+			if n != 2 {
+				t.Fatalf("%d responses, want 2", n)
+			}
+			break
+		}
+		if err != nil || r.GetDroppedFrames() != 1 {
+			t.Fatalf("response %d: %v dropped %d", n, err, r.GetDroppedFrames())
+		}
 	}
 
 	f := scrape(t, reg)
@@ -341,7 +354,7 @@ func TestNilMetricsRecordsNothing(t *testing.T) {
 	m.ObserveBatch("a", "b", 1, metrics.ReasonFull)
 	m.ObserveDroppedImages("a", 1, "deadline")
 	m.InflightAdd("a", 1)
-	m.StreamFrameDropped("a")
+	m.StreamFramesDropped("a", 1)
 	m.TrackQueue("a", nil)
 	m.ModelUnloaded("a")
 }
@@ -353,5 +366,41 @@ func TestNewRefusesARegistryThatHasThem(t *testing.T) {
 	}
 	if _, err := metrics.New(reg); err == nil {
 		t.Fatal("registering twice on one registry succeeded")
+	}
+}
+
+// recvStream is a grpc.ServerStream whose every RecvMsg yields a frame.
+type recvStream struct{ grpc.ServerStream }
+
+func (recvStream) Context() context.Context { return context.Background() }
+func (recvStream) RecvMsg(m any) error {
+	m.(*visionv1.StreamRequest).Model = "resnet50"
+	return nil
+}
+
+// TestFrameReadAfterHandlerReturnsIsNotCounted: a stream's receiver
+// goroutine may read one more frame after the handler returned (it ends
+// only when gRPC ends the stream). That frame must not raise the
+// in-flight gauge for good, which would ratchet the autoscaler up.
+func TestFrameReadAfterHandlerReturnsIsNotCounted(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	m, err := metrics.New(reg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.ModelLoaded("resnet50", "ort-cpu", time.Second, time.Second)
+	var late grpc.ServerStream
+	err = m.StreamServerInterceptor()(nil, recvStream{}, &grpc.StreamServerInfo{}, func(_ any, ss grpc.ServerStream) error {
+		late = ss
+		return ss.RecvMsg(&visionv1.StreamRequest{}) // one frame, never answered
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := late.RecvMsg(&visionv1.StreamRequest{}); err != nil {
+		t.Fatal(err)
+	}
+	if got := value(t, scrape(t, reg), metrics.InflightRequests, map[string]string{"model": "resnet50"}); got != 0 {
+		t.Errorf("in flight = %v after the stream ended, want 0", got)
 	}
 }

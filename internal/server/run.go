@@ -97,6 +97,7 @@ func Run(ctx context.Context, cfg config.Config, opts RunOptions) error {
 		Registry: reg,
 		Limits: Limits{
 			MaxPixels: cfg.MaxPixels, MaxImagesPerRequest: cfg.MaxImagesPerRequest, MaxStreams: cfg.MaxStreams,
+			MaxStreamsPerClient: cfg.MaxStreamsPerClient, StreamIdleTimeout: cfg.StreamIdleTimeout,
 		},
 		MaxMessageBytes:    cfg.MaxMessageBytes,
 		AuthToken:          cfg.AuthToken,

@@ -37,6 +37,10 @@ import (
 	visionv1 "github.com/visionserve/visionserve/proto/visionserve/v1"
 )
 
+// DefaultStreamIdleTimeout ends a stream that sends no frame for a
+// minute, unless Limits say otherwise.
+const DefaultStreamIdleTimeout = time.Minute
+
 // Service names as health checking knows them.
 const (
 	VisionServiceName    = "visionserve.v1.VisionService"
@@ -72,6 +76,7 @@ type Server struct {
 	grpc     *grpc.Server
 	health   *health.Server
 	reg      *model.Registry
+	streams  *streamSlots
 	log      *slog.Logger
 	draining chan struct{}
 	drain    sync.Once
@@ -123,8 +128,9 @@ func New(opts Options) (*Server, error) {
 	sopts = append(sopts, opts.ServerOptions...)
 	s.grpc = grpc.NewServer(sopts...)
 
+	s.streams = &streamSlots{limit: lim.MaxStreams, perClient: lim.MaxStreamsPerClient}
 	visionv1.RegisterVisionServiceServer(s.grpc, &visionService{
-		reg: opts.Registry, limits: lim, streams: &streamSlots{limit: int64(lim.MaxStreams)}, draining: s.draining,
+		reg: opts.Registry, limits: lim, streams: s.streams, draining: s.draining,
 	})
 	inference.RegisterGRPCInferenceServiceServer(s.grpc, &oipService{reg: opts.Registry, limits: lim, maxMessageBytes: opts.MaxMessageBytes})
 	healthpb.RegisterHealthServer(s.grpc, s.health)

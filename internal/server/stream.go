@@ -4,11 +4,12 @@ import (
 	"context"
 	"errors"
 	"io"
+	"net"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 
 	"github.com/visionserve/visionserve/pkg/model"
@@ -17,23 +18,65 @@ import (
 	visionv1 "github.com/visionserve/visionserve/proto/visionserve/v1"
 )
 
-// streamSlots bounds the concurrent streams: beyond the limit a new stream
-// is refused at once rather than queued, so a flood of clients cannot take
-// memory or starve the streams already running.
+// streamSlots bounds the concurrent streams, in all and per client (the
+// host part of the peer address): beyond either limit a new stream is
+// refused at once rather than queued, so a flood of clients, or one
+// client holding streams open, cannot take memory or starve the others.
 type streamSlots struct {
-	limit int64
-	n     atomic.Int64
+	limit, perClient int // perClient 0: no per-client limit
+
+	mu       sync.Mutex // guards the fields below
+	n        int
+	byClient map[string]int
 }
 
-func (s *streamSlots) acquire() bool {
-	if s.n.Add(1) > s.limit {
-		s.n.Add(-1)
-		return false
+// acquire takes a slot for client, or returns the status to answer.
+func (s *streamSlots) acquire(client string) (release func(), err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.n >= s.limit {
+		return nil, status.Errorf(codes.ResourceExhausted, "too many concurrent streams: the limit is %d (--max-streams)", s.limit)
 	}
-	return true
+	if s.perClient > 0 && s.byClient[client] >= s.perClient {
+		return nil, status.Errorf(codes.ResourceExhausted, "too many concurrent streams from this client: the limit is %d per client (--max-streams-per-client)", s.perClient)
+	}
+	if s.byClient == nil {
+		s.byClient = map[string]int{}
+	}
+	s.n++
+	s.byClient[client]++
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			s.mu.Lock()
+			defer s.mu.Unlock()
+			s.n--
+			if s.byClient[client]--; s.byClient[client] <= 0 {
+				delete(s.byClient, client)
+			}
+		})
+	}, nil
 }
 
-func (s *streamSlots) release() { s.n.Add(-1) }
+// count is the number of streams being served.
+func (s *streamSlots) count() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.n
+}
+
+// clientHost is the host part of the call's peer address: one client
+// for the per-client stream limit, whatever port each connection uses.
+func clientHost(ctx context.Context) string {
+	p, ok := peer.FromContext(ctx)
+	if !ok || p.Addr == nil {
+		return ""
+	}
+	if host, _, err := net.SplitHostPort(p.Addr.String()); err == nil {
+		return host
+	}
+	return p.Addr.String()
+}
 
 // StreamClassify implements VisionService.
 func (s *visionService) StreamClassify(st visionv1.VisionService_StreamClassifyServer) error {
@@ -52,24 +95,35 @@ type frameStream interface {
 	Send(*visionv1.StreamResponse) error
 }
 
-// frameQueue holds what the receiver has read and the worker not yet
-// taken: at most one pending frame (the newest) plus the frames it
-// replaced, which are reported as dropped in the order they came.
+// frameQueue holds what the receiver has read and the sender not yet
+// taken: at most one pending frame (the newest) and the number of frames
+// it replaced. Its memory is one frame, however fast frames come and
+// however slowly the client reads the answers.
 type frameQueue struct {
 	mu      sync.Mutex // guards the fields below
 	pending *visionv1.StreamRequest
-	dropped []*visionv1.StreamRequest
-	done    bool  // the receiver has stopped
-	err     error // why it stopped; nil for the client's end of stream
+	first   *visionv1.StreamRequest // the stream's first frame: its model and options hold
+	dropped uint64                  // frames replaced since the last take
+	last    time.Time // when the last frame arrived (or the stream began)
+	done    bool      // the receiver has stopped
+	err     error     // why it stopped; nil for the client's end of stream
 	wake    chan struct{}
+}
+
+func newFrameQueue() *frameQueue {
+	return &frameQueue{wake: make(chan struct{}, 1), last: time.Now()}
 }
 
 func (q *frameQueue) put(f *visionv1.StreamRequest) {
 	q.mu.Lock()
 	if q.pending != nil {
-		q.dropped = append(q.dropped, q.pending)
+		q.dropped++
 	}
-	q.pending = f
+	if q.first == nil {
+		// Only what the stream needs of it: its image may be dropped.
+		q.first = &visionv1.StreamRequest{Model: f.GetModel(), Options: f.GetOptions()}
+	}
+	q.pending, q.last = f, time.Now()
 	q.mu.Unlock()
 	q.signal()
 }
@@ -88,48 +142,64 @@ func (q *frameQueue) signal() {
 	}
 }
 
-// take empties the queue: the dropped frames and the pending one.
-func (q *frameQueue) take() (dropped []*visionv1.StreamRequest, next *visionv1.StreamRequest) {
+// firstFrame is the stream's first frame (model and options only).
+func (q *frameQueue) firstFrame() *visionv1.StreamRequest {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.first
+}
+
+// take empties the queue: the count of frames dropped and the pending one.
+func (q *frameQueue) take() (dropped uint64, next *visionv1.StreamRequest) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	dropped, next = q.dropped, q.pending
-	q.dropped, q.pending = nil, nil
+	q.dropped, q.pending = 0, nil
 	return dropped, next
+}
+
+// idleFor is how long no frame has arrived.
+func (q *frameQueue) idleFor() time.Duration {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return time.Since(q.last)
+}
+
+// finished reports whether the receiver stopped and every frame it read
+// was answered or counted, and why it stopped.
+func (q *frameQueue) finished() (bool, error) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.done && q.pending == nil && q.dropped == 0, q.err
+}
+
+// streamState is what the first frame fixes for the whole stream.
+type streamState struct {
+	task modelrepo.Task
+	m    *model.Model
+	opts pipeline.Options
 }
 
 // stream serves one video stream. The handler goroutine is the only
 // sender: it serves one frame at a time, so results leave in order. A
 // receiver goroutine reads frames into a frameQueue that keeps only the
-// newest pending frame; a replaced frame is answered dropped=true before
-// the frame that replaced it, so nothing is lost silently.
+// newest pending frame; the frames it replaced are counted in the next
+// response's dropped_frames, so nothing is lost silently and nothing
+// piles up for a client that does not read.
 //
+// A stream with no frame for --stream-idle-timeout is ended, the first
+// frame included, so that silent streams cannot hold the stream slots.
 // The receiver exits when Recv fails, which happens at the latest when
 // this handler returns and gRPC ends the stream.
 func (s *visionService) stream(st frameStream, task modelrepo.Task) error {
-	if !s.streams.acquire() {
-		return status.Errorf(codes.ResourceExhausted, "too many concurrent streams: the limit is %d (--max-streams)", s.limits.MaxStreams)
-	}
-	defer s.streams.release()
 	ctx := st.Context()
+	release, err := s.streams.acquire(clientHost(ctx))
+	if err != nil {
+		return err
+	}
+	defer release()
 
-	first, err := st.Recv()
-	if errors.Is(err, io.EOF) {
-		return nil
-	}
-	if err != nil {
-		return streamBroken(ctx, err)
-	}
-	m, err := lookup(s.reg, first.GetModel(), task)
-	if err != nil {
-		return toStatus(err)
-	}
-	opts, err := toOptions(first.GetOptions())
-	if err != nil {
-		return toStatus(err)
-	}
-
-	q := &frameQueue{wake: make(chan struct{}, 1)}
-	q.put(first)
+	q := newFrameQueue()
 	go func() {
 		for {
 			f, err := st.Recv()
@@ -144,15 +214,28 @@ func (s *visionService) stream(st frameStream, task modelrepo.Task) error {
 		}
 	}()
 
+	state := &streamState{task: task}
+	idle := s.limits.StreamIdleTimeout
+	if idle <= 0 {
+		idle = DefaultStreamIdleTimeout
+	}
+	timer := time.NewTimer(idle)
+	defer timer.Stop()
 	for {
 		select {
 		case <-q.wake:
+		case <-timer.C:
+			if since := q.idleFor(); since < idle {
+				timer.Reset(idle - since)
+				continue
+			}
+			return status.Errorf(codes.DeadlineExceeded, "no frame for %v: idle streams are closed (--stream-idle-timeout)", idle)
 		case <-ctx.Done():
 			return toStatus(ctx.Err())
 		case <-s.draining:
 			// Serve what was already taken in, then tell the client to
 			// reconnect elsewhere.
-			if err := s.serveQueued(ctx, st, q, m, opts); err != nil {
+			if err := s.serveQueued(ctx, st, q, state); err != nil {
 				return err
 			}
 			if done, rerr := q.finished(); done && rerr == nil {
@@ -160,7 +243,7 @@ func (s *visionService) stream(st frameStream, task modelrepo.Task) error {
 			}
 			return status.Error(codes.Unavailable, "server is shutting down; reconnect")
 		}
-		if err := s.serveQueued(ctx, st, q, m, opts); err != nil {
+		if err := s.serveQueued(ctx, st, q, state); err != nil {
 			return err
 		}
 		if done, rerr := q.finished(); done {
@@ -172,31 +255,32 @@ func (s *visionService) stream(st frameStream, task modelrepo.Task) error {
 	}
 }
 
-// finished reports whether the receiver stopped and every frame it read
-// was answered, and why it stopped.
-func (q *frameQueue) finished() (bool, error) {
-	q.mu.Lock()
-	defer q.mu.Unlock()
-	return q.done && q.pending == nil && len(q.dropped) == 0, q.err
-}
-
-// serveQueued answers everything in the queue: dropped frames first, then
-// the newest one with its result.
-func (s *visionService) serveQueued(ctx context.Context, st frameStream, q *frameQueue, m *model.Model, opts pipeline.Options) error {
+// serveQueued answers what is in the queue: the newest frame, with the
+// count of the frames it replaced. The first frame fixes the stream's
+// model and options.
+func (s *visionService) serveQueued(ctx context.Context, st frameStream, q *frameQueue, state *streamState) error {
 	for {
 		dropped, next := q.take()
-		for _, f := range dropped {
-			if err := st.Send(&visionv1.StreamResponse{FrameId: f.GetFrameId(), Timestamp: f.GetTimestamp(), Dropped: true}); err != nil {
-				return streamBroken(ctx, err)
-			}
-		}
 		if next == nil {
 			return nil
 		}
-		resp, err := s.serveFrame(ctx, next, m, opts)
+		if state.m == nil {
+			first := q.firstFrame()
+			m, err := lookup(s.reg, first.GetModel(), state.task)
+			if err != nil {
+				return toStatus(err)
+			}
+			opts, err := toOptions(first.GetOptions())
+			if err != nil {
+				return toStatus(err)
+			}
+			state.m, state.opts = m, opts
+		}
+		resp, err := s.serveFrame(ctx, next, state.m, state.opts)
 		if err != nil {
 			return err
 		}
+		resp.DroppedFrames = dropped
 		if err := st.Send(resp); err != nil {
 			return streamBroken(ctx, err)
 		}

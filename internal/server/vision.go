@@ -22,6 +22,12 @@ type Limits struct {
 	MaxImagesPerRequest int
 	// MaxStreams bounds the concurrent video streams.
 	MaxStreams int
+	// MaxStreamsPerClient bounds the concurrent streams of one client
+	// (peer host); 0 means no per-client bound.
+	MaxStreamsPerClient int
+	// StreamIdleTimeout ends a stream that sends no frame for that long;
+	// 0 means DefaultStreamIdleTimeout.
+	StreamIdleTimeout time.Duration
 }
 
 // visionService implements visionserve.v1.VisionService.

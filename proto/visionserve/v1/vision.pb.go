@@ -1105,13 +1105,22 @@ type StreamResponse struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
 	FrameId   uint64                 `protobuf:"varint,1,opt,name=frame_id,json=frameId,proto3" json:"frame_id,omitempty"`
 	Timestamp *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=timestamp,proto3" json:"timestamp,omitempty"`
-	// Dropped is true when a newer frame replaced this one before it was
-	// served; result is then empty.
+	// Deprecated: never set since dropped_frames replaced per-frame drop
+	// notices. It was true on a notice for a frame that a newer frame
+	// replaced before it was served.
+	//
+	// Deprecated: Marked as deprecated in visionserve/v1/vision.proto.
 	Dropped bool         `protobuf:"varint,3,opt,name=dropped,proto3" json:"dropped,omitempty"`
 	Result  *ImageResult `protobuf:"bytes,4,opt,name=result,proto3" json:"result,omitempty"`
 	// Error is set when this frame could not be served (a corrupt image,
 	// say); the stream goes on with the next frame.
-	Error         *FrameError `protobuf:"bytes,5,opt,name=error,proto3" json:"error,omitempty"`
+	Error *FrameError `protobuf:"bytes,5,opt,name=error,proto3" json:"error,omitempty"`
+	// How many frames arrived since the previous response and were
+	// replaced by a newer one before they were served (newest frame wins).
+	// They get no response of their own, so that a client that reads
+	// slowly cannot make the server queue answers: every frame is either
+	// answered or counted here once.
+	DroppedFrames uint64 `protobuf:"varint,6,opt,name=dropped_frames,json=droppedFrames,proto3" json:"dropped_frames,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1160,6 +1169,7 @@ func (x *StreamResponse) GetTimestamp() *timestamppb.Timestamp {
 	return nil
 }
 
+// Deprecated: Marked as deprecated in visionserve/v1/vision.proto.
 func (x *StreamResponse) GetDropped() bool {
 	if x != nil {
 		return x.Dropped
@@ -1179,6 +1189,13 @@ func (x *StreamResponse) GetError() *FrameError {
 		return x.Error
 	}
 	return nil
+}
+
+func (x *StreamResponse) GetDroppedFrames() uint64 {
+	if x != nil {
+		return x.DroppedFrames
+	}
+	return 0
 }
 
 // FrameError says why one frame of a stream has no result.
@@ -1663,13 +1680,14 @@ const file_visionserve_v1_vision_proto_rawDesc = "" +
 	"\aoptions\x18\x02 \x01(\v2\x17.visionserve.v1.OptionsR\aoptions\x12\x19\n" +
 	"\bframe_id\x18\x03 \x01(\x04R\aframeId\x128\n" +
 	"\ttimestamp\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\ttimestamp\x12+\n" +
-	"\x05image\x18\x05 \x01(\v2\x15.visionserve.v1.ImageR\x05image\"\xe6\x01\n" +
+	"\x05image\x18\x05 \x01(\v2\x15.visionserve.v1.ImageR\x05image\"\x91\x02\n" +
 	"\x0eStreamResponse\x12\x19\n" +
 	"\bframe_id\x18\x01 \x01(\x04R\aframeId\x128\n" +
-	"\ttimestamp\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\ttimestamp\x12\x18\n" +
-	"\adropped\x18\x03 \x01(\bR\adropped\x123\n" +
+	"\ttimestamp\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\ttimestamp\x12\x1c\n" +
+	"\adropped\x18\x03 \x01(\bB\x02\x18\x01R\adropped\x123\n" +
 	"\x06result\x18\x04 \x01(\v2\x1b.visionserve.v1.ImageResultR\x06result\x120\n" +
-	"\x05error\x18\x05 \x01(\v2\x1a.visionserve.v1.FrameErrorR\x05error\":\n" +
+	"\x05error\x18\x05 \x01(\v2\x1a.visionserve.v1.FrameErrorR\x05error\x12%\n" +
+	"\x0edropped_frames\x18\x06 \x01(\x04R\rdroppedFrames\":\n" +
 	"\n" +
 	"FrameError\x12\x12\n" +
 	"\x04code\x18\x01 \x01(\x05R\x04code\x12\x18\n" +
