@@ -48,6 +48,9 @@ type Config struct {
 	// MaxMessageBytes bounds a received gRPC message; gRPC itself refuses a
 	// bigger one with ResourceExhausted before it is read.
 	MaxMessageBytes int `yaml:"max_message_bytes"`
+	// MaxConcurrentCalls bounds the unary API calls in progress: beyond
+	// it a call is refused before its message is read. 0: no bound.
+	MaxConcurrentCalls int `yaml:"max_concurrent_calls"`
 	// MaxPixels bounds width×height of one input image.
 	MaxPixels int `yaml:"max_pixels"`
 	// MaxImagesPerRequest bounds the images of one unary request.
@@ -127,7 +130,8 @@ func Default() Config {
 		HTTPAddr:            ":8002",
 		Backend:             engine.Auto,
 		ORTLib:              ortlib.DefaultLibPath,
-		MaxMessageBytes:     64 << 20,
+		MaxMessageBytes:     16 << 20,
+		MaxConcurrentCalls:  128,
 		MaxPixels:           40_000_000,
 		MaxImagesPerRequest: 64,
 		MaxStreams:          64,
@@ -207,6 +211,7 @@ var settings = []setting{
 	{"cudart-lib", "CUDA runtime library for pinned host memory (default: the loader's path)", str(func(c *Config) *string { return &c.CUDARuntimeLib })},
 	{"ort-threads", "ONNX Runtime intra-op threads (0: one per CPU)", integer(func(c *Config) *int { return &c.ORTThreads })},
 	{"max-message-bytes", "largest gRPC message received", integer(func(c *Config) *int { return &c.MaxMessageBytes })},
+	{"max-concurrent-calls", "most unary API calls in progress; more are refused before their message is read (0: no bound)", integer(func(c *Config) *int { return &c.MaxConcurrentCalls })},
 	{"max-pixels", "largest image, width×height", integer(func(c *Config) *int { return &c.MaxPixels })},
 	{"max-images-per-request", "most images in one request", integer(func(c *Config) *int { return &c.MaxImagesPerRequest })},
 	{"max-streams", "most concurrent video streams", integer(func(c *Config) *int { return &c.MaxStreams })},
@@ -255,7 +260,7 @@ func Load(args []string, getenv func(string) string, usage io.Writer) (Config, e
 	def := Default()
 	defaults := map[string]string{
 		"model-repo": def.ModelRepo, "grpc-addr": def.GRPCAddr, "http-addr": def.HTTPAddr,
-		"backend": def.Backend, "max-message-bytes": strconv.Itoa(def.MaxMessageBytes),
+		"backend": def.Backend, "max-message-bytes": strconv.Itoa(def.MaxMessageBytes), "max-concurrent-calls": strconv.Itoa(def.MaxConcurrentCalls),
 		"max-pixels": strconv.Itoa(def.MaxPixels), "max-images-per-request": strconv.Itoa(def.MaxImagesPerRequest),
 		"max-streams": strconv.Itoa(def.MaxStreams), "max-streams-per-client": strconv.Itoa(def.MaxStreamsPerClient),
 		"stream-idle-timeout": def.StreamIdleTimeout.String(), "grace-period": def.GracePeriod.String(),
@@ -354,6 +359,9 @@ func (c Config) Validate() error {
 	}
 	if c.MaxStreams < 1 || c.MaxStreams > MaxStreamsAny {
 		bad("max-streams %d out of range (1..%d)", c.MaxStreams, MaxStreamsAny)
+	}
+	if c.MaxConcurrentCalls < 0 || c.MaxConcurrentCalls > MaxStreamsAny {
+		bad("max-concurrent-calls %d out of range (0..%d)", c.MaxConcurrentCalls, MaxStreamsAny)
 	}
 	if c.MaxStreamsPerClient < 0 || c.MaxStreamsPerClient > MaxStreamsAny {
 		bad("max-streams-per-client %d out of range (0..%d)", c.MaxStreamsPerClient, MaxStreamsAny)

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
+	"unicode/utf8"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -61,4 +63,30 @@ func notFound(format string, args ...any) error {
 
 func unavailable(format string, args ...any) error {
 	return &statusError{codes.Unavailable, fmt.Sprintf(format, args...)}
+}
+
+// maxEchoed bounds a client's string echoed in an error or a log line:
+// a name is short, and a 16 MiB one must not travel back or fill logs.
+const maxEchoed = 64
+
+// clip bounds a client's string for echoing: at most maxEchoed bytes,
+// cut at a rune boundary, with how long it really was. Quote the result
+// (%q) so that control characters cannot forge log lines.
+func clip(s string) string {
+	if len(s) <= maxEchoed {
+		return s
+	}
+	cut := maxEchoed
+	for cut > 0 && !utf8.RuneStart(s[cut]) {
+		cut--
+	}
+	return s[:cut] + "…(" + strconv.Itoa(len(s)) + " bytes)"
+}
+
+// clipShape bounds a client's shape for echoing.
+func clipShape(shape []int64) []int64 {
+	if len(shape) <= 8 {
+		return shape
+	}
+	return shape[:8]
 }

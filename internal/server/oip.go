@@ -56,10 +56,10 @@ func (s *oipService) getModel(name, version string) (*model.Model, error) {
 	}
 	m, ok := s.reg.Get(name)
 	if !ok {
-		return nil, notFound("model %q not found", name)
+		return nil, notFound("model %q not found", clip(name))
 	}
 	if version != "" && version != modelVersion {
-		return nil, notFound("model %q has no version %q (only %q)", name, version, modelVersion)
+		return nil, notFound("model %q has no version %q (only %q)", name, clip(version), modelVersion)
 	}
 	return m, nil
 }
@@ -156,12 +156,12 @@ func (s *oipService) ModelInfer(ctx context.Context, req *inference.ModelInferRe
 		return nil, toStatus(err)
 	}
 	if v := req.GetModelVersion(); v != "" && v != modelVersion {
-		return nil, toStatus(notFound("model %q has no version %q (only %q)", m.Name, v, modelVersion))
+		return nil, toStatus(notFound("model %q has no version %q (only %q)", m.Name, clip(v), modelVersion))
 	}
 	out := m.Output()
 	for _, o := range req.GetOutputs() {
 		if o.GetName() != out.Name {
-			return nil, toStatus(invalid("model %q has no output %q (it has %q)", m.Name, o.GetName(), out.Name))
+			return nil, toStatus(invalid("model %q has no output %q (it has %q)", m.Name, clip(o.GetName()), out.Name))
 		}
 	}
 	inputs, err := s.inferInputs(req, m)
@@ -204,14 +204,14 @@ func (s *oipService) inferInputs(req *inference.ModelInferRequest, m *model.Mode
 	}
 	in := ins[0]
 	if in.GetName() != m.Input.Name {
-		return nil, invalid("model %q has no input %q (it has %q)", m.Name, in.GetName(), m.Input.Name)
+		return nil, invalid("model %q has no input %q (it has %q)", m.Name, clip(in.GetName()), m.Input.Name)
 	}
 	raws := req.GetRawInputContents()
 	if len(raws) > 0 && len(raws) != 1 {
 		return nil, invalid("%d raw_input_contents for 1 input", len(raws))
 	}
 	if len(raws) == 1 && in.GetContents() != nil {
-		return nil, invalid("input %q has contents and raw_input_contents; use one", in.GetName())
+		return nil, invalid("input %q has contents and raw_input_contents; use one", clip(in.GetName()))
 	}
 	var raw []byte
 	if len(raws) == 1 {
@@ -220,7 +220,7 @@ func (s *oipService) inferInputs(req *inference.ModelInferRequest, m *model.Mode
 	shape := in.GetShape()
 	for _, d := range shape {
 		if d < 1 {
-			return nil, invalid("input %q shape %v has a dimension below 1", in.GetName(), shape)
+			return nil, invalid("input %q shape %v has a dimension below 1", clip(in.GetName()), clipShape(shape))
 		}
 	}
 	h, w := int64(m.Input.Height), int64(m.Input.Width)
@@ -243,19 +243,19 @@ func (s *oipService) inferInputs(req *inference.ModelInferRequest, m *model.Mode
 			return nil, err
 		}
 		if one == nil || one[0] != 3 || one[1] != h || one[2] != w {
-			return nil, invalid("FP32 input shape %v, want [N 3 %d %d] or [3 %d %d]", shape, h, w, h, w)
+			return nil, invalid("FP32 input shape %v, want [N 3 %d %d] or [3 %d %d]", clipShape(shape), h, w, h, w)
 		}
 		per := int(3 * h * w)
 		var data []float32
 		if raw != nil {
 			if len(raw) != 4*n*per {
-				return nil, invalid("FP32 input of shape %v needs %d raw bytes, got %d", shape, 4*n*per, len(raw))
+				return nil, invalid("FP32 input of shape %v needs %d raw bytes, got %d", clipShape(shape), 4*n*per, len(raw))
 			}
 			data = floatsFromLE(raw)
 		} else {
 			data = in.GetContents().GetFp32Contents()
 			if len(data) != n*per {
-				return nil, invalid("FP32 input of shape %v needs %d fp32_contents, got %d", shape, n*per, len(data))
+				return nil, invalid("FP32 input of shape %v needs %d fp32_contents, got %d", clipShape(shape), n*per, len(data))
 			}
 		}
 		out := make([]model.Input, n)
@@ -269,7 +269,7 @@ func (s *oipService) inferInputs(req *inference.ModelInferRequest, m *model.Mode
 			return nil, err
 		}
 		if one == nil {
-			return nil, invalid("UINT8 input shape %v, want [N H W 3] or [H W 3] (RGB)", shape)
+			return nil, invalid("UINT8 input shape %v, want [N H W 3] or [H W 3] (RGB)", clipShape(shape))
 		}
 		ih, iw, err := hwcShape(one, int(one[0]*one[1]*3), s.limits.MaxPixels)
 		if err != nil {
@@ -279,13 +279,13 @@ func (s *oipService) inferInputs(req *inference.ModelInferRequest, m *model.Mode
 		var pix []byte
 		if raw != nil {
 			if len(raw) != n*per {
-				return nil, invalid("UINT8 input of shape %v needs %d raw bytes, got %d", shape, n*per, len(raw))
+				return nil, invalid("UINT8 input of shape %v needs %d raw bytes, got %d", clipShape(shape), n*per, len(raw))
 			}
 			pix = raw
 		} else {
 			u := in.GetContents().GetUintContents()
 			if len(u) != n*per {
-				return nil, invalid("UINT8 input of shape %v needs %d uint_contents, got %d", shape, n*per, len(u))
+				return nil, invalid("UINT8 input of shape %v needs %d uint_contents, got %d", clipShape(shape), n*per, len(u))
 			}
 			pix = make([]byte, len(u))
 			for i, v := range u {
@@ -302,7 +302,7 @@ func (s *oipService) inferInputs(req *inference.ModelInferRequest, m *model.Mode
 		return out, nil
 	case "BYTES":
 		if len(shape) != 1 {
-			return nil, invalid("BYTES input shape %v, want [N] (one encoded image each)", shape)
+			return nil, invalid("BYTES input shape %v, want [N] (one encoded image each)", clipShape(shape))
 		}
 		if shape[0] > int64(s.limits.MaxImagesPerRequest) {
 			return nil, invalid("batch of %d images, over the limit of %d (--max-images-per-request)", shape[0], s.limits.MaxImagesPerRequest)
@@ -317,7 +317,7 @@ func (s *oipService) inferInputs(req *inference.ModelInferRequest, m *model.Mode
 			files = in.GetContents().GetBytesContents()
 		}
 		if int64(len(files)) != shape[0] {
-			return nil, invalid("BYTES input of shape %v holds %d elements", shape, len(files))
+			return nil, invalid("BYTES input of shape %v holds %d elements", clipShape(shape), len(files))
 		}
 		out := make([]model.Input, len(files))
 		for i, f := range files {
@@ -329,7 +329,7 @@ func (s *oipService) inferInputs(req *inference.ModelInferRequest, m *model.Mode
 		}
 		return out, nil
 	}
-	return nil, invalid("input datatype %q not supported (want FP32 [N,3,%d,%d], UINT8 [N,H,W,3] or BYTES [N])", in.GetDatatype(), h, w)
+	return nil, invalid("input datatype %q not supported (want FP32 [N,3,%d,%d], UINT8 [N,H,W,3] or BYTES [N])", clip(in.GetDatatype()), h, w)
 }
 
 // splitRawBytes splits a raw BYTES tensor: each element is a 4-byte

@@ -101,6 +101,7 @@ func Run(ctx context.Context, cfg config.Config, opts RunOptions) error {
 		},
 		MaxMessageBytes:    cfg.MaxMessageBytes,
 		AuthToken:          cfg.AuthToken,
+		MaxConcurrentCalls: cfg.MaxConcurrentCalls,
 		TLS:                tlsConfig,
 		Logger:             log,
 		UnaryInterceptors:  opts.UnaryInterceptors,

@@ -59,6 +59,10 @@ type Options struct {
 	MaxMessageBytes int
 	// AuthToken, when set, is the bearer token API calls must carry.
 	AuthToken string
+	// MaxConcurrentCalls bounds the unary API calls in progress; beyond
+	// it a call is refused with ResourceExhausted before its message is
+	// read. 0 means no bound.
+	MaxConcurrentCalls int
 	// TLS, when set, serves TLS (mTLS when it requires client certs).
 	TLS *tls.Config
 	// Logger gets the server's log lines; slog.Default() when nil.
@@ -76,6 +80,7 @@ type Server struct {
 	grpc     *grpc.Server
 	health   *health.Server
 	reg      *model.Registry
+	admit    *admission
 	streams  *streamSlots
 	log      *slog.Logger
 	draining chan struct{}
@@ -103,19 +108,20 @@ func New(opts Options) (*Server, error) {
 
 	// Recovery first, then authentication, so that nothing else runs for
 	// an unauthenticated caller; then the caller's (metrics, tracing).
-	unary := []grpc.UnaryServerInterceptor{recoverUnary(log)}
-	stream := []grpc.StreamServerInterceptor{recoverStream(log)}
-	if opts.AuthToken != "" {
-		unary = append(unary, authUnary(opts.AuthToken))
-		stream = append(stream, authStream(opts.AuthToken))
-	}
-	unary = append(unary, clientUnary)
-	stream = append(stream, clientStream)
+	// Authentication and the bound on calls in progress run in the
+	// transport, before a message is read (admission.go); then recovery,
+	// the refusal of malformed messages, the client's fairness key, and
+	// the caller's interceptors (metrics, tracing).
+	s.admit = &admission{token: opts.AuthToken, limit: int64(opts.MaxConcurrentCalls)}
+	unary := []grpc.UnaryServerInterceptor{recoverUnary(log), malformedUnary, clientUnary}
+	stream := []grpc.StreamServerInterceptor{recoverStream(log), malformedStream, clientStream}
 	unary = append(unary, opts.UnaryInterceptors...)
 	stream = append(stream, opts.StreamInterceptors...)
 	sopts := []grpc.ServerOption{
 		grpc.MaxRecvMsgSize(opts.MaxMessageBytes),
 		grpc.MaxSendMsgSize(opts.MaxMessageBytes),
+		grpc.InTapHandle(s.admit.tap),
+		grpc.ForceServerCodecV2(newStrictCodec()),
 		grpc.ChainUnaryInterceptor(unary...),
 		grpc.ChainStreamInterceptor(stream...),
 		// Clients may keep idle connections open with pings, but not

@@ -299,7 +299,7 @@ func (s *visionService) serveFrame(ctx context.Context, f *visionv1.StreamReques
 		return resp, nil
 	}
 	if name := f.GetModel(); name != "" && name != m.Name {
-		return fail(invalid("frame names model %q but the stream serves %q; the first frame's model holds for the stream", name, m.Name))
+		return fail(invalid("frame names model %q but the stream serves %q; the first frame's model holds for the stream", clip(name), m.Name))
 	}
 	in, err := toInput(f.GetImage(), m, s.limits)
 	if err != nil {
@@ -325,6 +325,9 @@ func (s *visionService) serveFrame(ctx context.Context, f *visionv1.StreamReques
 func streamBroken(ctx context.Context, err error) error {
 	if ctx.Err() != nil {
 		return toStatus(ctx.Err())
+	}
+	if st, ok := status.FromError(err); ok && st.Code() == codes.InvalidArgument {
+		return err // a frame that is not a StreamRequest (malformedStream)
 	}
 	if st, ok := status.FromError(err); ok && st.Code() == codes.ResourceExhausted {
 		// gRPC refused a frame over --max-message-bytes.

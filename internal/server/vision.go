@@ -49,7 +49,7 @@ func lookup(reg *model.Registry, name string, task modelrepo.Task) (*model.Model
 	}
 	m, ok := reg.Get(name)
 	if !ok {
-		return nil, notFound("model %q not found", name)
+		return nil, notFound("model %q not found", clip(name))
 	}
 	if st, why := m.State(); st != model.Ready {
 		if why != nil {
@@ -183,10 +183,10 @@ func toInput(img *visionv1.Image, m *model.Model, lim Limits) (model.Input, erro
 func chwTensor(shape []int64, raw []byte, m *model.Model) ([]float32, error) {
 	h, w := int64(m.Input.Height), int64(m.Input.Width)
 	if len(shape) != 3 || shape[0] != 3 || shape[1] != h || shape[2] != w {
-		return nil, invalid("FLOAT32 tensor shape %v, want [3 %d %d] (the model's preprocessed input)", shape, h, w)
+		return nil, invalid("FLOAT32 tensor shape %v, want [3 %d %d] (the model's preprocessed input)", clipShape(shape), h, w)
 	}
 	if want := int(3 * h * w * 4); len(raw) != want {
-		return nil, invalid("FLOAT32 tensor of shape %v holds %d bytes, want %d", shape, len(raw), want)
+		return nil, invalid("FLOAT32 tensor of shape %v holds %d bytes, want %d", clipShape(shape), len(raw), want)
 	}
 	return floatsFromLE(raw), nil
 }
@@ -194,13 +194,13 @@ func chwTensor(shape []int64, raw []byte, m *model.Model) ([]float32, error) {
 // hwcShape checks an [H,W,3] UINT8 image and returns H and W.
 func hwcShape(shape []int64, n, maxPixels int) (int, int, error) {
 	if len(shape) != 3 || shape[2] != 3 || shape[0] < 1 || shape[1] < 1 {
-		return 0, 0, invalid("UINT8 tensor shape %v, want [H W 3] (RGB)", shape)
+		return 0, 0, invalid("UINT8 tensor shape %v, want [H W 3] (RGB)", clipShape(shape))
 	}
 	if shape[0] > math.MaxInt32 || shape[1] > math.MaxInt32 || shape[0]*shape[1] > int64(maxPixels) {
 		return 0, 0, invalid("UINT8 image of %dx%d is over the limit of %d pixels: %v", shape[1], shape[0], maxPixels, pipeline.ErrTooManyPixels)
 	}
 	if want := shape[0] * shape[1] * 3; int64(n) != want {
-		return 0, 0, invalid("UINT8 tensor of shape %v holds %d bytes, want %d", shape, n, want)
+		return 0, 0, invalid("UINT8 tensor of shape %v holds %d bytes, want %d", clipShape(shape), n, want)
 	}
 	return int(shape[0]), int(shape[1]), nil
 }
@@ -248,7 +248,7 @@ func (s *visionService) ModelInfo(_ context.Context, req *visionv1.ModelInfoRequ
 	}
 	m, ok := s.reg.Get(req.GetModel())
 	if !ok {
-		return nil, toStatus(notFound("model %q not found", req.GetModel()))
+		return nil, toStatus(notFound("model %q not found", clip(req.GetModel())))
 	}
 	return modelInfo(m, s.reg.Draining()), nil
 }
