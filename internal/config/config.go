@@ -51,6 +51,13 @@ type Config struct {
 	// MaxConcurrentCalls bounds the unary API calls in progress: beyond
 	// it a call is refused before its message is read. 0: no bound.
 	MaxConcurrentCalls int `yaml:"max_concurrent_calls"`
+	// DecodeMemoryBudget bounds the bytes of images being decoded at
+	// once (width × height × 3 at the decoded size, read from the header
+	// first); an image that does not fit now is refused with
+	// ResourceExhausted. The default is a quarter of the container's
+	// memory limit (cgroup), or DefaultDecodeBudget without one, and never
+	// less than one image of MaxPixels.
+	DecodeMemoryBudget int `yaml:"decode_memory_budget"`
 	// MaxPixels bounds width×height of one input image.
 	MaxPixels int `yaml:"max_pixels"`
 	// MaxImagesPerRequest bounds the images of one unary request.
@@ -132,6 +139,7 @@ func Default() Config {
 		ORTLib:              ortlib.DefaultLibPath,
 		MaxMessageBytes:     16 << 20,
 		MaxConcurrentCalls:  128,
+		DecodeMemoryBudget:  DecodeBudgetFor(MemoryLimit(os.ReadFile), 40_000_000),
 		MaxPixels:           40_000_000,
 		MaxImagesPerRequest: 64,
 		MaxStreams:          64,
@@ -212,6 +220,7 @@ var settings = []setting{
 	{"ort-threads", "ONNX Runtime intra-op threads (0: one per CPU)", integer(func(c *Config) *int { return &c.ORTThreads })},
 	{"max-message-bytes", "largest gRPC message received", integer(func(c *Config) *int { return &c.MaxMessageBytes })},
 	{"max-concurrent-calls", "most unary API calls in progress; more are refused before their message is read (0: no bound)", integer(func(c *Config) *int { return &c.MaxConcurrentCalls })},
+	{"decode-memory-budget", "bytes of images being decoded at once (default: a quarter of the cgroup memory limit, else 2 GiB)", integer(func(c *Config) *int { return &c.DecodeMemoryBudget })},
 	{"max-pixels", "largest image, width×height", integer(func(c *Config) *int { return &c.MaxPixels })},
 	{"max-images-per-request", "most images in one request", integer(func(c *Config) *int { return &c.MaxImagesPerRequest })},
 	{"max-streams", "most concurrent video streams", integer(func(c *Config) *int { return &c.MaxStreams })},
@@ -260,7 +269,7 @@ func Load(args []string, getenv func(string) string, usage io.Writer) (Config, e
 	def := Default()
 	defaults := map[string]string{
 		"model-repo": def.ModelRepo, "grpc-addr": def.GRPCAddr, "http-addr": def.HTTPAddr,
-		"backend": def.Backend, "max-message-bytes": strconv.Itoa(def.MaxMessageBytes), "max-concurrent-calls": strconv.Itoa(def.MaxConcurrentCalls),
+		"backend": def.Backend, "max-message-bytes": strconv.Itoa(def.MaxMessageBytes), "max-concurrent-calls": strconv.Itoa(def.MaxConcurrentCalls), "decode-memory-budget": strconv.Itoa(def.DecodeMemoryBudget),
 		"max-pixels": strconv.Itoa(def.MaxPixels), "max-images-per-request": strconv.Itoa(def.MaxImagesPerRequest),
 		"max-streams": strconv.Itoa(def.MaxStreams), "max-streams-per-client": strconv.Itoa(def.MaxStreamsPerClient),
 		"stream-idle-timeout": def.StreamIdleTimeout.String(), "grace-period": def.GracePeriod.String(),
@@ -359,6 +368,9 @@ func (c Config) Validate() error {
 	}
 	if c.MaxStreams < 1 || c.MaxStreams > MaxStreamsAny {
 		bad("max-streams %d out of range (1..%d)", c.MaxStreams, MaxStreamsAny)
+	}
+	if c.DecodeMemoryBudget < 1<<20 {
+		bad("decode-memory-budget %d below 1 MiB", c.DecodeMemoryBudget)
 	}
 	if c.MaxConcurrentCalls < 0 || c.MaxConcurrentCalls > MaxStreamsAny {
 		bad("max-concurrent-calls %d out of range (0..%d)", c.MaxConcurrentCalls, MaxStreamsAny)

@@ -29,6 +29,8 @@ func toStatus(err error) error {
 		return status.Error(se.code, se.msg)
 	case pipeline.IsInputError(err), errors.Is(err, batcher.ErrRequestTooLarge):
 		return status.Error(codes.InvalidArgument, err.Error())
+	case errors.Is(err, pipeline.ErrDecodeBudget):
+		return status.Error(codes.ResourceExhausted, err.Error()+" (--decode-memory-budget)")
 	case errors.Is(err, batcher.ErrQueueFull):
 		return status.Error(codes.ResourceExhausted, err.Error()+"; retry later")
 	case errors.Is(err, batcher.ErrBatcherClosed):

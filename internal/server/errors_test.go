@@ -22,6 +22,7 @@ func TestToStatus(t *testing.T) {
 		{wrap(pipeline.ErrCorrupt), codes.InvalidArgument},
 		{wrap(batcher.ErrRequestTooLarge), codes.InvalidArgument},
 		{wrap(batcher.ErrQueueFull), codes.ResourceExhausted},
+		{wrap(pipeline.ErrDecodeBudget), codes.ResourceExhausted},
 		{wrap(batcher.ErrBatcherClosed), codes.Unavailable},
 		{wrap(failover.ErrBackendUnavailable), codes.Unavailable},
 		{wrap(context.DeadlineExceeded), codes.DeadlineExceeded},

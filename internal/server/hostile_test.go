@@ -153,3 +153,35 @@ func TestEchoedNamesAreBounded(t *testing.T) {
 		t.Errorf("Classify echoes %d bytes", len(st.Message()))
 	}
 }
+
+// TestShedBeforeDecoding: a request that cannot fit in the model's queue
+// is refused before any of its images is decoded. Its last image is
+// corrupt: decoding first would answer InvalidArgument.
+func TestShedBeforeDecoding(t *testing.T) {
+	gate := make(chan struct{})
+	e := newEnv(t, func(c *envConfig) { c.cls = &modeltest.Engine{Classes: 10, Gate: gate} })
+	img := encoded(jpegBytes(t, 20, 20, 128))
+	// Fill most of the queue (16 images; the first batch waits at the
+	// gate).
+	var wg sync.WaitGroup
+	for range 5 {
+		wg.Go(func() {
+			_, _ = e.vision.Classify(ctxT(t), &visionv1.ClassifyRequest{Model: "cls", Images: []*visionv1.Image{img, img, img, img}})
+		})
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		// Eight images: more than the room left once the fillers queued.
+		bad := encoded([]byte("\xff\xd8\xff garbage"))
+		_, err := e.vision.Classify(ctxT(t), &visionv1.ClassifyRequest{Model: "cls", Images: []*visionv1.Image{img, img, img, img, img, img, img, bad}})
+		if status.Code(err) == codes.ResourceExhausted {
+			break
+		}
+		if status.Code(err) == codes.InvalidArgument && time.Now().After(deadline) {
+			t.Fatalf("a request that cannot fit was decoded: %v", err)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	close(gate)
+	wg.Wait()
+}

@@ -24,6 +24,7 @@ import (
 	"github.com/visionserve/visionserve/pkg/engine"
 	"github.com/visionserve/visionserve/pkg/model"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
+	"github.com/visionserve/visionserve/pkg/pipeline"
 )
 
 // RunOptions are what Run needs besides the config.
@@ -232,8 +233,15 @@ func serveModels(ctx context.Context, cfg config.Config, reg *model.Registry, en
 			return fmt.Errorf("loading model repository %s: %w", cfg.ModelRepo, err)
 		}
 	}
+	// One decode budget for every model: it bounds the memory of images
+	// being decoded across the whole server.
+	budget, err := pipeline.NewDecodeBudget(int64(cfg.DecodeMemoryBudget))
+	if err != nil {
+		return err
+	}
 	ro := opts.Runner
 	ro.MaxPixels, ro.Observer, ro.TuneObserver = cfg.MaxPixels, opts.Observer, opts.Metrics.TuneObserver()
+	ro.DecodeBudget = budget
 	if err := model.Load(ctx, repo, reg, model.LoadOptions{Backend: cfg.Backend, Engines: engines, Runner: ro, Logger: log}); err != nil {
 		return err
 	}

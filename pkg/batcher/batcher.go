@@ -174,6 +174,7 @@ type Batcher struct {
 	preferred []int // sorted, below maxBatch
 	closing   bool
 	queued    int                       // images queued, not yet taken
+	reserved  int                       // room held by Reserve for images not yet submitted
 	keys      map[string]*batchKeyQueue // keys with images queued
 	keyFree   []*batchKeyQueue          // emptied key queues for reuse
 	cur       *batchKeyQueue            // round-robin cursor into the ring of keys
@@ -290,6 +291,64 @@ func (b *Batcher) freeBuffers() {
 // error, panic), Submit returns an error naming the first failed image;
 // the items that did not fail hold their results.
 func (b *Batcher) Submit(ctx context.Context, key string, items []Item) error {
+	return b.SubmitReserved(ctx, key, items, nil)
+}
+
+// Reservation is room in a batcher's queue held for images that are
+// still being prepared. Hold it for as short a time as the preparation
+// takes; Release returns what SubmitReserved did not use.
+type Reservation struct {
+	b *Batcher
+	n int // images held; 0 once used or released
+}
+
+// Reserve holds room for n images of client key in the queue, so that a
+// request is refused before its images are decoded rather than after:
+// it refuses at once, as Submit would, when the request can never fit
+// (ErrRequestTooLarge), when there is no room now (ErrQueueFull) or when
+// the batcher is closing (ErrBatcherClosed). Release the reservation, or
+// pass it to SubmitReserved.
+func (b *Batcher) Reserve(key string, n int) (*Reservation, error) {
+	reject := func(reason string, err error) (*Reservation, error) {
+		if b.observer != nil {
+			b.observer.Rejected(BatchRejectEvent{Model: b.model, Key: key, Images: n, Reason: reason, Err: err})
+		}
+		return nil, err
+	}
+	if n > b.queueSize {
+		return reject(RejectTooLarge, fmt.Errorf("model %q: %w: %d images, the queue holds %d", b.model, ErrRequestTooLarge, n, b.queueSize))
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closing {
+		return reject(RejectClosed, fmt.Errorf("model %q: %w", b.model, ErrBatcherClosed))
+	}
+	if b.queued+b.reserved+n > b.queueSize {
+		return reject(RejectQueueFull, fmt.Errorf("model %q: %w: %d of %d images queued or being prepared, request has %d", b.model, ErrQueueFull, b.queued+b.reserved, b.queueSize, n))
+	}
+	b.reserved += n
+	return &Reservation{b: b, n: n}, nil
+}
+
+// Release returns the room the reservation still holds. It is safe to
+// call more than once, and after SubmitReserved.
+func (r *Reservation) Release() {
+	if r == nil {
+		return
+	}
+	r.b.mu.Lock()
+	defer r.b.mu.Unlock()
+	r.b.reserved -= r.n
+	r.n = 0
+}
+
+// SubmitReserved is Submit for images whose room res holds (nil: none);
+// res is used up, whatever the outcome.
+func (b *Batcher) SubmitReserved(ctx context.Context, key string, items []Item, res *Reservation) error {
+	if res != nil && res.b != b {
+		return fmt.Errorf("model %q: a reservation of another batcher", b.model)
+	}
+	defer res.Release()
 	if len(items) == 0 {
 		return nil
 	}
@@ -331,7 +390,12 @@ func (b *Batcher) Submit(ctx context.Context, key string, items []Item) error {
 		b.mu.Unlock()
 		return reject(RejectClosed, fmt.Errorf("model %q: %w", b.model, ErrBatcherClosed))
 	}
-	if b.queued+len(items) > b.queueSize {
+	if res != nil {
+		// The room held becomes the room queued.
+		b.reserved -= res.n
+		res.n = 0
+	}
+	if b.queued+b.reserved+len(items) > b.queueSize {
 		queued := b.queued
 		b.mu.Unlock()
 		return reject(RejectQueueFull, fmt.Errorf("model %q: %w: %d of %d images queued, request has %d", b.model, ErrQueueFull, queued, b.queueSize, len(items)))

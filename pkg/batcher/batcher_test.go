@@ -1520,3 +1520,40 @@ func TestBatcherChaos(t *testing.T) {
 		}
 	}
 }
+
+// TestReserveHoldsRoom: room reserved for images still being prepared
+// counts against the queue, so a request that cannot fit is refused
+// before its images are prepared; the room comes back on release, and
+// SubmitReserved uses it.
+func TestReserveHoldsRoom(t *testing.T) {
+	b := newTestBatcher(t, batcher.Config{MaxBatchSize: 2, QueueSize: 4, Engines: []engine.Engine{&batchTestEngine{name: "e"}}})
+	r1, err := b.Reserve("a", 3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.Reserve("b", 2); !errors.Is(err, batcher.ErrQueueFull) {
+		t.Fatalf("reserve past the room: %v, want ErrQueueFull", err)
+	}
+	if _, err := b.Reserve("b", 5); !errors.Is(err, batcher.ErrRequestTooLarge) {
+		t.Fatalf("reserve past the queue: %v, want ErrRequestTooLarge", err)
+	}
+	if err := b.Submit(context.Background(), "b", first(batchTestItems(2))); !errors.Is(err, batcher.ErrQueueFull) {
+		t.Fatalf("submit into reserved room: %v, want ErrQueueFull", err)
+	}
+	// The reserved room is used by the one who holds it.
+	if err := b.SubmitReserved(context.Background(), "a", first(batchTestItems(3)), r1); err != nil {
+		t.Fatal(err)
+	}
+	r1.Release() // after use: nothing more to return
+	r2, err := b.Reserve("b", 4)
+	if err != nil {
+		t.Fatalf("the whole queue after the reserved request ran: %v", err)
+	}
+	r2.Release()
+	r2.Release()
+	if _, err := b.Reserve("c", 4); err != nil {
+		t.Fatalf("room not returned by Release: %v", err)
+	}
+}
+
+func first[A, B any](a A, _ B) A { return a }

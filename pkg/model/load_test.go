@@ -169,3 +169,25 @@ func TestLoadKeepsModelsThatFailKnown(t *testing.T) {
 		t.Fatal("good model not loaded")
 	}
 }
+
+// TestInferDecodesNothingForAGoneClient: the context is checked before
+// each image is decoded; a request whose client has gone costs no decode
+// (its corrupt image would otherwise be reported).
+func TestInferDecodesNothingForAGoneClient(t *testing.T) {
+	e := &modeltest.Engine{Classes: 10}
+	m := modeltest.Model("cls", modelrepo.TaskClassify, 10)
+	r, err := NewPipelineRunner(m, []engine.Engine{e}, RunnerOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close(context.Background())
+	ctx, cancel := context.WithCancel(ctxT(t))
+	cancel()
+	_, err = r.Infer(ctx, []Input{{Encoded: []byte("\xff\xd8\xff not a jpeg")}}, pipeline.Options{})
+	if !errors.Is(err, context.Canceled) {
+		t.Errorf("Infer for a gone client: %v, want context.Canceled", err)
+	}
+	if s := r.Stats(); s.Queued != 0 {
+		t.Errorf("%d images left queued", s.Queued)
+	}
+}

@@ -34,6 +34,9 @@ type PipelineRunner struct {
 type RunnerOptions struct {
 	// MaxPixels bounds width×height of an input image.
 	MaxPixels int
+	// DecodeBudget, when set, bounds the memory of images being decoded
+	// at once, across every model given it.
+	DecodeBudget *pipeline.DecodeBudget
 	// Observer receives the batcher's events (metrics, traces); nil for
 	// none.
 	Observer batcher.BatchObserver
@@ -56,7 +59,7 @@ func NewPipelineRunner(m *modelrepo.Model, engines []engine.Engine, opts RunnerO
 	if len(engines) == 0 {
 		return nil, fmt.Errorf("model %q: no engines", m.Name)
 	}
-	pre, err := pipeline.NewPreprocessor(m, pipeline.PreprocessOptions{MaxPixels: opts.MaxPixels})
+	pre, err := pipeline.NewPreprocessor(m, pipeline.PreprocessOptions{MaxPixels: opts.MaxPixels, Budget: opts.DecodeBudget})
 	if err != nil {
 		return nil, err
 	}
@@ -97,9 +100,15 @@ func (r *PipelineRunner) Backend() string { return r.backend }
 func (r *PipelineRunner) Stats() batcher.Stats { return r.batcher.Stats() }
 
 // prepare decodes and fits every input; on error it frees what it made.
-func (r *PipelineRunner) prepare(inputs []Input) ([]*pipeline.Prepared, error) {
+// Before each image it checks ctx: once the client has gone or its
+// deadline passed, none of its images costs another decode.
+func (r *PipelineRunner) prepare(ctx context.Context, inputs []Input) ([]*pipeline.Prepared, error) {
 	prepared := make([]*pipeline.Prepared, 0, len(inputs))
 	for i, in := range inputs {
+		if err := ctx.Err(); err != nil {
+			closeAll(prepared)
+			return nil, fmt.Errorf("before image %d of %d: %w", i, len(inputs), err)
+		}
 		var (
 			p   *pipeline.Prepared
 			err error
@@ -149,7 +158,15 @@ func (r *PipelineRunner) Infer(ctx context.Context, inputs []Input, opts pipelin
 	if err != nil {
 		return nil, err
 	}
-	prepared, err := r.prepare(inputs)
+	// Room in the queue for every image is held before any is decoded:
+	// a request that cannot fit is refused before the expensive work.
+	key := fairnessKey(ctx)
+	room, err := r.batcher.Reserve(key, len(inputs))
+	if err != nil {
+		return nil, err
+	}
+	defer room.Release()
+	prepared, err := r.prepare(ctx, inputs)
 	if err != nil {
 		return nil, err
 	}
@@ -161,7 +178,7 @@ func (r *PipelineRunner) Infer(ctx context.Context, inputs []Input, opts pipelin
 		items[i] = pipeline.NewResultItem(p, r.post, opts)
 		queued[i] = items[i]
 	}
-	if err := r.batcher.Submit(ctx, fairnessKey(ctx), queued); err != nil {
+	if err := r.batcher.SubmitReserved(ctx, key, queued, room); err != nil {
 		return nil, err
 	}
 	res := make([]pipeline.Result, len(items))
@@ -178,7 +195,13 @@ func (r *PipelineRunner) Infer(ctx context.Context, inputs []Input, opts pipelin
 // batcher forms, and their output rows are put back together in request
 // order, so the result equals one engine run on all of them.
 func (r *PipelineRunner) InferRaw(ctx context.Context, inputs []Input) ([]engine.Tensor, error) {
-	prepared, err := r.prepare(inputs)
+	key := fairnessKey(ctx)
+	room, err := r.batcher.Reserve(key, len(inputs))
+	if err != nil {
+		return nil, err
+	}
+	defer room.Release()
+	prepared, err := r.prepare(ctx, inputs)
 	if err != nil {
 		return nil, err
 	}
@@ -189,7 +212,7 @@ func (r *PipelineRunner) InferRaw(ctx context.Context, inputs []Input) ([]engine
 		raw[i] = pipeline.NewRawItem(p)
 		items[i] = raw[i]
 	}
-	if err := r.batcher.Submit(ctx, fairnessKey(ctx), items); err != nil {
+	if err := r.batcher.SubmitReserved(ctx, key, items, room); err != nil {
 		return nil, err
 	}
 	return pipeline.StackRows(raw)

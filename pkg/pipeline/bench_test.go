@@ -63,7 +63,7 @@ func BenchmarkDecode(b *testing.B) {
 			l := newLatencies(b, 1)
 			for b.Loop() {
 				l.begin()
-				m, _, _, err := decode(tc.data, 0, reduce)
+				m, _, _, _, err := decode(tc.data, 0, reduce, nil)
 				if err != nil {
 					b.Fatal(err)
 				}

@@ -21,7 +21,7 @@ const decodeFlags = gocv.IMReadColor | gocv.IMReadIgnoreOrientation
 // orientations 1..8 are applied. Failures are typed errors (see errors.go);
 // OpenCV failures never end the process because imdecode catches them.
 func Decode(data []byte, maxPixels int) (gocv.Mat, error) {
-	img, _, _, err := decode(data, maxPixels, nil)
+	img, _, _, _, err := decode(data, maxPixels, nil, nil)
 	return img, err
 }
 
@@ -32,10 +32,13 @@ func Decode(data []byte, maxPixels int) (gocv.Mat, error) {
 // denominator r: 1, 2, 4 or 8. The Mat is then ceil(w/r)×ceil(h/r), what
 // libjpeg's jpeg_calc_output_dimensions gives; other formats are always
 // decoded in full. w and h are the upright size of the original image.
-func decode(data []byte, maxPixels int, reduce func(w, h int) int) (img gocv.Mat, w, h int, err error) {
+//
+// With a budget, the decoded size is reserved before decoding; held is
+// what the caller must release once the Mat is closed (0 on error).
+func decode(data []byte, maxPixels int, reduce func(w, h int) int, budget *DecodeBudget) (img gocv.Mat, w, h int, held int64, err error) {
 	hd, err := CheckHeader(data, maxPixels)
 	if err != nil {
-		return gocv.Mat{}, 0, 0, err
+		return gocv.Mat{}, 0, 0, 0, err
 	}
 	orientation := 1
 	if hd.Format == FormatJPEG {
@@ -59,27 +62,42 @@ func decode(data []byte, maxPixels int, reduce func(w, h int) int) (img gocv.Mat
 	case 8:
 		flags |= gocv.IMReadReducedColor8
 	default:
-		return gocv.Mat{}, 0, 0, fmt.Errorf("decode: reduction 1/%d not one of 1, 1/2, 1/4, 1/8", r)
+		return gocv.Mat{}, 0, 0, 0, fmt.Errorf("decode: reduction 1/%d not one of 1, 1/2, 1/4, 1/8", r)
 	}
+	// The decoded Mat, and its turned copy when EXIF asks for one.
+	need := int64(ceilDiv(hd.Width, r)) * int64(ceilDiv(hd.Height, r)) * 3
+	if orientation != 1 {
+		need *= 2
+	}
+	if err := budget.reserve(need); err != nil {
+		return gocv.Mat{}, 0, 0, 0, fmt.Errorf("%s of %dx%d: %w", hd.Format, hd.Width, hd.Height, err)
+	}
+	held = need
+	defer func() {
+		if err != nil {
+			budget.release(held)
+			held = 0
+		}
+	}()
 	img, err = gocv.IMDecode(data, flags)
 	if err != nil {
-		return gocv.Mat{}, 0, 0, fmt.Errorf("%s: %v: %w", hd.Format, err, ErrCorrupt)
+		return gocv.Mat{}, 0, 0, 0, fmt.Errorf("%s: %v: %w", hd.Format, err, ErrCorrupt)
 	}
 	if img.Empty() {
 		img.Close()
-		return gocv.Mat{}, 0, 0, fmt.Errorf("%s of %dx%d: decoder could not read the image data: %w", hd.Format, hd.Width, hd.Height, ErrCorrupt)
+		return gocv.Mat{}, 0, 0, 0, fmt.Errorf("%s of %dx%d: decoder could not read the image data: %w", hd.Format, hd.Width, hd.Height, ErrCorrupt)
 	}
 	// The decoder reads the same header; a different size means the file
 	// holds something other than what was checked.
 	if wantW, wantH := ceilDiv(hd.Width, r), ceilDiv(hd.Height, r); img.Cols() != wantW || img.Rows() != wantH {
 		img.Close()
-		return gocv.Mat{}, 0, 0, fmt.Errorf("%s header says %dx%d (%dx%d at 1/%d) but decodes to %dx%d: %w", hd.Format, hd.Width, hd.Height, wantW, wantH, r, img.Cols(), img.Rows(), ErrCorrupt)
+		return gocv.Mat{}, 0, 0, 0, fmt.Errorf("%s header says %dx%d (%dx%d at 1/%d) but decodes to %dx%d: %w", hd.Format, hd.Width, hd.Height, wantW, wantH, r, img.Cols(), img.Rows(), ErrCorrupt)
 	}
 	if img.Type() != gocv.MatTypeCV8UC3 {
 		// Not expected with IMReadColor; refuse rather than misread.
 		t := img.Type()
 		img.Close()
-		return gocv.Mat{}, 0, 0, fmt.Errorf("%s decoded to Mat type %v, want 8-bit BGR: %w", hd.Format, t, ErrUnsupportedImage)
+		return gocv.Mat{}, 0, 0, 0, fmt.Errorf("%s decoded to Mat type %v, want 8-bit BGR: %w", hd.Format, t, ErrUnsupportedImage)
 	}
 	if orientation != 1 {
 		oriented := gocv.NewMat()
@@ -87,7 +105,7 @@ func decode(data []byte, maxPixels int, reduce func(w, h int) int) (img gocv.Mat
 		img.Close()
 		img = oriented
 	}
-	return img, w, h, nil
+	return img, w, h, held, nil
 }
 
 func ceilDiv(a, b int) int { return (a + b - 1) / b }

@@ -22,6 +22,9 @@ type PreprocessOptions struct {
 	// (libjpeg DCT scaling), which Prepare does by default whenever the
 	// reduced image is still at least as large as what it is resized to.
 	FullDecode bool
+	// Budget, when set, bounds the memory of images being decoded at
+	// once, shared by every Preprocessor given it (see DecodeBudget).
+	Budget *DecodeBudget
 }
 
 // Transform maps model-input pixel coordinates back to the original
@@ -47,7 +50,8 @@ type Preprocessor struct {
 	pad       uint8
 	rgb       bool // model wants RGB; decoded Mats are BGR
 	maxPixels int
-	reduce    bool // decode JPEGs at reduced size where fit allows it
+	reduce    bool          // decode JPEGs at reduced size where fit allows it
+	budget    *DecodeBudget // nil: no bound
 	// lut[c][v] is the normalised value of 8-bit sample v in model
 	// channel c: (v*scale - mean[c]) / std[c]. A lookup is exact and
 	// cheaper than converting and multiplying per sample.
@@ -60,7 +64,7 @@ func NewPreprocessor(m *modelrepo.Model, opts PreprocessOptions) (*Preprocessor,
 	if in.Width <= 0 || in.Height <= 0 || in.Width > modelrepo.MaxInputSide || in.Height > modelrepo.MaxInputSide {
 		return nil, fmt.Errorf("model %q: input size %dx%d out of range", m.Name, in.Width, in.Height)
 	}
-	p := &Preprocessor{w: in.Width, h: in.Height, mode: in.Resize, shorter: in.ResizeShorter, pad: in.PadValue, maxPixels: opts.MaxPixels, reduce: !opts.FullDecode}
+	p := &Preprocessor{w: in.Width, h: in.Height, mode: in.Resize, shorter: in.ResizeShorter, pad: in.PadValue, maxPixels: opts.MaxPixels, reduce: !opts.FullDecode, budget: opts.Budget}
 	if p.maxPixels <= 0 {
 		p.maxPixels = DefaultMaxPixels
 	}
@@ -125,10 +129,11 @@ func (p *Preprocessor) Prepare(data []byte) (*Prepared, error) {
 	if p.reduce {
 		reduce = p.reduction
 	}
-	img, w, h, err := decode(data, p.maxPixels, reduce)
+	img, w, h, held, err := decode(data, p.maxPixels, reduce, p.budget)
 	if err != nil {
 		return nil, err
 	}
+	defer p.budget.release(held) // runs after img.Close
 	defer img.Close()
 	decoded := time.Now()
 	pr, err := p.fit(img, w, h)

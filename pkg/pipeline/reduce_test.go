@@ -40,7 +40,7 @@ func TestReducedJPEGDecode(t *testing.T) {
 					t.Run(fmt.Sprintf("%dx%d/exif%d/%s/r%d", sz.w, sz.h, o, enc.name, r), func(t *testing.T) {
 						checkMats(t)
 						var asked [2]int
-						img, w, h, err := decode(data, 0, func(w, h int) int { asked = [2]int{w, h}; return r })
+						img, w, h, _, err := decode(data, 0, func(w, h int) int { asked = [2]int{w, h}; return r }, nil)
 						if err != nil {
 							t.Fatal(err)
 						}
@@ -72,7 +72,7 @@ func TestReducedJPEGDecode(t *testing.T) {
 		for i := range grey.Pix {
 			grey.Pix[i] = 77
 		}
-		img, _, _, err := decode(encodeJPEG(t, grey, 95), 0, func(int, int) int { return 4 })
+		img, _, _, _, err := decode(encodeJPEG(t, grey, 95), 0, func(int, int) int { return 4 }, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -86,10 +86,10 @@ func TestReducedJPEGDecode(t *testing.T) {
 	})
 	t.Run("png never reduces", func(t *testing.T) {
 		checkMats(t)
-		img, w, h, err := decode(encodePNG(t, quadrants(64, 32)), 0, func(int, int) int {
+		img, w, h, _, err := decode(encodePNG(t, quadrants(64, 32)), 0, func(int, int) int {
 			t.Error("reduce called for a PNG")
 			return 2
-		})
+		}, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -100,7 +100,7 @@ func TestReducedJPEGDecode(t *testing.T) {
 	})
 	t.Run("bad reduction is an error", func(t *testing.T) {
 		checkMats(t)
-		if _, _, _, err := decode(encodeJPEG(t, quadrants(64, 32), 90), 0, func(int, int) int { return 3 }); err == nil {
+		if _, _, _, _, err := decode(encodeJPEG(t, quadrants(64, 32), 90), 0, func(int, int) int { return 3 }, nil); err == nil {
 			t.Error("reduction 3: no error")
 		}
 	})
@@ -109,7 +109,7 @@ func TestReducedJPEGDecode(t *testing.T) {
 		jpg := encodeJPEG(t, quadrants(640, 320), 90)
 		cut := jpg[:bytes.Index(jpg, []byte{0xFF, 0xDA})+4]
 		for _, r := range []int{2, 4, 8} {
-			if _, _, _, err := decode(cut, 0, func(int, int) int { return r }); !errors.Is(err, ErrCorrupt) {
+			if _, _, _, _, err := decode(cut, 0, func(int, int) int { return r }, nil); !errors.Is(err, ErrCorrupt) {
 				t.Errorf("r=%d: error %v, want ErrCorrupt", r, err)
 			}
 		}
