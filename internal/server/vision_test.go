@@ -192,6 +192,7 @@ func TestBadRequestsThenGoodOne(t *testing.T) {
 		{"no source", nil, "cls", []*visionv1.Image{{}}, nil, codes.InvalidArgument, "empty image"},
 		{"no images", nil, "cls", nil, nil, codes.InvalidArgument, "no images"},
 		{"corrupt jpeg", nil, "cls", []*visionv1.Image{encoded(corrupt)}, nil, codes.InvalidArgument, "image 0"},
+		{"truncated jpeg", nil, "cls", []*visionv1.Image{encoded(good[:len(good)-20])}, nil, codes.InvalidArgument, "end-of-image marker"},
 		{"not an image", nil, "cls", []*visionv1.Image{encoded([]byte("hello, world"))}, nil, codes.InvalidArgument, "unknown image format"},
 		{"header bomb png", nil, "cls", []*visionv1.Image{encoded(headerBombPNG())}, nil, codes.InvalidArgument, "limit of 40000000 pixels"},
 		{"second image bad", nil, "cls", []*visionv1.Image{encoded(good), encoded(nil)}, nil, codes.InvalidArgument, "image 1: empty image"},

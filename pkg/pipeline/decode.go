@@ -42,6 +42,9 @@ func decode(data []byte, maxPixels int, reduce func(w, h int) int, budget *Decod
 	}
 	orientation := 1
 	if hd.Format == FormatJPEG {
+		if err := checkJPEGData(data); err != nil {
+			return gocv.Mat{}, 0, 0, 0, err
+		}
 		orientation = JPEGOrientation(data)
 	}
 	w, h = hd.Width, hd.Height

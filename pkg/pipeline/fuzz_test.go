@@ -1,6 +1,7 @@
 package pipeline
 
 import (
+	"errors"
 	"flag"
 	"fmt"
 	"image"
@@ -139,6 +140,20 @@ func FuzzPrepare(f *testing.F) {
 		}
 		if after := matCount(); after != before {
 			t.Fatalf("leaked %d Mats:\n%s", after-before, matProfile())
+		}
+	})
+}
+
+// FuzzJPEGData: the structural check of JPEG image data never panics,
+// reads nothing past the data, and refuses only with ErrCorrupt.
+func FuzzJPEGData(f *testing.F) {
+	addSeeds(f)
+	f.Fuzz(func(t *testing.T, data []byte) {
+		if len(data) < 2 {
+			return
+		}
+		if err := checkJPEGData(data); err != nil && !errors.Is(err, ErrCorrupt) {
+			t.Fatalf("untyped error %v", err)
 		}
 	})
 }

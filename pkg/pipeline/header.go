@@ -223,3 +223,59 @@ func bmpHeader(data []byte) (Header, error) {
 		return Header{}, corrupt(FormatBMP, fmt.Sprintf("unknown DIB header size %d", dib))
 	}
 }
+
+// checkJPEGData walks a JPEG past its headers into the entropy-coded
+// image data and refuses what libjpeg would only warn about and decode
+// as grey: data cut short before the end-of-image marker (a truncated
+// upload), and bytes that cannot be in image data (0xFF followed by a
+// reserved or misplaced marker, as random garbage soon gives). In image
+// data 0xFF is followed by 0x00 (a stuffed byte), a restart marker, the
+// segments progressive JPEGs put between scans, or the end of image. It
+// reads each byte once and allocates nothing.
+func checkJPEGData(data []byte) error {
+	pos := 2
+	inScan := false
+	for pos < len(data) {
+		if inScan {
+			i := bytes.IndexByte(data[pos:], 0xFF)
+			if i < 0 {
+				break
+			}
+			pos += i
+		}
+		if data[pos] != 0xFF {
+			return corrupt(FormatJPEG, fmt.Sprintf("no marker at byte %d", pos))
+		}
+		for pos < len(data) && data[pos] == 0xFF {
+			pos++
+		}
+		if pos >= len(data) {
+			break
+		}
+		m := data[pos]
+		pos++
+		switch {
+		case m == 0xD9:
+			return nil // end of image
+		case inScan && (m == 0x00 || (m >= 0xD0 && m <= 0xD7)):
+			continue // stuffed byte or restart marker
+		case m == 0x01 || (m >= 0xD0 && m <= 0xD7):
+			continue // standalone markers outside a scan
+		case m == 0xD8 || m < 0xC0 || (m >= 0xF0 && m <= 0xFD):
+			return corrupt(FormatJPEG, fmt.Sprintf("invalid marker 0xFF%02X at byte %d of the image data", m, pos-2))
+		}
+		// A segment with a length: headers, tables between scans, SOS.
+		if pos+2 > len(data) {
+			break
+		}
+		n := int(binary.BigEndian.Uint16(data[pos:]))
+		if n < 2 {
+			return corrupt(FormatJPEG, "segment length below 2")
+		}
+		pos += n
+		if m == 0xDA {
+			inScan = true // entropy-coded data follows the scan header
+		}
+	}
+	return corrupt(FormatJPEG, "truncated: the data ends before the end-of-image marker")
+}

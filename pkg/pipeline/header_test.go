@@ -1,10 +1,12 @@
 package pipeline
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"image"
 	"image/color"
+	"math/rand/v2"
 	"testing"
 
 	"gocv.io/x/gocv"
@@ -138,6 +140,53 @@ func TestJPEGOrientation(t *testing.T) {
 	for _, tt := range tests {
 		if got := JPEGOrientation(tt.data); got != tt.want {
 			t.Errorf("%s: JPEGOrientation = %d, want %d", tt.name, got, tt.want)
+		}
+	}
+}
+
+// TestCorruptJPEGData: a JPEG cut short, or with garbage in its image
+// data, is refused as corrupt; libjpeg would decode it with a warning
+// and grey where the data is missing. Bytes after the end-of-image
+// marker, restart markers and progressive scans are fine.
+func TestCorruptJPEGData(t *testing.T) {
+	checkMats(t)
+	photo := encodeJPEG(t, quadrants(320, 240), 90)
+	progressive := encodeCV(t, quadrants(320, 240), gocv.JPEGFileExt, int(gocv.IMWriteJpegProgressive), 1)
+	restarts := encodeCV(t, quadrants(320, 240), gocv.JPEGFileExt, int(gocv.IMWriteJpegRstInterval), 4)
+	scan := bytes.Index(photo, []byte{0xFF, 0xDA})
+	garbage := bytes.Clone(photo)
+	rnd := rand.New(rand.NewPCG(1, 2))
+	for i := scan + 40; i < len(garbage)-2 && i < scan+1040; i++ {
+		garbage[i] = byte(rnd.UintN(256))
+	}
+	for _, c := range []struct {
+		name string
+		data []byte
+		ok   bool
+	}{
+		{"whole", photo, true},
+		{"progressive", progressive, true},
+		{"restart markers", restarts, true},
+		{"bytes after the end", append(bytes.Clone(photo), "trailer"...), true},
+		{"cut in the image data", photo[:len(photo)*2/3], false},
+		{"cut before the last byte", photo[:len(photo)-1], false},
+		{"progressive cut", progressive[:len(progressive)/2], false},
+		{"garbage in the image data", garbage, false},
+	} {
+		img, err := Decode(c.data, 0)
+		if c.ok {
+			if err != nil {
+				t.Errorf("%s: %v", c.name, err)
+			} else {
+				img.Close()
+			}
+			continue
+		}
+		if !errors.Is(err, ErrCorrupt) {
+			t.Errorf("%s: %v, want ErrCorrupt", c.name, err)
+		}
+		if err == nil {
+			img.Close()
 		}
 	}
 }
