@@ -34,6 +34,10 @@ type Config struct {
 	// HTTPAddr is where health, readiness and metrics are served over HTTP;
 	// empty turns the HTTP server off.
 	HTTPAddr string `yaml:"http_addr"`
+	// MetricsAddr, when set, serves /metrics on a listener of its own
+	// (loopback, say) instead of on HTTPAddr, so that the probe port can
+	// be reachable without exposing metrics.
+	MetricsAddr string `yaml:"metrics_addr"`
 	// Backend is auto, ort-cpu, opencv, ort-cuda or ort-tensorrt.
 	Backend string `yaml:"backend"`
 	// ORTLib is the ONNX Runtime shared library; the default is where
@@ -214,6 +218,7 @@ var settings = []setting{
 	{"model-repo", "model repository folder", str(func(c *Config) *string { return &c.ModelRepo })},
 	{"grpc-addr", "gRPC listen address", str(func(c *Config) *string { return &c.GRPCAddr })},
 	{"http-addr", "HTTP (health, metrics) listen address; empty turns it off", str(func(c *Config) *string { return &c.HTTPAddr })},
+	{"metrics-addr", "separate listen address for /metrics (empty: served on --http-addr)", str(func(c *Config) *string { return &c.MetricsAddr })},
 	{"backend", "inference backend: " + strings.Join(Backends, "|"), str(func(c *Config) *string { return &c.Backend })},
 	{"ort-lib", "ONNX Runtime shared library (default: where scripts/setup.sh installs it)", str(func(c *Config) *string { return &c.ORTLib })},
 	{"cudart-lib", "CUDA runtime library for pinned host memory (default: the loader's path)", str(func(c *Config) *string { return &c.CUDARuntimeLib })},

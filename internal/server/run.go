@@ -35,6 +35,9 @@ type RunOptions struct {
 	Stop <-chan os.Signal
 	// OnListen, when set, is told the bound addresses (useful with port 0).
 	OnListen func(grpcAddr, httpAddr net.Addr)
+	// OnMetricsListen, when set, is told the metrics address when
+	// cfg.MetricsAddr gives /metrics a listener of its own.
+	OnMetricsListen func(net.Addr)
 	// Observer receives every model's batcher events (metrics); nil for
 	// none.
 	Observer batcher.BatchObserver
@@ -122,11 +125,32 @@ func Run(ctx context.Context, cfg config.Config, opts RunOptions) error {
 	if err != nil {
 		return fmt.Errorf("listening for gRPC on %s: %w", cfg.GRPCAddr, err)
 	}
-	var httpLis net.Listener
+	var httpLis, metricsLis net.Listener
 	if cfg.HTTPAddr != "" {
 		if httpLis, err = net.Listen("tcp", cfg.HTTPAddr); err != nil {
 			_ = grpcLis.Close()
 			return fmt.Errorf("listening for HTTP on %s: %w", cfg.HTTPAddr, err)
+		}
+	}
+	// With --metrics-addr, /metrics has a listener of its own (loopback,
+	// say) and leaves the probe port.
+	httpHandlers := opts.HTTPHandlers
+	var metricsHandlers map[string]http.Handler
+	if cfg.MetricsAddr != "" {
+		if metricsLis, err = net.Listen("tcp", cfg.MetricsAddr); err != nil {
+			_ = grpcLis.Close()
+			if httpLis != nil {
+				_ = httpLis.Close()
+			}
+			return fmt.Errorf("listening for metrics on %s: %w", cfg.MetricsAddr, err)
+		}
+		httpHandlers, metricsHandlers = map[string]http.Handler{}, map[string]http.Handler{}
+		for path, h := range opts.HTTPHandlers {
+			if path == ops.MetricsPath {
+				metricsHandlers[path] = h
+			} else {
+				httpHandlers[path] = h
+			}
 		}
 	}
 	if opts.OnListen != nil {
@@ -135,6 +159,9 @@ func Run(ctx context.Context, cfg config.Config, opts RunOptions) error {
 			ha = httpLis.Addr()
 		}
 		opts.OnListen(grpcLis.Addr(), ha)
+	}
+	if opts.OnMetricsListen != nil && metricsLis != nil {
+		opts.OnMetricsListen(metricsLis.Addr())
 	}
 
 	var (
@@ -190,36 +217,49 @@ func Run(ctx context.Context, cfg config.Config, opts RunOptions) error {
 		}
 	})
 
-	// Actor: the HTTP server (health, readiness, metrics), stopped last.
+	// Actors: the HTTP servers (health, readiness, metrics), stopped last.
 	if httpLis != nil {
-		// Probes and scrapes are small: a client that trickles its
-		// request or never reads the answer is cut off, and idle
-		// keep-alive connections are closed.
-		httpSrv := &http.Server{
-			Handler:           httpMux(reg, opts.HTTPHandlers),
-			ReadHeaderTimeout: 10 * time.Second,
-			ReadTimeout:       30 * time.Second,
-			WriteTimeout:      30 * time.Second,
-			IdleTimeout:       2 * time.Minute,
-			ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+		addHTTPActor(&g, "HTTP", httpLis, httpMux(reg, httpHandlers), log, shutdownCtx, &shutdownErr)
+	}
+	if metricsLis != nil {
+		mux := http.NewServeMux()
+		for path, h := range metricsHandlers {
+			mux.Handle(path, h)
 		}
-		g.Add(func() error {
-			log.Info("HTTP listening", "addr", httpLis.Addr().String())
-			if err := httpSrv.Serve(httpLis); err != nil && !errors.Is(err, http.ErrServerClosed) {
-				return fmt.Errorf("HTTP server: %w", err)
-			}
-			return nil
-		}, func(error) {
-			if err := httpSrv.Shutdown(shutdownCtx); err != nil {
-				_ = httpSrv.Close()
-				shutdownErr = errors.Join(shutdownErr, fmt.Errorf("HTTP shutdown: %w", err))
-			}
-		})
+		addHTTPActor(&g, "metrics", metricsLis, mux, log, shutdownCtx, &shutdownErr)
 	}
 
 	err = g.Run()
 	log.Info("stopped")
 	return errors.Join(err, shutdownErr)
+}
+
+// addHTTPActor adds to g an actor serving h on lis, whose stop shuts it
+// down gracefully until shutdownCtx ends and records what failed in
+// errs. Probes and scrapes are small: a client that trickles its request
+// or never reads the answer is cut off, and idle keep-alive connections
+// are closed.
+func addHTTPActor(g *run.Group, name string, lis net.Listener, h http.Handler, log *slog.Logger, shutdownCtx context.Context, errs *error) {
+	srv := &http.Server{
+		Handler:           h,
+		ReadHeaderTimeout: 10 * time.Second,
+		ReadTimeout:       30 * time.Second,
+		WriteTimeout:      30 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}
+	g.Add(func() error {
+		log.Info(name+" listening", "addr", lis.Addr().String())
+		if err := srv.Serve(lis); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			return fmt.Errorf("%s server: %w", name, err)
+		}
+		return nil
+	}, func(error) {
+		if err := srv.Shutdown(shutdownCtx); err != nil {
+			_ = srv.Close()
+			*errs = errors.Join(*errs, fmt.Errorf("%s shutdown: %w", name, err))
+		}
+	})
 }
 
 // serveModels loads the repository's models into reg and warms them up.
