@@ -240,6 +240,40 @@ func (s *server) stop() error {
 	}
 }
 
+// cpu is the CPU time the server has used (user and system).
+func (s *server) cpu() time.Duration {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", s.cmd.Process.Pid))
+	if err != nil {
+		return 0
+	}
+	return parseStatCPU(string(b))
+}
+
+// parseStatCPU reads utime and stime (fields 14 and 15, in clock ticks
+// of 1/100 s) from /proc/PID/stat, whose second field may hold spaces.
+func parseStatCPU(stat string) time.Duration {
+	i := strings.LastIndexByte(stat, ')')
+	if i < 0 {
+		return 0
+	}
+	f := strings.Fields(stat[i+1:])
+	if len(f) < 13 {
+		return 0
+	}
+	u, _ := strconv.ParseInt(f[11], 10, 64)
+	k, _ := strconv.ParseInt(f[12], 10, 64)
+	return time.Duration(u+k) * 10 * time.Millisecond
+}
+
+// selfCPU is the CPU time this process has used.
+func selfCPU() time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
 // rss is the server's resident set size in bytes.
 func (s *server) rss() uint64 {
 	f, err := os.Open(fmt.Sprintf("/proc/%d/status", s.cmd.Process.Pid))
@@ -383,6 +417,7 @@ func overload(ctx context.Context, o options, repo string, img []byte, out io.Wr
 		}
 	}
 	rate := o.flood * peak
+	clientCPU0, serverCPU0 := selfCPU(), s.cpu()
 	stopRSS := make(chan struct{})
 	rssPeak := s.peakRSS(stopRSS)
 	var ok, refused, other atomic.Int64
@@ -422,6 +457,7 @@ func overload(ctx context.Context, o options, repo string, img []byte, out io.Wr
 	}
 	cancel()
 	floodEnd := time.Now()
+	clientCPU, serverCPU := selfCPU()-clientCPU0, s.cpu()-serverCPU0
 	// The first second after the flood: sequential calls as the quiet p50
 	// was measured; the flood's stragglers still finish meanwhile.
 	var after []time.Duration
@@ -441,7 +477,8 @@ func overload(ctx context.Context, o options, repo string, img []byte, out io.Wr
 	fmt.Fprintf(out, "| ResourceExhausted answers | %d, p50 %s, p99 %s | p99 ≤ 10 ms |\n", refused.Load(), ms(pct(refusedLat, 0.5)), ms(pct(refusedLat, 0.99)))
 	fmt.Fprintf(out, "| other outcomes (deadline, not sent) | %d | |\n", other.Load())
 	fmt.Fprintf(out, "| RSS idle → peak | %s → %s (%s); decode budget %s | ≤ idle + budget + 256 MiB |\n", mib(idle), mib(rp), mibDelta(rp, idle), budget)
-	fmt.Fprintf(out, "| p50 in the second after the flood | %s over %d calls (quiet %s) | back to quiet within 1 s |\n\n", ms(pct(after, 0.5)), len(after), ms(pct(quiet, 0.5)))
+	fmt.Fprintf(out, "| p50 in the second after the flood | %s over %d calls (quiet %s) | back to quiet within 1 s |\n", ms(pct(after, 0.5)), len(after), ms(pct(quiet, 0.5)))
+	fmt.Fprintf(out, "| CPU during the flood (of %d cores × %v) | server %.1f s, this load generator %.1f s | |\n\n", runtime.NumCPU(), o.duration, serverCPU.Seconds(), clientCPU.Seconds())
 	return nil
 }
 

@@ -3,6 +3,7 @@ package main
 import (
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestParsers(t *testing.T) {
@@ -20,5 +21,12 @@ go_goroutines 12
 	}
 	if got := sumFamily(strings.NewReader(metrics), "go_goroutines"); got != 12 {
 		t.Errorf("goroutines %v, want 12", got)
+	}
+}
+
+func TestParseStatCPU(t *testing.T) {
+	stat := "1234 (infer server) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 12 0 100 1000 200"
+	if got := parseStatCPU(stat); got != 3*time.Second {
+		t.Errorf("cpu %v, want 3s", got)
 	}
 }
