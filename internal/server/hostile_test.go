@@ -9,6 +9,7 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/encoding/gzip"
 	"google.golang.org/grpc/mem"
 	"google.golang.org/grpc/status"
 
@@ -184,4 +185,16 @@ func TestShedBeforeDecoding(t *testing.T) {
 	}
 	close(gate)
 	wg.Wait()
+}
+
+// TestGzipBombStopsAtTheLimit: a compressed message that expands past
+// --max-message-bytes is refused when decompression reaches the limit,
+// whatever its size on the wire.
+func TestGzipBombStopsAtTheLimit(t *testing.T) {
+	e := newEnv(t) // 4 MiB messages
+	bomb := encoded(make([]byte, 6<<20))
+	_, err := e.vision.Classify(ctxT(t), &visionv1.ClassifyRequest{Model: "cls", Images: []*visionv1.Image{bomb}}, grpc.UseCompressor(gzip.Name))
+	if status.Code(err) != codes.ResourceExhausted {
+		t.Errorf("gzip bomb: %v, want ResourceExhausted", err)
+	}
 }
