@@ -16,7 +16,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/visionserve/visionserve/pkg/engine/onnxrt/onnxrttest"
+	"github.com/visionserve/visionserve/internal/testenv/onnxrttest"
 
 	"github.com/visionserve/visionserve/internal/modelgen"
 	"github.com/visionserve/visionserve/pkg/onnx"

@@ -8,7 +8,7 @@ import (
 	"math/rand/v2"
 	"testing"
 
-	"github.com/visionserve/visionserve/pkg/engine/onnxrt/onnxrttest"
+	"github.com/visionserve/visionserve/internal/testenv/onnxrttest"
 
 	"github.com/visionserve/visionserve/internal/modelgen"
 	"github.com/visionserve/visionserve/pkg/onnx"

@@ -5,7 +5,7 @@ import (
 	"math"
 	"testing"
 
-	"github.com/visionserve/visionserve/pkg/engine/onnxrt/onnxrttest"
+	"github.com/visionserve/visionserve/internal/testenv/onnxrttest"
 
 	"github.com/visionserve/visionserve/pkg/engine/cvdnn"
 	"github.com/visionserve/visionserve/pkg/engine/onnxrt"

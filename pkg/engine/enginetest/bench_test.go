@@ -7,7 +7,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/visionserve/visionserve/pkg/engine/onnxrt/onnxrttest"
+	"github.com/visionserve/visionserve/internal/testenv/onnxrttest"
 
 	"github.com/visionserve/visionserve/pkg/engine"
 	"github.com/visionserve/visionserve/pkg/engine/cvdnn"
