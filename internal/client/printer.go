@@ -58,7 +58,7 @@ type JSONResult struct {
 	// DroppedFrames counts the frames before this one that a newer
 	// frame replaced before they were served (video only).
 	DroppedFrames uint64 `json:"dropped_frames,omitempty"`
-	Error      string          `json:"error,omitempty"`
+	Error         string `json:"error,omitempty"`
 }
 
 func toJSON(image, model, task string, r *visionv1.ImageResult) JSONResult {

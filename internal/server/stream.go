@@ -104,9 +104,9 @@ type frameQueue struct {
 	pending *visionv1.StreamRequest
 	first   *visionv1.StreamRequest // the stream's first frame: its model and options hold
 	dropped uint64                  // frames replaced since the last take
-	last    time.Time // when the last frame arrived (or the stream began)
-	done    bool      // the receiver has stopped
-	err     error     // why it stopped; nil for the client's end of stream
+	last    time.Time               // when the last frame arrived (or the stream began)
+	done    bool                    // the receiver has stopped
+	err     error                   // why it stopped; nil for the client's end of stream
 	wake    chan struct{}
 }
 
