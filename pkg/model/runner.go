@@ -158,32 +158,15 @@ func (r *PipelineRunner) Infer(ctx context.Context, inputs []Input, opts pipelin
 	if err != nil {
 		return nil, err
 	}
-	// Room in the queue for every image is held before any is decoded:
-	// a request that cannot fit is refused before the expensive work.
-	key := fairnessKey(ctx)
-	room, err := r.batcher.Reserve(key, len(inputs))
+	items, err := r.submit(ctx, inputs, func(p *pipeline.Prepared) batcher.Item {
+		return pipeline.NewResultItem(p, r.post, opts)
+	})
 	if err != nil {
-		return nil, err
-	}
-	defer room.Release()
-	prepared, err := r.prepare(ctx, inputs)
-	if err != nil {
-		return nil, err
-	}
-	// Submit returns only once no worker touches the items any more.
-	defer closeAll(prepared)
-	items := make([]*pipeline.ResultItem, len(prepared))
-	queued := make([]batcher.Item, len(prepared))
-	for i, p := range prepared {
-		items[i] = pipeline.NewResultItem(p, r.post, opts)
-		queued[i] = items[i]
-	}
-	if err := r.batcher.SubmitReserved(ctx, key, queued, room); err != nil {
 		return nil, err
 	}
 	res := make([]pipeline.Result, len(items))
 	for i, it := range items {
-		res[i] = it.Result()
+		res[i] = it.(*pipeline.ResultItem).Result()
 	}
 	if r.results != nil {
 		r.results(ctx, r.name, start, res)
@@ -195,6 +178,22 @@ func (r *PipelineRunner) Infer(ctx context.Context, inputs []Input, opts pipelin
 // batcher forms, and their output rows are put back together in request
 // order, so the result equals one engine run on all of them.
 func (r *PipelineRunner) InferRaw(ctx context.Context, inputs []Input) ([]engine.Tensor, error) {
+	items, err := r.submit(ctx, inputs, func(p *pipeline.Prepared) batcher.Item { return pipeline.NewRawItem(p) })
+	if err != nil {
+		return nil, err
+	}
+	raw := make([]*pipeline.RawItem, len(items))
+	for i, it := range items {
+		raw[i] = it.(*pipeline.RawItem)
+	}
+	return pipeline.StackRows(raw)
+}
+
+// submit runs inputs through the batcher as the items item makes of
+// them. Room in the queue for every input is held before any is
+// decoded, so a request that cannot fit is refused before the expensive
+// work. It returns once no worker touches the items any more.
+func (r *PipelineRunner) submit(ctx context.Context, inputs []Input, item func(*pipeline.Prepared) batcher.Item) ([]batcher.Item, error) {
 	key := fairnessKey(ctx)
 	room, err := r.batcher.Reserve(key, len(inputs))
 	if err != nil {
@@ -206,16 +205,14 @@ func (r *PipelineRunner) InferRaw(ctx context.Context, inputs []Input) ([]engine
 		return nil, err
 	}
 	defer closeAll(prepared)
-	raw := make([]*pipeline.RawItem, len(prepared))
 	items := make([]batcher.Item, len(prepared))
 	for i, p := range prepared {
-		raw[i] = pipeline.NewRawItem(p)
-		items[i] = raw[i]
+		items[i] = item(p)
 	}
 	if err := r.batcher.SubmitReserved(ctx, key, items, room); err != nil {
 		return nil, err
 	}
-	return pipeline.StackRows(raw)
+	return items, nil
 }
 
 // Close implements Runner: the batcher runs every accepted image, then
