@@ -12,12 +12,18 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
 
 	"github.com/visionserve/visionserve/internal/config"
 	"github.com/visionserve/visionserve/internal/metrics"
 	"github.com/visionserve/visionserve/pkg/engine"
 	"github.com/visionserve/visionserve/pkg/model/modeltest"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
+	"github.com/visionserve/visionserve/proto/inference"
+	visionv1 "github.com/visionserve/visionserve/proto/visionserve/v1"
 )
 
 // fakeRun runs Run on fake engines: the models of repo load on a
@@ -25,6 +31,7 @@ import (
 // "broken" fails to load. It returns the HTTP and metrics base URLs and
 // the stop function, which returns Run's error.
 type fakeRun struct {
+	grpc          string
 	http, metrics string
 	stop          func() error
 	done          chan error // Run's error, when it ends by itself
@@ -53,12 +60,19 @@ func startFakeRun(t *testing.T, cfg config.Config, repo *modelrepo.Repo) (*fakeR
 	opts := ObservedRunOptions(slog.New(slog.NewTextHandler(io.Discard, nil)), prom, m)
 	opts.Engines, opts.Repo = engines, repo
 	addrs := make(chan string, 2)
-	opts.OnListen = func(_, h net.Addr) { addrs <- "http://" + h.String() }
+	grpcAddr := make(chan string, 1)
+	opts.OnListen = func(g, h net.Addr) { grpcAddr <- g.String(); addrs <- "http://" + h.String() }
 	opts.OnMetricsListen = func(a net.Addr) { addrs <- "http://" + a.String() }
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- Run(ctx, cfg, opts) }()
 	r := &fakeRun{stop: func() error { cancel(); return <-done }, done: done}
+	select {
+	case r.grpc = <-grpcAddr:
+	case err := <-done:
+		cancel()
+		return nil, err
+	}
 	want := 1
 	if cfg.MetricsAddr != "" {
 		want = 2
@@ -155,7 +169,11 @@ func TestOneBadModelDoesNotStopTheOthers(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			cfg := config.Default()
 			cfg.StrictReadiness, cfg.ExitOnError = c.strict, c.exit
-			r, err := startFakeRun(t, cfg, fakeRepo("broken", "cls"))
+			repo := fakeRepo("broken", "cls")
+			// A folder the repository could not read (a truncated
+			// model.onnx, say) is known and unavailable too.
+			repo.Failed = []modelrepo.FailedModel{{Name: "truncated", Err: errors.New("model.onnx: unexpected EOF")}}
+			r, err := startFakeRun(t, cfg, repo)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -176,14 +194,52 @@ func TestOneBadModelDoesNotStopTheOthers(t *testing.T) {
 				t.Errorf("/readyz %d %q, want %d naming the broken model", code, body, c.wantCode)
 			}
 			_, metricsBody := get(t, r.http+"/metrics")
-			for _, want := range []string{`visionserve_model_state{model="broken",state="UNAVAILABLE"} 1`, `visionserve_model_state{model="cls",state="READY"} 1`} {
+			for _, want := range []string{`visionserve_model_state{model="broken",state="UNAVAILABLE"} 1`, `visionserve_model_state{model="cls",state="READY"} 1`,
+				`visionserve_model_state{model="truncated",state="UNAVAILABLE"} 1`} {
 				if !strings.Contains(metricsBody, want) {
 					t.Errorf("/metrics lacks %s", want)
 				}
 			}
+			checkUnavailableOverGRPC(t, r.grpc)
 			if err := r.stop(); err != nil {
 				t.Fatal(err)
 			}
 		})
+	}
+}
+
+// checkUnavailableOverGRPC: the APIs describe unavailable models, with
+// the reason, and answer ModelReady false rather than NotFound.
+func checkUnavailableOverGRPC(t *testing.T, addr string) {
+	t.Helper()
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	list, err := visionv1.NewVisionServiceClient(conn).ListModels(ctxT(t), &visionv1.ListModelsRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	states := map[string]string{}
+	for _, m := range list.GetModels() {
+		states[m.GetName()] = m.GetState().String() + " " + m.GetStateReason()
+	}
+	if !strings.HasPrefix(states["truncated"], "MODEL_STATE_UNAVAILABLE model.onnx") || !strings.HasPrefix(states["broken"], "MODEL_STATE_UNAVAILABLE") || states["cls"] != "MODEL_STATE_READY " {
+		t.Errorf("ListModels states %v", states)
+	}
+	oip := inference.NewGRPCInferenceServiceClient(conn)
+	for _, name := range []string{"truncated", "broken"} {
+		r, err := oip.ModelReady(ctxT(t), &inference.ModelReadyRequest{Name: name})
+		if err != nil || r.GetReady() {
+			t.Errorf("ModelReady(%s) = %v, %v; want false", name, r.GetReady(), err)
+		}
+		if _, err := oip.ModelMetadata(ctxT(t), &inference.ModelMetadataRequest{Name: name}); err != nil {
+			t.Errorf("ModelMetadata(%s): %v", name, err)
+		}
+		_, err = visionv1.NewVisionServiceClient(conn).Classify(ctxT(t), &visionv1.ClassifyRequest{Model: name, Images: []*visionv1.Image{encoded([]byte("x"))}})
+		if status.Code(err) != codes.Unavailable {
+			t.Errorf("Classify on %s: %v, want Unavailable", name, err)
+		}
 	}
 }

@@ -38,6 +38,16 @@ func Load(ctx context.Context, repo *modelrepo.Repo, reg *Registry, opts LoadOpt
 		return errors.New("loading models: no engine registry given")
 	}
 	var errs []error
+	// Folders the repository could not read are known, and unavailable.
+	for _, f := range repo.Failed {
+		entry := New(&modelrepo.Model{Config: modelrepo.Config{Name: f.Name}, Graph: &modelrepo.GraphIO{}}, nil)
+		if err := reg.Add(entry); err != nil {
+			return err
+		}
+		log.Error("model not served", "model", f.Name, "err", f.Err)
+		entry.SetState(Unavailable, f.Err)
+		errs = append(errs, f.Err)
+	}
 	loaded := 0
 	for _, m := range repo.Models {
 		entry := New(m, nil)

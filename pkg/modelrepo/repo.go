@@ -35,6 +35,16 @@ type Model struct {
 type Repo struct {
 	Root   string
 	Models []*Model // sorted by name
+	// Failed are the model folders that could not be read (a bad
+	// config.yaml, a truncated model.onnx), by name, with the reason: the
+	// server knows them as unavailable and serves the others.
+	Failed []FailedModel
+}
+
+// FailedModel is a model folder that could not be read.
+type FailedModel struct {
+	Name string
+	Err  error
 }
 
 // Get returns the named model, or false.
@@ -56,7 +66,8 @@ func (r *Repo) Names() []string {
 }
 
 // LoadRepo loads every folder of root that holds a config.yaml. A model
-// that fails validation fails the whole load, naming the model.
+// that fails validation is listed in Failed with the reason, and the
+// others load; the load fails only when no model loads at all.
 func LoadRepo(root string) (*Repo, error) {
 	entries, err := os.ReadDir(root)
 	if err != nil {
@@ -74,12 +85,15 @@ func LoadRepo(root string) (*Repo, error) {
 		m, err := Load(root, e.Name())
 		if err != nil {
 			errs = append(errs, err)
+			if ValidName(e.Name()) {
+				repo.Failed = append(repo.Failed, FailedModel{Name: e.Name(), Err: err})
+			}
 			continue
 		}
 		repo.Models = append(repo.Models, m)
 	}
-	if err := errors.Join(errs...); err != nil {
-		return nil, err
+	if len(repo.Models) == 0 && len(errs) > 0 {
+		return nil, errors.Join(errs...)
 	}
 	if len(repo.Models) == 0 {
 		return nil, fmt.Errorf("model repository %s holds no model (a folder with %s); run `make models`", root, ConfigFile)

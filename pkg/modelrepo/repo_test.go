@@ -238,6 +238,30 @@ func TestLoadRepo(t *testing.T) {
 	if _, err := LoadRepo(t.TempDir()); err == nil || !strings.Contains(err.Error(), "holds no model") {
 		t.Errorf("empty repo: %v", err)
 	}
+	// A folder that cannot be read is listed as failed; the others load.
+	newModelDir(t, root, "broken", "name: broken\ntask: classify\n")
+	newModelDir(t, root, "truncated", strings.ReplaceAll(classifyConfig, "name: a", "name: truncated"))
+	onnxPath := filepath.Join(root, "truncated", "model.onnx")
+	whole, err := os.ReadFile(onnxPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(onnxPath, whole[:len(whole)/2], 0o644); err != nil {
+		t.Fatal(err)
+	}
+	repo, err = LoadRepo(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.Join(repo.Names(), ","); got != "a,b" || len(repo.Failed) != 2 || repo.Failed[0].Name != "broken" || repo.Failed[1].Name != "truncated" || repo.Failed[1].Err == nil {
+		t.Errorf("with a broken folder: models %s, failed %+v", got, repo.Failed)
+	}
+	// Nothing loads: the error names why.
+	only := t.TempDir()
+	newModelDir(t, only, "broken", "name: broken\ntask: classify\n")
+	if _, err := LoadRepo(only); err == nil || !strings.Contains(err.Error(), "broken") {
+		t.Errorf("only a broken model: %v", err)
+	}
 }
 
 // TestShippedRepository loads the committed configs against the generated
