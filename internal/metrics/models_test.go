@@ -27,9 +27,7 @@ func tuned(t *testing.T, batching func(*modelrepo.BatchingConfig), obs batcher.T
 	t.Helper()
 	m := modeltest.Model("cls", modelrepo.TaskClassify, 10)
 	batching(&m.Batching)
-	e := &modeltest.Engine{Classes: 10, Cost: map[int]time.Duration{
-		1: 2 * time.Millisecond, 2: 10 * time.Millisecond, 3: 12 * time.Millisecond, 4: 4 * time.Millisecond,
-	}}
+	e := &modeltest.Engine{Classes: 10, Cost: modeltest.SizedCosts}
 	r, err := vmodel.NewPipelineRunner(m, []engine.Engine{e}, vmodel.RunnerOptions{MaxPixels: 1 << 24, TuneObserver: obs})
 	if err != nil {
 		t.Fatal(err)
@@ -121,7 +119,7 @@ func TestAutoTuneExportsMetrics(t *testing.T) {
 	r := tuned(t, func(b *modelrepo.BatchingConfig) { b.AutoTune = true }, m.TuneObserver())
 	d := r.Tuning().Decision
 	// Batch 2 is 2.5 times slower per image than batch 1; batch 4 is
-	// twice as fast (sizedEngine's costs).
+	// twice as fast (modeltest.SizedCosts).
 	for _, c := range []struct {
 		size   string
 		reason string

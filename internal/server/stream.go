@@ -326,10 +326,10 @@ func streamBroken(ctx context.Context, err error) error {
 	if ctx.Err() != nil {
 		return toStatus(ctx.Err())
 	}
-	if st, ok := status.FromError(err); ok && st.Code() == codes.InvalidArgument {
+	switch st, _ := status.FromError(err); st.Code() {
+	case codes.InvalidArgument:
 		return err // a frame that is not a StreamRequest (malformedStream)
-	}
-	if st, ok := status.FromError(err); ok && st.Code() == codes.ResourceExhausted {
+	case codes.ResourceExhausted:
 		// gRPC refused a frame over --max-message-bytes.
 		return status.Errorf(codes.ResourceExhausted, "frame refused: %s", st.Message())
 	}

@@ -8,28 +8,21 @@ import (
 	"testing"
 	"time"
 
-	"github.com/visionserve/visionserve/pkg/batcher"
 	"github.com/visionserve/visionserve/pkg/engine"
 	"github.com/visionserve/visionserve/pkg/model/modeltest"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
 	"github.com/visionserve/visionserve/pkg/pipeline"
 )
 
-// tunedModel serves a classifier whose batch sizes cost SizedCosts with the given batching
-// changes, warmed up through WarmUp as the server does.
+// tunedModel serves a classifier whose batch sizes cost
+// modeltest.SizedCosts with the given batching changes, warmed up through
+// WarmUp as the server does.
 func tunedModel(t *testing.T, batching func(*modelrepo.BatchingConfig)) (*Model, *PipelineRunner) {
-	t.Helper()
-	return tunedModelObserved(t, batching, nil)
-}
-
-// tunedModelObserved is tunedModel with the self-tuner's decisions told
-// to obs.
-func tunedModelObserved(t *testing.T, batching func(*modelrepo.BatchingConfig), obs batcher.TuneObserver) (*Model, *PipelineRunner) {
 	t.Helper()
 	m := modeltest.Model("cls", modelrepo.TaskClassify, 10)
 	batching(&m.Batching)
-	e := &modeltest.Engine{Classes: 10, Cost: SizedCosts}
-	r, err := NewPipelineRunner(m, []engine.Engine{e}, RunnerOptions{MaxPixels: 1 << 24, TuneObserver: obs})
+	e := &modeltest.Engine{Classes: 10, Cost: modeltest.SizedCosts}
+	r, err := NewPipelineRunner(m, []engine.Engine{e}, RunnerOptions{MaxPixels: 1 << 24})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -97,7 +90,3 @@ func TestLatencyTargetStartsController(t *testing.T) {
 		t.Fatalf("Infer: %v %+v", err, res)
 	}
 }
-
-// SizedCosts make batch 2 2.5 times slower per image than batch 1, and
-// batch 4 twice as fast.
-var SizedCosts = map[int]time.Duration{1: 2 * time.Millisecond, 2: 10 * time.Millisecond, 3: 12 * time.Millisecond, 4: 4 * time.Millisecond}

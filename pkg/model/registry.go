@@ -171,13 +171,11 @@ func (r *Registry) Ready() (bool, string) {
 func (r *Registry) Watch(fn func(ready bool, reason string)) {
 	r.notify.Lock()
 	defer r.notify.Unlock()
+	// Every change of readiness went through sendLocked, so the others
+	// already know what fn is told now.
 	r.watchers = append(r.watchers, fn)
 	ready, reason := r.Ready()
-	if r.lastSent == nil || *r.lastSent != ready {
-		// A change not sent yet goes to every watcher, fn included.
-		r.sendLocked()
-		return
-	}
+	r.lastSent = &ready
 	fn(ready, reason)
 }
 
