@@ -13,6 +13,7 @@ import (
 	"google.golang.org/grpc/mem"
 	"google.golang.org/grpc/status"
 
+	"github.com/visionserve/visionserve/pkg/model"
 	"github.com/visionserve/visionserve/pkg/model/modeltest"
 	visionv1 "github.com/visionserve/visionserve/proto/visionserve/v1"
 )
@@ -170,18 +171,24 @@ func TestShedBeforeDecoding(t *testing.T) {
 			_, _ = e.vision.Classify(ctxT(t), &visionv1.ClassifyRequest{Model: "cls", Images: []*visionv1.Image{img, img, img, img}})
 		})
 	}
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		// Eight images: more than the room left once the fillers queued.
-		bad := encoded([]byte("\xff\xd8\xff garbage"))
-		_, err := e.vision.Classify(ctxT(t), &visionv1.ClassifyRequest{Model: "cls", Images: []*visionv1.Image{img, img, img, img, img, img, img, bad}})
-		if status.Code(err) == codes.ResourceExhausted {
-			break
-		}
-		if status.Code(err) == codes.InvalidArgument && time.Now().After(deadline) {
-			t.Fatalf("a request that cannot fit was decoded: %v", err)
+	// Wait until fewer than eight places are left: the fillers alone
+	// (20 images for 16 places, the first batch held at the gate) leave
+	// at most four.
+	m, _ := e.srv.reg.Get("cls")
+	stats := m.Runner.(*model.PipelineRunner).Stats
+	deadline := time.Now().Add(10 * time.Second)
+	for stats().Queued <= 8 {
+		if time.Now().After(deadline) {
+			t.Fatalf("the fillers queued only %d images", stats().Queued)
 		}
 		time.Sleep(5 * time.Millisecond)
+	}
+	// Eight images, the last corrupt: decoding first would answer
+	// InvalidArgument.
+	bad := encoded([]byte("\xff\xd8\xff garbage"))
+	_, err := e.vision.Classify(ctxT(t), &visionv1.ClassifyRequest{Model: "cls", Images: []*visionv1.Image{img, img, img, img, img, img, img, bad}})
+	if status.Code(err) != codes.ResourceExhausted {
+		t.Errorf("a request that cannot fit: %v, want ResourceExhausted before any decode", err)
 	}
 	close(gate)
 	wg.Wait()
