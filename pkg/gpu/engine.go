@@ -87,8 +87,7 @@ type Engine struct {
 	outNames   []*C.char
 	pad        []int // sorted, distinct PadBatchSizes
 
-	mu      sync.Mutex // guards the fields below
-	closed  bool
+	gate    engine.Gate      // guards the fields below
 	memInfo *C.OrtMemoryInfo // what buffers are bound as: pinned or cpuInfo
 	pinned  *C.OrtMemoryInfo // nil unless pinned binding is possible
 	sizes   map[int]*binding
@@ -218,8 +217,8 @@ func (e *Engine) Outputs() []IOInfo { return e.outputs }
 
 // Stats returns the engine's counters.
 func (e *Engine) Stats() EngineStats {
-	e.mu.Lock()
-	defer e.mu.Unlock()
+	e.gate.Lock()
+	defer e.gate.Unlock()
 	return e.stats
 }
 
@@ -239,11 +238,10 @@ func (e *Engine) AllocBatch(maxN, c, h, w int) ([]float32, func(), error) {
 	if !ok {
 		return nil, nil, fmt.Errorf("gpu engine: batch buffer %dx%dx%dx%d too large", maxN, c, h, w)
 	}
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	if e.closed {
-		return nil, nil, errors.New("gpu engine: closed")
+	if err := e.gate.Enter(context.Background()); err != nil {
+		return nil, nil, fmt.Errorf("gpu engine: %w", err)
 	}
+	defer e.gate.Unlock()
 	buf, err := e.alloc.Alloc(size)
 	if err != nil {
 		return nil, nil, fmt.Errorf("gpu engine: %w", err)
@@ -252,8 +250,8 @@ func (e *Engine) AllocBatch(maxN, c, h, w int) ([]float32, func(), error) {
 	var once sync.Once
 	free := func() {
 		once.Do(func() {
-			e.mu.Lock()
-			defer e.mu.Unlock()
+			e.gate.Lock()
+			defer e.gate.Unlock()
 			e.forgetBufferLocked(buf)
 			buf.Free()
 		})
@@ -332,14 +330,10 @@ func (e *Engine) RunData(ctx context.Context, data []float32, n, c, h, w int) ([
 	if len(data) < size {
 		return nil, fmt.Errorf("gpu engine: buffer holds %d floats, %d images of %dx%dx%d need %d", len(data), n, c, h, w, size)
 	}
-	if err := ctx.Err(); err != nil {
-		return nil, err
+	if err := e.gate.Enter(ctx); err != nil {
+		return nil, fmt.Errorf("gpu engine: %w", err)
 	}
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	if e.closed {
-		return nil, errors.New("gpu engine: closed")
-	}
+	defer e.gate.Unlock()
 	run := e.padSize(n)
 	runSize, ok := floatCount(run, c, h, w)
 	if !ok {
@@ -572,8 +566,8 @@ func (e *Engine) releaseBinding(b *binding) {
 // n and reports an error unless ONNX Runtime's outputs are the engine's own
 // buffers: the proof that results are written in place, not copied.
 func (e *Engine) CheckBoundOutputs(n int) error {
-	e.mu.Lock()
-	defer e.mu.Unlock()
+	e.gate.Lock()
+	defer e.gate.Unlock()
 	b, ok := e.sizes[e.padSize(n)] // a padded batch runs on its pad size's binding
 	if !ok {
 		return fmt.Errorf("gpu engine: no binding for batch size %d yet", n)
@@ -625,12 +619,10 @@ func (e *Engine) terminateOnCancelLocked(ctx context.Context) func() {
 // session. Buffers from AllocBatch stay valid until their free is called.
 // A second Close does nothing.
 func (e *Engine) Close() error {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	if e.closed {
-		return nil
-	}
-	e.closed = true
+	return e.gate.Close(e.free)
+}
+
+func (e *Engine) free() error {
 	e.dropBindingsLocked()
 	if e.staging != nil {
 		e.staging.Free()

@@ -92,9 +92,8 @@ type Engine struct {
 	// images of a batch one by one.
 	perImage bool
 
-	mu     sync.Mutex // guards the fields below
-	closed bool
-	net    gocv.Net
+	gate engine.Gate // guards the fields below
+	net  gocv.Net
 	// bufs holds the Go copies of the net outputs and the tensors Run
 	// returns; one set serves every batch size, as a Run's outputs are
 	// only valid until the next Run.
@@ -328,14 +327,10 @@ func (e *Engine) Run(ctx context.Context, b *engine.Batch) ([]engine.Tensor, err
 	if err := e.CheckBatch(b); err != nil {
 		return nil, fmt.Errorf("opencv: %w", err)
 	}
-	if err := ctx.Err(); err != nil {
-		return nil, err
+	if err := e.gate.Enter(ctx); err != nil {
+		return nil, fmt.Errorf("opencv: %w", err)
 	}
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	if e.closed {
-		return nil, errClosed
-	}
+	defer e.gate.Unlock()
 	bufs := &e.bufs
 	if bufs.net == nil {
 		bufs.net = make([][]float32, len(e.netOutputs))
@@ -411,14 +406,10 @@ func int64s(dst []int64, s []int) []int64 {
 // Close frees the net. Run after Close returns an error; a second Close
 // does nothing.
 func (e *Engine) Close() error {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	if e.closed {
-		return nil
-	}
-	e.closed = true
-	e.bufs = runBuffers{}
-	return e.net.Close()
+	return e.gate.Close(func() error {
+		e.bufs = runBuffers{}
+		return e.net.Close()
+	})
 }
 
 var _ engine.Engine = (*Engine)(nil)

@@ -1,7 +1,6 @@
 package cvdnn
 
 import (
-	"errors"
 	"fmt"
 	"runtime"
 	"unsafe"
@@ -80,5 +79,3 @@ func forward(n *gocv.Net, input string, data []float32, shape [4]int, outputs []
 	}
 	return nil
 }
-
-var errClosed = errors.New("opencv: engine is closed")

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"runtime"
 	"slices"
-	"sync"
 
 	"github.com/visionserve/visionserve/pkg/engine"
 	ort "github.com/yalue/onnxruntime_go"
@@ -81,8 +80,7 @@ type Engine struct {
 	// batch dimension, so output tensors can be preallocated.
 	staticOut bool
 
-	mu      sync.Mutex // guards the fields below
-	closed  bool
+	gate    engine.Gate // guards the fields below
 	session *ort.DynamicAdvancedSession
 	runOpts *ort.RunOptions
 	// outs caches the output tensors per batch size; their Go slices are
@@ -299,14 +297,10 @@ func (e *Engine) Run(ctx context.Context, b *engine.Batch) ([]engine.Tensor, err
 	if err := checkBatch(b, e.input.Dimensions); err != nil {
 		return nil, fmt.Errorf("onnxrt: %w", err)
 	}
-	if err := ctx.Err(); err != nil {
-		return nil, err
+	if err := e.gate.Enter(ctx); err != nil {
+		return nil, fmt.Errorf("onnxrt: %w", err)
 	}
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	if e.closed {
-		return nil, errors.New("onnxrt: engine is closed")
-	}
+	defer e.gate.Unlock()
 	chunk := b.N
 	if e.fixedBatch > 0 {
 		chunk = e.fixedBatch
@@ -464,12 +458,10 @@ func destroyValues(s *outputSet) {
 // Close frees the session and the tensors. Run after Close returns an
 // error; a second Close does nothing.
 func (e *Engine) Close() error {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	if e.closed {
-		return nil
-	}
-	e.closed = true
+	return e.gate.Close(e.free)
+}
+
+func (e *Engine) free() error {
 	for n, s := range e.outs {
 		destroyValues(s)
 		delete(e.outs, n)
