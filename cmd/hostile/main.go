@@ -52,6 +52,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/visionserve/visionserve/internal/config"
+	"github.com/visionserve/visionserve/internal/machine"
 	visionv1 "github.com/visionserve/visionserve/proto/visionserve/v1"
 )
 
@@ -105,7 +106,7 @@ func run(ctx context.Context, o options, out, log io.Writer) error {
 	}
 	fmt.Fprintf(out, "# Hostile traffic, %s\n\n", time.Now().UTC().Format("2006-01-02 15:04 UTC"))
 	fmt.Fprintf(out, "Command: `hostile %s`  \nMachine: %d CPUs (%s/%s), load %s  \nModel: %s on %s, image %s (%d bytes)\n\n",
-		strings.Join(os.Args[1:], " "), runtime.NumCPU(), runtime.GOOS, runtime.GOARCH, loadAvg(), o.model, o.backend, o.image, len(img))
+		strings.Join(os.Args[1:], " "), runtime.NumCPU(), runtime.GOOS, runtime.GOARCH, machine.LoadAvg(), o.model, o.backend, o.image, len(img))
 	for _, s := range o.scenarios {
 		fmt.Fprintf(log, "scenario %s\n", s)
 		var err error
@@ -657,16 +658,4 @@ func clipMsg(s string) string {
 		return s[:80]
 	}
 	return s
-}
-
-func loadAvg() string {
-	b, err := os.ReadFile("/proc/loadavg")
-	if err != nil {
-		return "?"
-	}
-	f := strings.Fields(string(b))
-	if len(f) < 3 {
-		return "?"
-	}
-	return strings.Join(f[:3], " ")
 }

@@ -18,6 +18,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/visionserve/visionserve/internal/machine"
 	visionv1 "github.com/visionserve/visionserve/proto/visionserve/v1"
 )
 
@@ -96,25 +97,6 @@ func TestPercentiles(t *testing.T) {
 	}
 }
 
-func TestParseProc(t *testing.T) {
-	cpu := "processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t: x\n\nprocessor\t: 1\nmodel name\t: AMD EPYC 7B13\n"
-	if model, cores := parseCPUInfo(cpu); model != "AMD EPYC 7B13" || cores != 2 {
-		t.Errorf("parseCPUInfo = %q, %d", model, cores)
-	}
-	if model, cores := parseCPUInfo(""); model != "unknown" || cores != 0 {
-		t.Errorf("parseCPUInfo(\"\") = %q, %d", model, cores)
-	}
-	if got := parseMemTotal("MemTotal:       25165824 kB\nMemFree: 1 kB\n"); got != 24<<30 {
-		t.Errorf("parseMemTotal = %d, want 24 GiB", got)
-	}
-	if got := parseMemTotal("MemTotal: lots kB\n"); got != 0 {
-		t.Errorf("parseMemTotal of garbage = %d", got)
-	}
-	if got := osRelease("NAME=Debian\nPRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\n"); got != "Debian GNU/Linux 12 (bookworm)" {
-		t.Errorf("osRelease = %q", got)
-	}
-}
-
 func TestParseFlags(t *testing.T) {
 	tests := []struct {
 		args []string
@@ -166,7 +148,7 @@ func sampleReport() Report {
 	return Report{
 		Date:    time.Date(2026, 11, 23, 8, 0, 0, 0, time.UTC),
 		Command: "loadsweep -addr 127.0.0.1:8001 -step 10s",
-		Machine: Machine{Name: "ci", CPUModel: "AMD EPYC", Cores: 2, MemBytes: 24 << 30, OS: "Debian GNU/Linux 12 (bookworm)",
+		Machine: machine.Machine{Name: "ci", CPUModel: "AMD EPYC", Cores: 2, MemBytes: 24 << 30, OS: "Debian GNU/Linux 12 (bookworm)",
 			Kernel: "6.1", Go: "go1.26.8", ORT: "1.29.0", OpenCV: "4.6.0", Commit: "abc123", LoadStart: "0.5 0.4 0.3", LoadEnd: "2.0 1.0 0.5"},
 		Step: 10 * time.Second, Warmup: 3 * time.Second,
 		Sweeps: []ModelSweep{{

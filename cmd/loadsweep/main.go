@@ -27,6 +27,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/visionserve/visionserve/internal/machine"
 )
 
 func main() {
@@ -185,7 +187,7 @@ func sweepAll(ctx context.Context, o options, args []string, progress io.Writer)
 	rep := Report{
 		Date:    time.Now(),
 		Command: commandLine(args),
-		Machine: readMachine(ctx, o.machine),
+		Machine: machine.Read(ctx, o.machine),
 		Step:    o.step,
 		Warmup:  o.warmup,
 	}
@@ -204,7 +206,7 @@ func sweepAll(ctx context.Context, o options, args []string, progress io.Writer)
 		}
 		rep.Sweeps = append(rep.Sweeps, sweeps...)
 	}
-	rep.Machine.LoadEnd = loadAvg()
+	rep.Machine.LoadEnd = machine.LoadAvg()
 	if err := writeReport(rep, dir); err != nil {
 		return rep, dir, err
 	}

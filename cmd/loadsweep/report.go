@@ -7,6 +7,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/visionserve/visionserve/internal/machine"
 )
 
 // ModelSweep is the sweep of one model on one server.
@@ -24,9 +26,9 @@ type ModelSweep struct {
 
 // Report is a whole sweep run.
 type Report struct {
-	Date    time.Time `json:"date"`
-	Command string    `json:"command"`
-	Machine Machine   `json:"machine"`
+	Date    time.Time       `json:"date"`
+	Command string          `json:"command"`
+	Machine machine.Machine `json:"machine"`
 	// Step is how long each load was held; Warmup preceded each model.
 	Step   time.Duration `json:"step_ns"`
 	Warmup time.Duration `json:"warmup_ns"`

@@ -13,6 +13,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
+	"github.com/visionserve/visionserve/internal/machine"
 	"github.com/visionserve/visionserve/internal/testimage"
 	visionv1 "github.com/visionserve/visionserve/proto/visionserve/v1"
 )
@@ -29,7 +30,7 @@ type images struct{ detect, classify testImage }
 // loadImages reads the flags' images, else the shared test photos, else
 // makes synthetic ones.
 func loadImages(o options) (images, error) {
-	shared := filepath.Join(command(context.Background(), "git", "rev-parse", "--show-toplevel"), "..", "shared", "testdata", "images")
+	shared := filepath.Join(machine.Command(context.Background(), "git", "rev-parse", "--show-toplevel"), "..", "shared", "testdata", "images")
 	pick := func(flagPath, sharedName string, w, h int) (testImage, error) {
 		if flagPath != "" {
 			b, err := os.ReadFile(flagPath)

@@ -32,6 +32,7 @@ import (
 	"google.golang.org/grpc/reflection"
 	"google.golang.org/grpc/status"
 
+	"github.com/visionserve/visionserve/internal/telemetry"
 	"github.com/visionserve/visionserve/pkg/model"
 	"github.com/visionserve/visionserve/proto/inference"
 	visionv1 "github.com/visionserve/visionserve/proto/visionserve/v1"
@@ -244,15 +245,8 @@ func clientUnary(ctx context.Context, req any, _ *grpc.UnaryServerInfo, handler 
 }
 
 func clientStream(srv any, ss grpc.ServerStream, _ *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
-	return handler(srv, &clientServerStream{ServerStream: ss, ctx: withClient(ss.Context())})
+	return handler(srv, telemetry.WithStreamContext(ss, withClient(ss.Context())))
 }
-
-type clientServerStream struct {
-	grpc.ServerStream
-	ctx context.Context
-}
-
-func (s *clientServerStream) Context() context.Context { return s.ctx }
 
 func withClient(ctx context.Context) context.Context {
 	if p, ok := peer.FromContext(ctx); ok && p.Addr != nil {

@@ -100,13 +100,18 @@ func StreamServerInterceptor(log *slog.Logger) grpc.StreamServerInterceptor {
 	return func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
 		ctx := startRequest(ss.Context())
 		start := time.Now()
-		err := handler(srv, &contextStream{ServerStream: ss, ctx: ctx})
+		err := handler(srv, WithStreamContext(ss, ctx))
 		logCall(ctx, log, info.FullMethod, start, err)
 		return err
 	}
 }
 
-// contextStream replaces a stream's context with one carrying the id.
+// WithStreamContext returns ss with its context replaced by ctx: the one
+// way this server's stream interceptors hand a derived context down.
+func WithStreamContext(ss grpc.ServerStream, ctx context.Context) grpc.ServerStream {
+	return &contextStream{ServerStream: ss, ctx: ctx}
+}
+
 type contextStream struct {
 	grpc.ServerStream
 	ctx context.Context

@@ -1,4 +1,6 @@
-package main
+// Package machine describes the machine a measurement ran on, for the
+// reports of the load tools: hardware from /proc, versions, load average.
+package machine
 
 import (
 	"bufio"
@@ -32,8 +34,8 @@ type Machine struct {
 	LoadEnd   string `json:"load_end"`
 }
 
-// readMachine gathers what it can; what it cannot read is "unknown".
-func readMachine(ctx context.Context, name string) Machine {
+// Read gathers what it can; what it cannot read is "unknown".
+func Read(ctx context.Context, name string) Machine {
 	m := Machine{Name: name, Go: runtime.Version(), CPUModel: "unknown", OS: "unknown", Kernel: "unknown"}
 	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
 		m.CPUModel, m.Cores = parseCPUInfo(string(b))
@@ -50,8 +52,8 @@ func readMachine(ctx context.Context, name string) Machine {
 	if b, err := os.ReadFile("/proc/sys/kernel/osrelease"); err == nil {
 		m.Kernel = strings.TrimSpace(string(b))
 	}
-	m.LoadStart = loadAvg()
-	m.OpenCV = command(ctx, "pkg-config", "--modversion", "opencv4")
+	m.LoadStart = LoadAvg()
+	m.OpenCV = Command(ctx, "pkg-config", "--modversion", "opencv4")
 	m.Commit = gitCommit(ctx)
 	m.ORT = ortVersion(ctx)
 	return m
@@ -106,7 +108,9 @@ func osRelease(text string) string {
 	return "unknown"
 }
 
-func loadAvg() string {
+// LoadAvg is the first three fields of /proc/loadavg, or "unknown": the
+// machine may be shared, so reports say how busy it was.
+func LoadAvg() string {
 	b, err := os.ReadFile("/proc/loadavg")
 	if err != nil {
 		return "unknown"
@@ -118,9 +122,9 @@ func loadAvg() string {
 	return strings.Join(f[:3], " ")
 }
 
-// command runs a short command and returns its trimmed output, or
+// Command runs a short command and returns its trimmed output, or
 // "unknown".
-func command(ctx context.Context, name string, args ...string) string {
+func Command(ctx context.Context, name string, args ...string) string {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	out, err := exec.CommandContext(ctx, name, args...).Output()
@@ -133,11 +137,11 @@ func command(ctx context.Context, name string, args ...string) string {
 // gitCommit is the short commit of the working tree, marked "-dirty" when
 // tracked files differ from it.
 func gitCommit(ctx context.Context) string {
-	c := command(ctx, "git", "rev-parse", "--short=12", "HEAD")
+	c := Command(ctx, "git", "rev-parse", "--short=12", "HEAD")
 	if c == "unknown" {
 		return c
 	}
-	if command(ctx, "git", "status", "--porcelain", "--untracked-files=no") != "" {
+	if Command(ctx, "git", "status", "--porcelain", "--untracked-files=no") != "" {
 		c += "-dirty"
 	}
 	return c
@@ -153,7 +157,7 @@ func ortVersion(ctx context.Context) string {
 			return v + " (" + base + ")"
 		}
 	}
-	root := command(ctx, "git", "rev-parse", "--show-toplevel")
+	root := Command(ctx, "git", "rev-parse", "--show-toplevel")
 	if b, err := os.ReadFile(filepath.Join(root, "scripts", "versions.env")); err == nil {
 		for line := range strings.Lines(string(b)) {
 			if v, ok := strings.CutPrefix(strings.TrimSpace(line), "ORT_VERSION="); ok {
