@@ -51,7 +51,7 @@ test: setup models
 
 ## test-race: the packages that run goroutines, under the race detector
 test-race: setup models
-	$(GO) test -race -count=1 $$($(GO) list ./... | grep -E '/(pkg/pipeline|pkg/batcher|pkg/gpu|pkg/engine|internal/server|internal/metrics|internal/ops|internal/telemetry)')
+	$(GO) test -race -count=1 $$($(GO) list ./... | grep -E '/(pkg/pipeline|pkg/batcher|pkg/gpu|pkg/engine|pkg/model|internal/server|internal/metrics|internal/ops|internal/telemetry)')
 
 vet: setup
 	$(GO) vet ./...

@@ -92,6 +92,56 @@ type Model struct {
 	state State
 	err   error
 	reg   *Registry // told of every state change; nil until added
+	// holds counts the requests using the model (Registry.Acquire);
+	// once retired no new one may hold it, and idle is closed when the
+	// last one leaves.
+	holds   int
+	retired bool
+	idle    chan struct{}
+}
+
+// hold counts one more request using m, unless m was retired.
+func (m *Model) hold() bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.retired {
+		return false
+	}
+	m.holds++
+	return true
+}
+
+// Release ends a hold taken by Registry.Acquire.
+func (m *Model) Release() {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.holds--
+	if m.holds == 0 && m.idle != nil {
+		close(m.idle)
+		m.idle = nil
+	}
+}
+
+// retire stops m from being held and waits until the requests holding
+// it have released it, or ctx ends.
+func (m *Model) retire(ctx context.Context) error {
+	m.mu.Lock()
+	m.retired = true
+	if m.holds == 0 {
+		m.mu.Unlock()
+		return nil
+	}
+	if m.idle == nil {
+		m.idle = make(chan struct{})
+	}
+	idle := m.idle
+	m.mu.Unlock()
+	select {
+	case <-idle:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 // New returns a model in state Loading, served by r (nil until loaded).

@@ -45,6 +45,18 @@ type Registry struct {
 	models   map[string]*Model
 	draining bool
 	closed   bool
+	// started: the models asked for at startup are registered; from then
+	// on an empty registry is a server with no model loaded (explicit
+	// model control), ready, not one still starting.
+	started bool
+}
+
+// Started marks the end of startup loading.
+func (r *Registry) Started() {
+	r.mu.Lock()
+	r.started = true
+	r.mu.Unlock()
+	r.changed(nil, Ready, nil)
 }
 
 // NewRegistry returns an empty registry.
@@ -77,24 +89,89 @@ func (r *Registry) Add(m *Model) error {
 	return nil
 }
 
-// Remove stops serving a model: it turns Unloading, leaves the registry,
-// and its runner (if any) finishes what it accepted and closes.
+// Remove stops serving a model: it leaves the registry (a request for
+// it is now NotFound), the requests holding it finish, and its runner
+// finishes what it accepted and closes.
 func (r *Registry) Remove(ctx context.Context, name string) error {
 	r.mu.Lock()
 	m, ok := r.models[name]
+	if ok {
+		delete(r.models, name)
+	}
 	r.mu.Unlock()
 	if !ok {
 		return fmt.Errorf("model %q not served", name)
 	}
 	m.SetState(Unloading, nil)
-	r.mu.Lock()
-	delete(r.models, name)
-	r.mu.Unlock()
+	m.detach()
 	r.removed(name)
-	if m.Runner == nil {
+	return m.shut(ctx)
+}
+
+// Replace puts m in the place of the model of the same name, in one step:
+// a request acquires either the old model or m, never neither. The old
+// model then stops taking requests, the ones holding it finish, and its
+// runner drains and closes before Replace returns. With no model of that
+// name, Replace adds m.
+func (r *Registry) Replace(ctx context.Context, m *Model) error {
+	if !modelrepo.ValidName(m.Name) {
+		return fmt.Errorf("invalid model name %q", m.Name)
+	}
+	r.mu.Lock()
+	if r.closed {
+		r.mu.Unlock()
+		return fmt.Errorf("replacing model %q: registry closed", m.Name)
+	}
+	old := r.models[m.Name]
+	m.mu.Lock()
+	m.reg = r
+	s, err := m.state, m.err
+	m.mu.Unlock()
+	r.models[m.Name] = m
+	r.mu.Unlock()
+	r.changed(m, s, err)
+	if old == nil || old == m {
 		return nil
 	}
-	return m.Runner.Close(ctx)
+	old.detach()
+	old.SetState(Unloading, nil)
+	return old.shut(ctx)
+}
+
+// detach stops m from reporting to the registry: its name is another
+// model's now, or no one's.
+func (m *Model) detach() {
+	m.mu.Lock()
+	m.reg = nil
+	m.mu.Unlock()
+}
+
+// shut waits for the requests holding m, then closes its runner, which
+// finishes the images it accepted.
+func (m *Model) shut(ctx context.Context) error {
+	err := m.retire(ctx)
+	if m.Runner != nil {
+		err = errors.Join(err, m.Runner.Close(ctx))
+	}
+	return err
+}
+
+// Acquire returns the model serving name now, held: Replace and Remove
+// wait for its Release before closing it, so a request that acquired a
+// model is never refused because the model was reloaded or unloaded
+// under it. The caller must call Release.
+func (r *Registry) Acquire(name string) (*Model, bool) {
+	for {
+		m, ok := r.Get(name)
+		if !ok {
+			return nil, false
+		}
+		if m.hold() {
+			return m, true
+		}
+		// m was retired after Get: the registry holds its replacement,
+		// or nothing, by now.
+	}
 }
 
 // Get returns the named model, in whatever state. The name is checked
@@ -137,6 +214,9 @@ func (r *Registry) Ready() (bool, string) {
 		return false, "draining: shutting down"
 	}
 	if len(r.models) == 0 {
+		if r.started {
+			return true, "ready: no model loaded"
+		}
 		return false, "starting: no models registered yet"
 	}
 	var loading, failed []string

@@ -61,7 +61,11 @@ type Config struct {
 	// ModelFile is the ONNX file in the model folder (default model.onnx).
 	ModelFile string `yaml:"model_file"`
 	// Labels is the label file in the model folder, one class name a line.
-	Labels   string         `yaml:"labels"`
+	Labels string `yaml:"labels"`
+	// Preset fills what neither this file nor the model's metadata says:
+	// "imagenet" (see PresetImageNet), "none", or empty for automatic
+	// (imagenet for a 1000-way classifier without metadata).
+	Preset   string         `yaml:"preset"`
 	Input    InputConfig    `yaml:"input"`
 	Output   OutputConfig   `yaml:"output"`
 	Defaults DefaultOptions `yaml:"defaults"`
@@ -232,11 +236,6 @@ func (c *Config) validate() error {
 	}
 	if strings.ContainsAny(c.ModelFile, `/\`) || strings.HasPrefix(c.ModelFile, ".") {
 		bad("model_file %q must be a plain file name in the model folder", c.ModelFile)
-	}
-	if c.Labels == "" {
-		bad("labels is missing (a file with one class name a line)")
-	} else if strings.ContainsAny(c.Labels, `/\`) || strings.HasPrefix(c.Labels, ".") {
-		bad("labels %q must be a plain file name in the model folder", c.Labels)
 	}
 	in := c.Input
 	if in.Width <= 0 || in.Height <= 0 || in.Width > MaxInputSide || in.Height > MaxInputSide {

@@ -18,6 +18,12 @@ import (
 type GraphIO struct {
 	Inputs  []TensorInfo
 	Outputs []TensorInfo
+	// Metadata is the model's metadata_props (an Ultralytics export keeps
+	// its task, class names and input size there).
+	Metadata map[string]string
+	// OutputOps maps each graph output to the operator that produces it
+	// ("Softmax" tells a classifier that already outputs probabilities).
+	OutputOps map[string]string
 }
 
 // TensorInfo names a graph input or output and its shape.
@@ -31,6 +37,12 @@ type TensorInfo struct {
 // weights: a 100 MB model is read in one pass, no tensor is copied.
 const (
 	fieldModelGraph       = 7  // ModelProto.graph
+	fieldModelMetadata    = 14 // ModelProto.metadata_props
+	fieldEntryKey         = 1  // StringStringEntryProto.key
+	fieldEntryValue       = 2  // StringStringEntryProto.value
+	fieldGraphNode        = 1  // GraphProto.node
+	fieldNodeOutput       = 2  // NodeProto.output
+	fieldNodeOpType       = 4  // NodeProto.op_type
 	fieldGraphInitializer = 5  // GraphProto.initializer
 	fieldGraphInput       = 11 // GraphProto.input
 	fieldGraphOutput      = 12 // GraphProto.output
@@ -43,7 +55,30 @@ func ReadGraphIO(path string) (*GraphIO, error) {
 	if err != nil {
 		return nil, err
 	}
-	graph, err := findField(raw, fieldModelGraph)
+	var graph []byte
+	meta := map[string]string{}
+	err = eachField(raw, func(num protowire.Number, v []byte) error {
+		switch num {
+		case fieldModelGraph:
+			graph = v
+		case fieldModelMetadata:
+			var k, val []byte
+			err := eachField(v, func(n protowire.Number, b []byte) error {
+				switch n {
+				case fieldEntryKey:
+					k = b
+				case fieldEntryValue:
+					val = b
+				}
+				return nil
+			})
+			if err != nil {
+				return err
+			}
+			meta[string(k)] = string(val)
+		}
+		return nil
+	})
 	if err != nil {
 		return nil, fmt.Errorf("parsing %s: %w", path, err)
 	}
@@ -52,8 +87,27 @@ func ReadGraphIO(path string) (*GraphIO, error) {
 	}
 	var inputs, outputs []TensorInfo
 	initializers := map[string]bool{}
+	producers := map[string]string{}
 	err = eachField(graph, func(num protowire.Number, v []byte) error {
 		switch num {
+		case fieldGraphNode:
+			var op string
+			var outs []string
+			err := eachField(v, func(n protowire.Number, b []byte) error {
+				switch n {
+				case fieldNodeOpType:
+					op = string(b)
+				case fieldNodeOutput:
+					outs = append(outs, string(b))
+				}
+				return nil
+			})
+			if err != nil {
+				return err
+			}
+			for _, o := range outs {
+				producers[o] = op
+			}
 		case fieldGraphInitializer:
 			name, err := findField(v, fieldTensorName)
 			if err != nil {
@@ -83,7 +137,11 @@ func ReadGraphIO(path string) (*GraphIO, error) {
 	}
 	// Old exporters list initializers among the inputs too.
 	inputs = slices.DeleteFunc(inputs, func(t TensorInfo) bool { return initializers[t.Name] })
-	return &GraphIO{Inputs: inputs, Outputs: outputs}, nil
+	ops := make(map[string]string, len(outputs))
+	for _, o := range outputs {
+		ops[o.Name] = producers[o.Name]
+	}
+	return &GraphIO{Inputs: inputs, Outputs: outputs, Metadata: meta, OutputOps: ops}, nil
 }
 
 // eachField calls fn with every length-delimited field of a message and
@@ -130,10 +188,8 @@ func findField(b []byte, num protowire.Number) ([]byte, error) {
 	return found, err
 }
 
-// fillFromGraph reads the input and output of the ONNX graph at path and
-// fills what the config left out; it fails where the config contradicts
-// the graph.
-func fillFromGraph(cfg *Config, path string) (*GraphIO, error) {
+// readGraph reads the graph at path, naming the fix when it is missing.
+func readGraph(path string) (*GraphIO, error) {
 	io, err := ReadGraphIO(path)
 	if err != nil {
 		if errors.Is(err, os.ErrNotExist) {
@@ -141,7 +197,7 @@ func fillFromGraph(cfg *Config, path string) (*GraphIO, error) {
 		}
 		return nil, err
 	}
-	return io, fillFromIO(cfg, io)
+	return io, nil
 }
 
 func fillFromIO(cfg *Config, io *GraphIO) error {

@@ -110,9 +110,9 @@ func TestConfigValidation(t *testing.T) {
 		config  string
 		wantErr []string // substrings, all required
 	}{
-		{"missing task", strings.Replace(classifyConfig, "task: classify", "", 1), []string{"task is missing"}},
+		{"missing task", strings.Replace(classifyConfig, "task: classify", "", 1), []string{"config.yaml sets no task", "not a 1000-way classifier"}},
 		{"unknown task", strings.Replace(classifyConfig, "task: classify", "task: segment", 1), []string{`unknown task "segment"`}},
-		{"missing labels", strings.Replace(classifyConfig, "labels: labels.txt", "", 1), []string{"labels is missing"}},
+		{"missing label file", strings.Replace(classifyConfig, "labels: labels.txt", "labels: names.txt", 1), []string{"names.txt"}},
 		{"label path escapes", strings.Replace(classifyConfig, "labels: labels.txt", "labels: ../../etc/passwd", 1), []string{"plain file name"}},
 		{"unknown field", classifyConfig + "colour: red\n", []string{"field colour not found"}},
 		{"width contradicts graph", classifyConfig + "  width: 300\n", []string{"input.width 300: the graph fixes it to 224"}},
@@ -127,7 +127,7 @@ func TestConfigValidation(t *testing.T) {
 		{"preferred unsorted", classifyConfig + "batching:\n  preferred_batch_sizes: [4, 2]\n", []string{"increasing order"}},
 		{"queue smaller than batch", classifyConfig + "batching:\n  max_batch_size: 8\n  queue_size: 4\n", []string{"queue_size 4"}},
 		{"confidence above one", classifyConfig + "defaults:\n  confidence: 1.5\n", []string{"defaults.confidence 1.5"}},
-		{"several problems at once", "task: segment\ninput:\n  color: XYZ\n", []string{"unknown task", "labels is missing", "input.color"}},
+		{"several problems at once", "task: segment\ninput:\n  color: XYZ\n", []string{"unknown task", "input.color", "resize_shorter"}},
 		{"name differs from folder", "name: other\n" + classifyConfig, []string{`config names the model "other"`}},
 	}
 	for _, tt := range tests {

@@ -7,8 +7,12 @@ package modeltest
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"image"
 	"image/jpeg"
+	"os"
+	"path/filepath"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -16,6 +20,8 @@ import (
 	"github.com/visionserve/visionserve/pkg/engine"
 	"github.com/visionserve/visionserve/pkg/engine/enginefake"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
+	"github.com/visionserve/visionserve/pkg/onnx"
+	"google.golang.org/protobuf/proto"
 )
 
 // Engine stands in for a model: its outputs are a fixed function of the
@@ -172,4 +178,57 @@ func JPEG(tb testing.TB, w, h int, v uint8) []byte {
 		tb.Fatal(err)
 	}
 	return buf.Bytes()
+}
+
+// WriteDir writes a model folder root/name that modelrepo reads as a
+// classifier of the given classes with a 64×64 input: a model.onnx
+// holding only the graph's input and output (the engines of these tests
+// are fakes), config.yaml and labels.txt. extra is appended to
+// config.yaml. It returns the folder.
+func WriteDir(tb testing.TB, root, name string, classes int, extra string) string {
+	tb.Helper()
+	dir := filepath.Join(root, name)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		tb.Fatal(err)
+	}
+	WriteGraph(tb, filepath.Join(dir, "model.onnx"), classes)
+	var labels strings.Builder
+	for i := range classes {
+		fmt.Fprintf(&labels, "class%d\n", i)
+	}
+	cfg := "task: classify\nlabels: labels.txt\ninput:\n  resize: stretch\nbatching:\n  max_batch_size: 4\n  max_queue_delay: 1ms\n  queue_size: 64\n" + extra
+	for file, data := range map[string]string{"labels.txt": labels.String(), "config.yaml": cfg} {
+		if err := os.WriteFile(filepath.Join(dir, file), []byte(data), 0o644); err != nil {
+			tb.Fatal(err)
+		}
+	}
+	return dir
+}
+
+// WriteGraph writes an ONNX file whose graph has only an input
+// images [N,3,64,64] and an output logits [N,classes].
+func WriteGraph(tb testing.TB, path string, classes int) {
+	tb.Helper()
+	vi := func(name string, dims ...int64) *onnx.ValueInfoProto {
+		shape := &onnx.TensorShapeProto{}
+		for _, d := range dims {
+			dim := &onnx.TensorShapeProto_Dimension{Value: &onnx.TensorShapeProto_Dimension_DimValue{DimValue: d}}
+			if d < 0 {
+				dim.Value = &onnx.TensorShapeProto_Dimension_DimParam{DimParam: "N"}
+			}
+			shape.Dim = append(shape.Dim, dim)
+		}
+		return &onnx.ValueInfoProto{Name: name, Type: &onnx.TypeProto{Value: &onnx.TypeProto_TensorType{
+			TensorType: &onnx.TypeProto_Tensor{ElemType: int32(onnx.TensorProto_FLOAT), Shape: shape}}}}
+	}
+	m := &onnx.ModelProto{IrVersion: 8, Graph: &onnx.GraphProto{Name: "g",
+		Input:  []*onnx.ValueInfoProto{vi("images", -1, 3, 64, 64)},
+		Output: []*onnx.ValueInfoProto{vi("logits", -1, int64(classes))}}}
+	raw, err := proto.Marshal(m)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	if err := os.WriteFile(path, raw, 0o644); err != nil {
+		tb.Fatal(err)
+	}
 }
