@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/visionserve/visionserve/pkg/engine"
+	"github.com/visionserve/visionserve/pkg/modelrepo"
 	"github.com/visionserve/visionserve/pkg/ortlib"
 	"gopkg.in/yaml.v3"
 )
@@ -114,7 +115,22 @@ type Config struct {
 	// (Triton's --exit-on-error); without it the server serves the models
 	// it can and reports the others unavailable.
 	ExitOnError bool `yaml:"exit_on_error"`
+	// Models are single ONNX files (NAME.onnx) served beside the
+	// repository's models, understood from their metadata.
+	Models []string `yaml:"models"`
+	// ModelControlMode is none (load at startup only), poll (follow the
+	// repository folder) or explicit (load and unload on request), as
+	// Triton's --model-control-mode.
+	ModelControlMode string `yaml:"model_control_mode"`
+	// RepositoryPollInterval is how often poll mode looks at the
+	// repository.
+	RepositoryPollInterval time.Duration `yaml:"repository_poll_interval"`
+	// LoadModels are the models explicit mode loads at startup ("*": all).
+	LoadModels []string `yaml:"load_models"`
 }
+
+// Model control modes (Triton's --model-control-mode).
+var ModelControlModes = modelrepo.ControlModes
 
 // GPU failover modes.
 var GPUFailoverModes = []string{"off", "fail", "retry"}
@@ -136,25 +152,27 @@ const (
 // Default returns the configuration used where nothing else is said.
 func Default() Config {
 	return Config{
-		ModelRepo:           "./models",
-		GRPCAddr:            ":8001",
-		HTTPAddr:            ":8002",
-		Backend:             engine.Auto,
-		ORTLib:              ortlib.DefaultLibPath,
-		MaxMessageBytes:     16 << 20,
-		MaxConcurrentCalls:  128,
-		DecodeMemoryBudget:  DecodeBudgetFor(MemoryLimit(os.ReadFile), 40_000_000),
-		MaxPixels:           40_000_000,
-		MaxImagesPerRequest: 64,
-		MaxStreams:          64,
-		MaxStreamsPerClient: 16,
-		StreamIdleTimeout:   time.Minute,
-		GracePeriod:         30 * time.Second,
-		LogFormat:           "text",
-		LogLevel:            "info",
-		GPUFailover:         "fail",
-		GPUBatchPadding:     "max",
-		StrictReadiness:     true,
+		ModelRepo:              "./models",
+		GRPCAddr:               ":8001",
+		HTTPAddr:               ":8002",
+		Backend:                engine.Auto,
+		ORTLib:                 ortlib.DefaultLibPath,
+		MaxMessageBytes:        16 << 20,
+		MaxConcurrentCalls:     128,
+		DecodeMemoryBudget:     DecodeBudgetFor(MemoryLimit(os.ReadFile), 40_000_000),
+		MaxPixels:              40_000_000,
+		MaxImagesPerRequest:    64,
+		MaxStreams:             64,
+		MaxStreamsPerClient:    16,
+		StreamIdleTimeout:      time.Minute,
+		GracePeriod:            30 * time.Second,
+		LogFormat:              "text",
+		LogLevel:               "info",
+		GPUFailover:            "fail",
+		GPUBatchPadding:        "max",
+		StrictReadiness:        true,
+		ModelControlMode:       modelrepo.ControlNone,
+		RepositoryPollInterval: 15 * time.Second,
 	}
 }
 
@@ -174,6 +192,21 @@ func (s setting) env() string {
 
 func str(f func(*Config) *string) func(*Config, string) error {
 	return func(c *Config, v string) error { *f(c) = v; return nil }
+}
+
+// list sets a list from comma-separated text; a repeated flag gives the
+// values of every occurrence.
+func list(f func(*Config) *[]string) func(*Config, string) error {
+	return func(c *Config, v string) error {
+		var out []string
+		for _, x := range strings.Split(v, ",") {
+			if x = strings.TrimSpace(x); x != "" {
+				out = append(out, x)
+			}
+		}
+		*f(c) = out
+		return nil
+	}
 }
 
 func integer(f func(*Config) *int) func(*Config, string) error {
@@ -245,7 +278,14 @@ var settings = []setting{
 	{"tensorrt-fp16", "let TensorRT use FP16 kernels", boolean(func(c *Config) *bool { return &c.TensorRTFP16 })},
 	{"strict-readiness", "not ready while any model is unavailable", boolean(func(c *Config) *bool { return &c.StrictReadiness })},
 	{"exit-on-error", "fail startup when any model cannot be served", boolean(func(c *Config) *bool { return &c.ExitOnError })},
+	{"model", "also serve this ONNX file, NAME.onnx, understood from its metadata (repeatable)", list(func(c *Config) *[]string { return &c.Models })},
+	{"model-control-mode", "none (load at startup) | poll (follow the repository folder) | explicit (load and unload on request)", str(func(c *Config) *string { return &c.ModelControlMode })},
+	{"repository-poll-interval", "how often --model-control-mode poll looks at the repository", duration(func(c *Config) *time.Duration { return &c.RepositoryPollInterval })},
+	{"load-model", "--model-control-mode explicit: a model to load at startup (repeatable; * for all)", list(func(c *Config) *[]string { return &c.LoadModels })},
 }
+
+// listSettings take repeated flags.
+var listSettings = map[string]bool{"model": true, "load-model": true}
 
 // ConfigFlag names the flag (and, as VISIONSERVE_CONFIG, the variable) of
 // the optional YAML file.
@@ -254,12 +294,19 @@ const ConfigFlag = "config"
 // rawValue records the text given to a flag; the config is assembled after
 // all sources are read so that precedence does not depend on flag order.
 type rawValue struct {
-	v   string
-	set bool
+	v    string
+	set  bool
+	list bool // a repeated flag adds to the list
 }
 
-func (r *rawValue) String() string     { return r.v }
-func (r *rawValue) Set(v string) error { r.v, r.set = v, true; return nil }
+func (r *rawValue) String() string { return r.v }
+func (r *rawValue) Set(v string) error {
+	if r.list && r.set {
+		v = r.v + "," + v
+	}
+	r.v, r.set = v, true
+	return nil
+}
 
 // ErrHelp is returned when -h or --help was asked for; usage was printed.
 var ErrHelp = flag.ErrHelp
@@ -281,9 +328,10 @@ func Load(args []string, getenv func(string) string, usage io.Writer) (Config, e
 		"log-format": def.LogFormat, "log-level": def.LogLevel, "ort-threads": "0",
 		"gpu-memory-budget": "0", "gpu-failover": def.GPUFailover, "tensorrt-fp16": "false",
 		"gpu-batch-padding": def.GPUBatchPadding, "strict-readiness": "true", "exit-on-error": "false",
+		"model-control-mode": def.ModelControlMode, "repository-poll-interval": def.RepositoryPollInterval.String(),
 	}
 	for i, s := range settings {
-		raw[i] = &rawValue{v: defaults[s.name]}
+		raw[i] = &rawValue{v: defaults[s.name], list: listSettings[s.name]}
 		fs.Var(raw[i], s.name, s.usage+" (env "+s.env()+")")
 	}
 	file := fs.String(ConfigFlag, "", "optional YAML config file, strict (env "+EnvPrefix+"CONFIG)")
@@ -411,6 +459,20 @@ func (c Config) Validate() error {
 	}
 	if !slices.Contains(GPUBatchPaddings, c.GPUBatchPadding) {
 		bad("gpu-batch-padding %q unknown (want %s)", c.GPUBatchPadding, strings.Join(GPUBatchPaddings, ", "))
+	}
+	if !slices.Contains(ModelControlModes, c.ModelControlMode) {
+		bad("model-control-mode %q unknown (want %s)", c.ModelControlMode, strings.Join(ModelControlModes, ", "))
+	}
+	if c.RepositoryPollInterval < 100*time.Millisecond || c.RepositoryPollInterval > time.Hour {
+		bad("repository-poll-interval %v out of range (100ms..1h)", c.RepositoryPollInterval)
+	}
+	if len(c.LoadModels) > 0 && c.ModelControlMode != modelrepo.ControlExplicit {
+		bad("load-model is for --model-control-mode explicit (the other modes load every model)")
+	}
+	for _, p := range c.Models {
+		if !strings.HasSuffix(p, ".onnx") {
+			bad("model %q: want a NAME.onnx file", p)
+		}
 	}
 	return errors.Join(errs...)
 }

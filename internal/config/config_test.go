@@ -4,6 +4,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -25,7 +26,7 @@ func TestPrecedence(t *testing.T) {
 		env  map[string]string
 		want func(c Config) bool
 	}{
-		{"defaults", nil, nil, func(c Config) bool { return c == Default() }},
+		{"defaults", nil, nil, func(c Config) bool { return reflect.DeepEqual(c, Default()) }},
 		{"file over default", []string{"--config", file}, nil, func(c Config) bool {
 			return c.GRPCAddr == "file:1" && c.MaxStreams == 7 && c.GracePeriod == 3*time.Second && c.ModelRepo == "./models"
 		}},

@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"encoding/binary"
+	"strconv"
 
 	"github.com/visionserve/visionserve/pkg/engine"
 	"github.com/visionserve/visionserve/pkg/model"
@@ -28,14 +29,21 @@ var Version = "dev"
 // fp32_contents otherwise.
 type oipService struct {
 	inference.UnimplementedGRPCInferenceServiceServer
-	reg    *model.Registry
-	limits Limits
+	reg     *model.Registry
+	control control
+	limits  Limits
 	// maxMessageBytes bounds the response too.
 	maxMessageBytes int
 }
 
-// modelVersion is the only version each model has.
-const modelVersion = "1"
+// versionOf is the one version a model serves: its version folder in
+// Triton's layout, "1" in the plain layout.
+func versionOf(m *model.Model) string {
+	if m.Version > 0 {
+		return strconv.FormatInt(m.Version, 10)
+	}
+	return "1"
+}
 
 // ServerLive implements GRPCInferenceService: a process that answers is
 // live.
@@ -58,8 +66,8 @@ func (s *oipService) getModel(name, version string) (*model.Model, error) {
 	if !ok {
 		return nil, notFound("model %q not found", clip(name))
 	}
-	if version != "" && version != modelVersion {
-		return nil, notFound("model %q has no version %q (only %q)", name, clip(version), modelVersion)
+	if version != "" && version != versionOf(m) {
+		return nil, notFound("model %q has no version %q (only %q)", name, clip(version), versionOf(m))
 	}
 	return m, nil
 }
@@ -92,7 +100,7 @@ func (s *oipService) ModelMetadata(_ context.Context, req *inference.ModelMetada
 	shape := outputShape(m)
 	return &inference.ModelMetadataResponse{
 		Name:     m.Name,
-		Versions: []string{modelVersion},
+		Versions: []string{versionOf(m)},
 		Platform: platform(backendOf(m)),
 		Inputs: []*inference.ModelMetadataResponse_TensorMetadata{{
 			Name: m.Input.Name, Datatype: "FP32", Shape: []int64{-1, 3, int64(m.Input.Height), int64(m.Input.Width)},
@@ -155,8 +163,9 @@ func (s *oipService) ModelInfer(ctx context.Context, req *inference.ModelInferRe
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	if v := req.GetModelVersion(); v != "" && v != modelVersion {
-		return nil, toStatus(notFound("model %q has no version %q (only %q)", m.Name, clip(v), modelVersion))
+	defer m.Release()
+	if v := req.GetModelVersion(); v != "" && v != versionOf(m) {
+		return nil, toStatus(notFound("model %q has no version %q (only %q)", m.Name, clip(v), versionOf(m)))
 	}
 	out := m.Output()
 	for _, o := range req.GetOutputs() {
@@ -177,7 +186,7 @@ func (s *oipService) ModelInfer(ctx context.Context, req *inference.ModelInferRe
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	resp := &inference.ModelInferResponse{ModelName: m.Name, ModelVersion: modelVersion, Id: req.GetId()}
+	resp := &inference.ModelInferResponse{ModelName: m.Name, ModelVersion: versionOf(m), Id: req.GetId()}
 	raw := len(req.GetRawInputContents()) > 0
 	for _, t := range outs {
 		if t.Name != out.Name && len(outs) > 1 {

@@ -97,8 +97,20 @@ func Run(ctx context.Context, cfg config.Config, opts RunOptions) error {
 		}
 	}
 	reg := model.NewRegistry(model.RegistryOptions{StrictReadiness: cfg.StrictReadiness, Observer: opts.Metrics.ModelObserver()})
+	loadOpts, err := modelLoadOptions(cfg, engines, opts, log)
+	if err != nil {
+		return err
+	}
+	// The models come from the repository through the controller, or,
+	// for benchmarks, from a fixed opts.Repo (no model control then).
+	var ctl *model.Controller
+	if opts.Repo == nil {
+		ctl = model.NewController(reg, model.Repository{Root: cfg.ModelRepo, Files: cfg.Models}, loadOpts)
+	}
 	srv, err := New(Options{
-		Registry: reg,
+		Control:     ctl,
+		ControlMode: cfg.ModelControlMode,
+		Registry:    reg,
 		Limits: Limits{
 			MaxPixels: cfg.MaxPixels, MaxImagesPerRequest: cfg.MaxImagesPerRequest, MaxStreams: cfg.MaxStreams,
 			MaxStreamsPerClient: cfg.MaxStreamsPerClient, StreamIdleTimeout: cfg.StreamIdleTimeout,
@@ -194,8 +206,11 @@ func Run(ctx context.Context, cfg config.Config, opts RunOptions) error {
 	modelsCtx, cancelModels := context.WithCancel(ctx)
 	defer cancelModels()
 	g.Add(func() error {
-		if err := serveModels(modelsCtx, cfg, reg, engines, opts, log); err != nil {
+		if err := serveModels(modelsCtx, cfg, reg, ctl, loadOpts, opts.Repo, log); err != nil {
 			return err
+		}
+		if ctl != nil && cfg.ModelControlMode == modelrepo.ControlPoll {
+			return ctl.Poll(modelsCtx, cfg.RepositoryPollInterval)
 		}
 		<-modelsCtx.Done()
 		return nil
@@ -262,31 +277,42 @@ func addHTTPActor(g *run.Group, name string, lis net.Listener, h http.Handler, l
 	})
 }
 
-// serveModels loads the repository's models into reg and warms them up.
-// Models that fail stay Unavailable, unless cfg.ExitOnError; it fails
-// when no model can be served.
-func serveModels(ctx context.Context, cfg config.Config, reg *model.Registry, engines *engine.Registry, opts RunOptions, log *slog.Logger) error {
-	repo := opts.Repo
-	if repo == nil {
-		var err error
-		if repo, err = modelrepo.LoadRepo(cfg.ModelRepo); err != nil {
-			return fmt.Errorf("loading model repository %s: %w", cfg.ModelRepo, err)
-		}
-	}
-	// One decode budget for every model: it bounds the memory of images
-	// being decoded across the whole server.
+// modelLoadOptions are how every model loads: the backend, the engines,
+// and the runner options (one decode budget for every model: it bounds
+// the memory of images being decoded across the whole server).
+func modelLoadOptions(cfg config.Config, engines *engine.Registry, opts RunOptions, log *slog.Logger) (model.LoadOptions, error) {
 	budget, err := pipeline.NewDecodeBudget(int64(cfg.DecodeMemoryBudget))
 	if err != nil {
-		return err
+		return model.LoadOptions{}, err
 	}
 	ro := opts.Runner
 	ro.MaxPixels, ro.Observer, ro.TuneObserver = cfg.MaxPixels, opts.Observer, opts.Metrics.TuneObserver()
 	ro.DecodeBudget = budget
-	if err := model.Load(ctx, repo, reg, model.LoadOptions{Backend: cfg.Backend, Engines: engines, Runner: ro, Logger: log}); err != nil {
-		return err
-	}
-	if err := model.WarmUp(ctx, reg, log); err != nil {
-		return err
+	return model.LoadOptions{Backend: cfg.Backend, Engines: engines, Runner: ro, Logger: log}, nil
+}
+
+// serveModels loads the models at startup and warms them up: through the
+// controller, every model of the repository (the ones --load-model names
+// in explicit mode), or the fixed repo. Models that fail stay
+// Unavailable, unless cfg.ExitOnError; it fails when no model can be
+// served (explicit mode may start with none).
+func serveModels(ctx context.Context, cfg config.Config, reg *model.Registry, ctl *model.Controller, loadOpts model.LoadOptions, repo *modelrepo.Repo, log *slog.Logger) error {
+	if ctl != nil {
+		var names []string // every model
+		if cfg.ModelControlMode == modelrepo.ControlExplicit {
+			names = append([]string{}, cfg.LoadModels...)
+		}
+		if err := ctl.Start(ctx, names); err != nil {
+			return fmt.Errorf("loading model repository %s: %w", cfg.ModelRepo, err)
+		}
+	} else {
+		if err := model.Load(ctx, repo, reg, loadOpts); err != nil {
+			return err
+		}
+		if err := model.WarmUp(ctx, reg, log); err != nil {
+			return err
+		}
+		reg.Started()
 	}
 	var failed []error
 	for _, m := range reg.Models() {

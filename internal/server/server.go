@@ -74,6 +74,11 @@ type Options struct {
 	StreamInterceptors []grpc.StreamServerInterceptor
 	// ServerOptions are added to the grpc.Server's (a stats handler, say).
 	ServerOptions []grpc.ServerOption
+	// Control loads and unloads models on request (Triton's repository
+	// extension, the vision API's LoadModel and UnloadModel); nil for a
+	// fixed set of models. ControlMode is its --model-control-mode.
+	Control     *model.Controller
+	ControlMode string
 }
 
 // Server is the gRPC server with every service registered.
@@ -136,10 +141,11 @@ func New(opts Options) (*Server, error) {
 	s.grpc = grpc.NewServer(sopts...)
 
 	s.streams = &streamSlots{limit: lim.MaxStreams, perClient: lim.MaxStreamsPerClient}
+	ctl := control{ctl: opts.Control, mode: opts.ControlMode}
 	visionv1.RegisterVisionServiceServer(s.grpc, &visionService{
-		reg: opts.Registry, limits: lim, streams: s.streams, draining: s.draining,
+		reg: opts.Registry, control: ctl, limits: lim, streams: s.streams, draining: s.draining,
 	})
-	inference.RegisterGRPCInferenceServiceServer(s.grpc, &oipService{reg: opts.Registry, limits: lim, maxMessageBytes: opts.MaxMessageBytes})
+	inference.RegisterGRPCInferenceServiceServer(s.grpc, &oipService{reg: opts.Registry, control: ctl, limits: lim, maxMessageBytes: opts.MaxMessageBytes})
 	healthpb.RegisterHealthServer(s.grpc, s.health)
 	reflection.Register(s.grpc)
 	// One readiness, the registry's, drives health checking; /readyz

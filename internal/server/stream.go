@@ -173,10 +173,12 @@ func (q *frameQueue) finished() (bool, error) {
 	return q.done && q.pending == nil && q.dropped == 0, q.err
 }
 
-// streamState is what the first frame fixes for the whole stream.
+// streamState is what the first frame fixes for the whole stream: the
+// model's name (each frame acquires the model serving it then, so a
+// reload during the stream switches it to the new version) and options.
 type streamState struct {
 	task modelrepo.Task
-	m    *model.Model
+	name string
 	opts pipeline.Options
 }
 
@@ -264,19 +266,20 @@ func (s *visionService) serveQueued(ctx context.Context, st frameStream, q *fram
 		if next == nil {
 			return nil
 		}
-		if state.m == nil {
+		if state.name == "" {
 			first := q.firstFrame()
 			m, err := lookup(s.reg, first.GetModel(), state.task)
 			if err != nil {
 				return toStatus(err)
 			}
+			m.Release()
 			opts, err := toOptions(first.GetOptions())
 			if err != nil {
 				return toStatus(err)
 			}
-			state.m, state.opts = m, opts
+			state.name, state.opts = m.Name, opts
 		}
-		resp, err := s.serveFrame(ctx, next, state.m, state.opts)
+		resp, err := s.serveFrame(ctx, next, state)
 		if err != nil {
 			return err
 		}
@@ -290,7 +293,7 @@ func (s *visionService) serveQueued(ctx context.Context, st frameStream, q *fram
 // serveFrame runs one frame. A problem with the frame itself is reported
 // in its response and the stream goes on; the end of the stream's context
 // ends the stream.
-func (s *visionService) serveFrame(ctx context.Context, f *visionv1.StreamRequest, m *model.Model, opts pipeline.Options) (*visionv1.StreamResponse, error) {
+func (s *visionService) serveFrame(ctx context.Context, f *visionv1.StreamRequest, state *streamState) (*visionv1.StreamResponse, error) {
 	start := time.Now()
 	resp := &visionv1.StreamResponse{FrameId: f.GetFrameId(), Timestamp: f.GetTimestamp()}
 	fail := func(err error) (*visionv1.StreamResponse, error) {
@@ -298,14 +301,21 @@ func (s *visionService) serveFrame(ctx context.Context, f *visionv1.StreamReques
 		resp.Error = &visionv1.FrameError{Code: int32(st.Code()), Message: st.Message()}
 		return resp, nil
 	}
-	if name := f.GetModel(); name != "" && name != m.Name {
-		return fail(invalid("frame names model %q but the stream serves %q; the first frame's model holds for the stream", clip(name), m.Name))
+	if name := f.GetModel(); name != "" && name != state.name {
+		return fail(invalid("frame names model %q but the stream serves %q; the first frame's model holds for the stream", clip(name), state.name))
 	}
+	// The model serving the name now: after a reload, the new version;
+	// after an unload, NotFound for this frame.
+	m, err := lookup(s.reg, state.name, state.task)
+	if err != nil {
+		return fail(err)
+	}
+	defer m.Release()
 	in, err := toInput(f.GetImage(), m, s.limits)
 	if err != nil {
 		return fail(err)
 	}
-	res, err := m.Runner.Infer(ctx, []model.Input{in}, opts)
+	res, err := m.Runner.Infer(ctx, []model.Input{in}, state.opts)
 	if ctx.Err() != nil {
 		return nil, toStatus(ctx.Err())
 	}

@@ -34,6 +34,7 @@ type Limits struct {
 type visionService struct {
 	visionv1.UnimplementedVisionServiceServer
 	reg     *model.Registry
+	control control
 	limits  Limits
 	streams *streamSlots
 	// draining is closed when shutdown begins: streams finish the frames
@@ -41,23 +42,27 @@ type visionService struct {
 	draining <-chan struct{}
 }
 
-// lookup finds a ready model of the given task ("" for any), or the
-// error to answer.
+// lookup acquires the ready model of the given task ("" for any) that
+// serves name now, or returns the error to answer. The caller must
+// Release the model: a reload or unload waits for that before closing it,
+// so no request is dropped by one.
 func lookup(reg *model.Registry, name string, task modelrepo.Task) (*model.Model, error) {
 	if name == "" {
 		return nil, invalid("model name is missing")
 	}
-	m, ok := reg.Get(name)
+	m, ok := reg.Acquire(name)
 	if !ok {
 		return nil, notFound("model %q not found", clip(name))
 	}
 	if st, why := m.State(); st != model.Ready {
+		m.Release()
 		if why != nil {
 			return nil, unavailable("model %q is %s: %v", name, st, why)
 		}
 		return nil, unavailable("model %q is %s, not ready", name, st)
 	}
 	if task != "" && m.Task != task {
+		m.Release()
 		return nil, invalid("model %q is a %s model, not %s", name, m.Task, task)
 	}
 	return m, nil
@@ -91,6 +96,7 @@ func (s *visionService) run(ctx context.Context, name string, task modelrepo.Tas
 	if err != nil {
 		return nil, err
 	}
+	defer m.Release()
 	opts, err := toOptions(o)
 	if err != nil {
 		return nil, err
@@ -290,11 +296,25 @@ func modelInfo(m *model.Model, draining bool) *visionv1.ModelInfoResponse {
 			QueueSize:           int32(b.QueueSize),
 			Instances:           int32(b.Instances),
 		},
-		Defaults:    &visionv1.Options{TopK: int32(d.TopK), Confidence: d.Confidence, Iou: d.IoU, MaxDetections: int32(d.MaxDetections)},
-		Ready:       st == model.Ready && !draining,
-		State:       modelStates[st],
-		StateReason: reason,
+		Defaults:       &visionv1.Options{TopK: int32(d.TopK), Confidence: d.Confidence, Iou: d.IoU, MaxDetections: int32(d.MaxDetections)},
+		Ready:          st == model.Ready && !draining,
+		State:          modelStates[st],
+		StateReason:    reason,
+		SettingSources: settingSources(m),
+		Version:        m.Version,
 	}
+}
+
+// settingSources lists where each setting of m came from.
+func settingSources(m *model.Model) map[string]string {
+	if len(m.Sources) == 0 {
+		return nil
+	}
+	out := make(map[string]string, len(m.Sources))
+	for k, v := range m.Sources {
+		out[k] = string(v)
+	}
+	return out
 }
 
 // modelStates maps a model's state to the vision API's.

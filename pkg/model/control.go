@@ -16,22 +16,6 @@ import (
 	"github.com/visionserve/visionserve/pkg/modelrepo"
 )
 
-// Model control modes, as Triton's --model-control-mode names them.
-const (
-	// ControlNone loads every model at startup; nothing changes after.
-	ControlNone = "none"
-	// ControlPoll loads every model at startup, then watches the
-	// repository: new models load, changed ones reload, removed ones
-	// unload.
-	ControlPoll = "poll"
-	// ControlExplicit loads the models named at startup (all with "*"),
-	// then loads and unloads on request.
-	ControlExplicit = "explicit"
-)
-
-// ControlModes lists the modes.
-var ControlModes = []string{ControlNone, ControlPoll, ControlExplicit}
-
 // ErrNotInRepository is the error of a load of a name the repository
 // does not hold.
 var ErrNotInRepository = errors.New("not in the model repository")

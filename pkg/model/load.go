@@ -66,6 +66,12 @@ func Load(ctx context.Context, repo *modelrepo.Repo, reg *Registry, opts LoadOpt
 		loaded++
 		attrs := []any{"model", m.Name, "task", m.Task, "backend", choice.Backend, "requested", choice.Requested,
 			"instances", m.Batching.Instances, "load", entry.LoadTime.Round(time.Millisecond)}
+		if m.Version > 0 {
+			attrs = append(attrs, "version", m.Version)
+		}
+		if len(m.Sources) > 0 {
+			attrs = append(attrs, "settings", m.SettingSources())
+		}
 		if choice.Reason != "" {
 			attrs = append(attrs, "reason", choice.Reason)
 		}

@@ -447,3 +447,20 @@ func ReadLabels(path string) ([]string, error) {
 	}
 	return labels, nil
 }
+
+// Model control modes, as Triton's --model-control-mode names them; the
+// model package's Controller implements them.
+const (
+	// ControlNone loads every model at startup; nothing changes after.
+	ControlNone = "none"
+	// ControlPoll loads every model at startup, then follows the
+	// repository: new models load, changed ones reload, removed ones
+	// unload.
+	ControlPoll = "poll"
+	// ControlExplicit loads the models named at startup (all with "*"),
+	// then loads and unloads on request.
+	ControlExplicit = "explicit"
+)
+
+// ControlModes lists the modes.
+var ControlModes = []string{ControlNone, ControlPoll, ControlExplicit}

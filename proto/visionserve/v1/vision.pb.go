@@ -188,7 +188,178 @@ func (x Tensor_DataType) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use Tensor_DataType.Descriptor instead.
 func (Tensor_DataType) EnumDescriptor() ([]byte, []int) {
-	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{1, 0}
+	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{5, 0}
+}
+
+// LoadModelRequest names a model of the repository.
+type LoadModelRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Model         string                 `protobuf:"bytes,1,opt,name=model,proto3" json:"model,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LoadModelRequest) Reset() {
+	*x = LoadModelRequest{}
+	mi := &file_visionserve_v1_vision_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LoadModelRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LoadModelRequest) ProtoMessage() {}
+
+func (x *LoadModelRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_visionserve_v1_vision_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LoadModelRequest.ProtoReflect.Descriptor instead.
+func (*LoadModelRequest) Descriptor() ([]byte, []int) {
+	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *LoadModelRequest) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
+// LoadModelResponse describes the model now served.
+type LoadModelResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Model         *ModelInfoResponse     `protobuf:"bytes,1,opt,name=model,proto3" json:"model,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LoadModelResponse) Reset() {
+	*x = LoadModelResponse{}
+	mi := &file_visionserve_v1_vision_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LoadModelResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LoadModelResponse) ProtoMessage() {}
+
+func (x *LoadModelResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_visionserve_v1_vision_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LoadModelResponse.ProtoReflect.Descriptor instead.
+func (*LoadModelResponse) Descriptor() ([]byte, []int) {
+	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *LoadModelResponse) GetModel() *ModelInfoResponse {
+	if x != nil {
+		return x.Model
+	}
+	return nil
+}
+
+// UnloadModelRequest names a served model.
+type UnloadModelRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Model         string                 `protobuf:"bytes,1,opt,name=model,proto3" json:"model,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UnloadModelRequest) Reset() {
+	*x = UnloadModelRequest{}
+	mi := &file_visionserve_v1_vision_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UnloadModelRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UnloadModelRequest) ProtoMessage() {}
+
+func (x *UnloadModelRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_visionserve_v1_vision_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UnloadModelRequest.ProtoReflect.Descriptor instead.
+func (*UnloadModelRequest) Descriptor() ([]byte, []int) {
+	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *UnloadModelRequest) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
+type UnloadModelResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UnloadModelResponse) Reset() {
+	*x = UnloadModelResponse{}
+	mi := &file_visionserve_v1_vision_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UnloadModelResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UnloadModelResponse) ProtoMessage() {}
+
+func (x *UnloadModelResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_visionserve_v1_vision_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UnloadModelResponse.ProtoReflect.Descriptor instead.
+func (*UnloadModelResponse) Descriptor() ([]byte, []int) {
+	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{3}
 }
 
 // Image is one input image.
@@ -205,7 +376,7 @@ type Image struct {
 
 func (x *Image) Reset() {
 	*x = Image{}
-	mi := &file_visionserve_v1_vision_proto_msgTypes[0]
+	mi := &file_visionserve_v1_vision_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -217,7 +388,7 @@ func (x *Image) String() string {
 func (*Image) ProtoMessage() {}
 
 func (x *Image) ProtoReflect() protoreflect.Message {
-	mi := &file_visionserve_v1_vision_proto_msgTypes[0]
+	mi := &file_visionserve_v1_vision_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -230,7 +401,7 @@ func (x *Image) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Image.ProtoReflect.Descriptor instead.
 func (*Image) Descriptor() ([]byte, []int) {
-	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{0}
+	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *Image) GetSource() isImage_Source {
@@ -288,7 +459,7 @@ type Tensor struct {
 
 func (x *Tensor) Reset() {
 	*x = Tensor{}
-	mi := &file_visionserve_v1_vision_proto_msgTypes[1]
+	mi := &file_visionserve_v1_vision_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -300,7 +471,7 @@ func (x *Tensor) String() string {
 func (*Tensor) ProtoMessage() {}
 
 func (x *Tensor) ProtoReflect() protoreflect.Message {
-	mi := &file_visionserve_v1_vision_proto_msgTypes[1]
+	mi := &file_visionserve_v1_vision_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -313,7 +484,7 @@ func (x *Tensor) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Tensor.ProtoReflect.Descriptor instead.
 func (*Tensor) Descriptor() ([]byte, []int) {
-	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{1}
+	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *Tensor) GetDatatype() Tensor_DataType {
@@ -354,7 +525,7 @@ type Options struct {
 
 func (x *Options) Reset() {
 	*x = Options{}
-	mi := &file_visionserve_v1_vision_proto_msgTypes[2]
+	mi := &file_visionserve_v1_vision_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -366,7 +537,7 @@ func (x *Options) String() string {
 func (*Options) ProtoMessage() {}
 
 func (x *Options) ProtoReflect() protoreflect.Message {
-	mi := &file_visionserve_v1_vision_proto_msgTypes[2]
+	mi := &file_visionserve_v1_vision_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -379,7 +550,7 @@ func (x *Options) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Options.ProtoReflect.Descriptor instead.
 func (*Options) Descriptor() ([]byte, []int) {
-	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{2}
+	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *Options) GetTopK() int32 {
@@ -422,7 +593,7 @@ type ClassifyRequest struct {
 
 func (x *ClassifyRequest) Reset() {
 	*x = ClassifyRequest{}
-	mi := &file_visionserve_v1_vision_proto_msgTypes[3]
+	mi := &file_visionserve_v1_vision_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -434,7 +605,7 @@ func (x *ClassifyRequest) String() string {
 func (*ClassifyRequest) ProtoMessage() {}
 
 func (x *ClassifyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_visionserve_v1_vision_proto_msgTypes[3]
+	mi := &file_visionserve_v1_vision_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -447,7 +618,7 @@ func (x *ClassifyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClassifyRequest.ProtoReflect.Descriptor instead.
 func (*ClassifyRequest) Descriptor() ([]byte, []int) {
-	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{3}
+	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *ClassifyRequest) GetModel() string {
@@ -482,7 +653,7 @@ type ClassifyResponse struct {
 
 func (x *ClassifyResponse) Reset() {
 	*x = ClassifyResponse{}
-	mi := &file_visionserve_v1_vision_proto_msgTypes[4]
+	mi := &file_visionserve_v1_vision_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -494,7 +665,7 @@ func (x *ClassifyResponse) String() string {
 func (*ClassifyResponse) ProtoMessage() {}
 
 func (x *ClassifyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_visionserve_v1_vision_proto_msgTypes[4]
+	mi := &file_visionserve_v1_vision_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -507,7 +678,7 @@ func (x *ClassifyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClassifyResponse.ProtoReflect.Descriptor instead.
 func (*ClassifyResponse) Descriptor() ([]byte, []int) {
-	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{4}
+	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *ClassifyResponse) GetModel() string {
@@ -536,7 +707,7 @@ type DetectRequest struct {
 
 func (x *DetectRequest) Reset() {
 	*x = DetectRequest{}
-	mi := &file_visionserve_v1_vision_proto_msgTypes[5]
+	mi := &file_visionserve_v1_vision_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -548,7 +719,7 @@ func (x *DetectRequest) String() string {
 func (*DetectRequest) ProtoMessage() {}
 
 func (x *DetectRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_visionserve_v1_vision_proto_msgTypes[5]
+	mi := &file_visionserve_v1_vision_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -561,7 +732,7 @@ func (x *DetectRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DetectRequest.ProtoReflect.Descriptor instead.
 func (*DetectRequest) Descriptor() ([]byte, []int) {
-	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{5}
+	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *DetectRequest) GetModel() string {
@@ -596,7 +767,7 @@ type DetectResponse struct {
 
 func (x *DetectResponse) Reset() {
 	*x = DetectResponse{}
-	mi := &file_visionserve_v1_vision_proto_msgTypes[6]
+	mi := &file_visionserve_v1_vision_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -608,7 +779,7 @@ func (x *DetectResponse) String() string {
 func (*DetectResponse) ProtoMessage() {}
 
 func (x *DetectResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_visionserve_v1_vision_proto_msgTypes[6]
+	mi := &file_visionserve_v1_vision_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -621,7 +792,7 @@ func (x *DetectResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DetectResponse.ProtoReflect.Descriptor instead.
 func (*DetectResponse) Descriptor() ([]byte, []int) {
-	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{6}
+	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *DetectResponse) GetModel() string {
@@ -651,7 +822,7 @@ type Class struct {
 
 func (x *Class) Reset() {
 	*x = Class{}
-	mi := &file_visionserve_v1_vision_proto_msgTypes[7]
+	mi := &file_visionserve_v1_vision_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -663,7 +834,7 @@ func (x *Class) String() string {
 func (*Class) ProtoMessage() {}
 
 func (x *Class) ProtoReflect() protoreflect.Message {
-	mi := &file_visionserve_v1_vision_proto_msgTypes[7]
+	mi := &file_visionserve_v1_vision_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -676,7 +847,7 @@ func (x *Class) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Class.ProtoReflect.Descriptor instead.
 func (*Class) Descriptor() ([]byte, []int) {
-	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{7}
+	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *Class) GetLabel() string {
@@ -713,7 +884,7 @@ type Box struct {
 
 func (x *Box) Reset() {
 	*x = Box{}
-	mi := &file_visionserve_v1_vision_proto_msgTypes[8]
+	mi := &file_visionserve_v1_vision_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -725,7 +896,7 @@ func (x *Box) String() string {
 func (*Box) ProtoMessage() {}
 
 func (x *Box) ProtoReflect() protoreflect.Message {
-	mi := &file_visionserve_v1_vision_proto_msgTypes[8]
+	mi := &file_visionserve_v1_vision_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -738,7 +909,7 @@ func (x *Box) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Box.ProtoReflect.Descriptor instead.
 func (*Box) Descriptor() ([]byte, []int) {
-	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{8}
+	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Box) GetX1() float32 {
@@ -782,7 +953,7 @@ type Detection struct {
 
 func (x *Detection) Reset() {
 	*x = Detection{}
-	mi := &file_visionserve_v1_vision_proto_msgTypes[9]
+	mi := &file_visionserve_v1_vision_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -794,7 +965,7 @@ func (x *Detection) String() string {
 func (*Detection) ProtoMessage() {}
 
 func (x *Detection) ProtoReflect() protoreflect.Message {
-	mi := &file_visionserve_v1_vision_proto_msgTypes[9]
+	mi := &file_visionserve_v1_vision_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -807,7 +978,7 @@ func (x *Detection) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Detection.ProtoReflect.Descriptor instead.
 func (*Detection) Descriptor() ([]byte, []int) {
-	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{9}
+	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *Detection) GetLabel() string {
@@ -854,7 +1025,7 @@ type Timings struct {
 
 func (x *Timings) Reset() {
 	*x = Timings{}
-	mi := &file_visionserve_v1_vision_proto_msgTypes[10]
+	mi := &file_visionserve_v1_vision_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -866,7 +1037,7 @@ func (x *Timings) String() string {
 func (*Timings) ProtoMessage() {}
 
 func (x *Timings) ProtoReflect() protoreflect.Message {
-	mi := &file_visionserve_v1_vision_proto_msgTypes[10]
+	mi := &file_visionserve_v1_vision_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -879,7 +1050,7 @@ func (x *Timings) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Timings.ProtoReflect.Descriptor instead.
 func (*Timings) Descriptor() ([]byte, []int) {
-	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{10}
+	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Timings) GetQueue() *durationpb.Duration {
@@ -943,7 +1114,7 @@ type ImageResult struct {
 
 func (x *ImageResult) Reset() {
 	*x = ImageResult{}
-	mi := &file_visionserve_v1_vision_proto_msgTypes[11]
+	mi := &file_visionserve_v1_vision_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -955,7 +1126,7 @@ func (x *ImageResult) String() string {
 func (*ImageResult) ProtoMessage() {}
 
 func (x *ImageResult) ProtoReflect() protoreflect.Message {
-	mi := &file_visionserve_v1_vision_proto_msgTypes[11]
+	mi := &file_visionserve_v1_vision_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -968,7 +1139,7 @@ func (x *ImageResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImageResult.ProtoReflect.Descriptor instead.
 func (*ImageResult) Descriptor() ([]byte, []int) {
-	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{11}
+	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ImageResult) GetWidth() int32 {
@@ -1037,7 +1208,7 @@ type StreamRequest struct {
 
 func (x *StreamRequest) Reset() {
 	*x = StreamRequest{}
-	mi := &file_visionserve_v1_vision_proto_msgTypes[12]
+	mi := &file_visionserve_v1_vision_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1049,7 +1220,7 @@ func (x *StreamRequest) String() string {
 func (*StreamRequest) ProtoMessage() {}
 
 func (x *StreamRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_visionserve_v1_vision_proto_msgTypes[12]
+	mi := &file_visionserve_v1_vision_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1062,7 +1233,7 @@ func (x *StreamRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamRequest.ProtoReflect.Descriptor instead.
 func (*StreamRequest) Descriptor() ([]byte, []int) {
-	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{12}
+	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *StreamRequest) GetModel() string {
@@ -1127,7 +1298,7 @@ type StreamResponse struct {
 
 func (x *StreamResponse) Reset() {
 	*x = StreamResponse{}
-	mi := &file_visionserve_v1_vision_proto_msgTypes[13]
+	mi := &file_visionserve_v1_vision_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1139,7 +1310,7 @@ func (x *StreamResponse) String() string {
 func (*StreamResponse) ProtoMessage() {}
 
 func (x *StreamResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_visionserve_v1_vision_proto_msgTypes[13]
+	mi := &file_visionserve_v1_vision_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1152,7 +1323,7 @@ func (x *StreamResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamResponse.ProtoReflect.Descriptor instead.
 func (*StreamResponse) Descriptor() ([]byte, []int) {
-	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{13}
+	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *StreamResponse) GetFrameId() uint64 {
@@ -1210,7 +1381,7 @@ type FrameError struct {
 
 func (x *FrameError) Reset() {
 	*x = FrameError{}
-	mi := &file_visionserve_v1_vision_proto_msgTypes[14]
+	mi := &file_visionserve_v1_vision_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1222,7 +1393,7 @@ func (x *FrameError) String() string {
 func (*FrameError) ProtoMessage() {}
 
 func (x *FrameError) ProtoReflect() protoreflect.Message {
-	mi := &file_visionserve_v1_vision_proto_msgTypes[14]
+	mi := &file_visionserve_v1_vision_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1235,7 +1406,7 @@ func (x *FrameError) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FrameError.ProtoReflect.Descriptor instead.
 func (*FrameError) Descriptor() ([]byte, []int) {
-	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{14}
+	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *FrameError) GetCode() int32 {
@@ -1261,7 +1432,7 @@ type ListModelsRequest struct {
 
 func (x *ListModelsRequest) Reset() {
 	*x = ListModelsRequest{}
-	mi := &file_visionserve_v1_vision_proto_msgTypes[15]
+	mi := &file_visionserve_v1_vision_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1273,7 +1444,7 @@ func (x *ListModelsRequest) String() string {
 func (*ListModelsRequest) ProtoMessage() {}
 
 func (x *ListModelsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_visionserve_v1_vision_proto_msgTypes[15]
+	mi := &file_visionserve_v1_vision_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1286,7 +1457,7 @@ func (x *ListModelsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListModelsRequest.ProtoReflect.Descriptor instead.
 func (*ListModelsRequest) Descriptor() ([]byte, []int) {
-	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{15}
+	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{19}
 }
 
 // ListModelsResponse describes every model, sorted by name.
@@ -1299,7 +1470,7 @@ type ListModelsResponse struct {
 
 func (x *ListModelsResponse) Reset() {
 	*x = ListModelsResponse{}
-	mi := &file_visionserve_v1_vision_proto_msgTypes[16]
+	mi := &file_visionserve_v1_vision_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1311,7 +1482,7 @@ func (x *ListModelsResponse) String() string {
 func (*ListModelsResponse) ProtoMessage() {}
 
 func (x *ListModelsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_visionserve_v1_vision_proto_msgTypes[16]
+	mi := &file_visionserve_v1_vision_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1324,7 +1495,7 @@ func (x *ListModelsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListModelsResponse.ProtoReflect.Descriptor instead.
 func (*ListModelsResponse) Descriptor() ([]byte, []int) {
-	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{16}
+	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ListModelsResponse) GetModels() []*ModelInfoResponse {
@@ -1344,7 +1515,7 @@ type ModelInfoRequest struct {
 
 func (x *ModelInfoRequest) Reset() {
 	*x = ModelInfoRequest{}
-	mi := &file_visionserve_v1_vision_proto_msgTypes[17]
+	mi := &file_visionserve_v1_vision_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1356,7 +1527,7 @@ func (x *ModelInfoRequest) String() string {
 func (*ModelInfoRequest) ProtoMessage() {}
 
 func (x *ModelInfoRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_visionserve_v1_vision_proto_msgTypes[17]
+	mi := &file_visionserve_v1_vision_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1369,7 +1540,7 @@ func (x *ModelInfoRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ModelInfoRequest.ProtoReflect.Descriptor instead.
 func (*ModelInfoRequest) Descriptor() ([]byte, []int) {
-	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{17}
+	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ModelInfoRequest) GetModel() string {
@@ -1393,7 +1564,7 @@ type Batching struct {
 
 func (x *Batching) Reset() {
 	*x = Batching{}
-	mi := &file_visionserve_v1_vision_proto_msgTypes[18]
+	mi := &file_visionserve_v1_vision_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1405,7 +1576,7 @@ func (x *Batching) String() string {
 func (*Batching) ProtoMessage() {}
 
 func (x *Batching) ProtoReflect() protoreflect.Message {
-	mi := &file_visionserve_v1_vision_proto_msgTypes[18]
+	mi := &file_visionserve_v1_vision_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1418,7 +1589,7 @@ func (x *Batching) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Batching.ProtoReflect.Descriptor instead.
 func (*Batching) Descriptor() ([]byte, []int) {
-	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{18}
+	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *Batching) GetMaxBatchSize() int32 {
@@ -1476,15 +1647,22 @@ type ModelInfoResponse struct {
 	// Whether the model takes requests now: state is MODEL_STATE_READY.
 	Ready bool `protobuf:"varint,11,opt,name=ready,proto3" json:"ready,omitempty"`
 	// Where the model is in its life, and why when it is unavailable.
-	State         ModelState `protobuf:"varint,12,opt,name=state,proto3,enum=visionserve.v1.ModelState" json:"state,omitempty"`
-	StateReason   string     `protobuf:"bytes,13,opt,name=state_reason,json=stateReason,proto3" json:"state_reason,omitempty"`
+	State       ModelState `protobuf:"varint,12,opt,name=state,proto3,enum=visionserve.v1.ModelState" json:"state,omitempty"`
+	StateReason string     `protobuf:"bytes,13,opt,name=state_reason,json=stateReason,proto3" json:"state_reason,omitempty"`
+	// Where each setting came from: config, metadata (the ONNX file's, as
+	// an Ultralytics export writes it), graph, file (labels.txt), preset
+	// (imagenet) or default; keys as in config.yaml ("task", "input.mean").
+	SettingSources map[string]string `protobuf:"bytes,14,rep,name=setting_sources,json=settingSources,proto3" json:"setting_sources,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// The version folder served (Triton's NAME/VERSION/model.onnx layout);
+	// 0 in the plain layout.
+	Version       int64 `protobuf:"varint,15,opt,name=version,proto3" json:"version,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ModelInfoResponse) Reset() {
 	*x = ModelInfoResponse{}
-	mi := &file_visionserve_v1_vision_proto_msgTypes[19]
+	mi := &file_visionserve_v1_vision_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1496,7 +1674,7 @@ func (x *ModelInfoResponse) String() string {
 func (*ModelInfoResponse) ProtoMessage() {}
 
 func (x *ModelInfoResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_visionserve_v1_vision_proto_msgTypes[19]
+	mi := &file_visionserve_v1_vision_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1509,7 +1687,7 @@ func (x *ModelInfoResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ModelInfoResponse.ProtoReflect.Descriptor instead.
 func (*ModelInfoResponse) Descriptor() ([]byte, []int) {
-	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{19}
+	return file_visionserve_v1_vision_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ModelInfoResponse) GetName() string {
@@ -1603,11 +1781,32 @@ func (x *ModelInfoResponse) GetStateReason() string {
 	return ""
 }
 
+func (x *ModelInfoResponse) GetSettingSources() map[string]string {
+	if x != nil {
+		return x.SettingSources
+	}
+	return nil
+}
+
+func (x *ModelInfoResponse) GetVersion() int64 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
 var File_visionserve_v1_vision_proto protoreflect.FileDescriptor
 
 const file_visionserve_v1_vision_proto_rawDesc = "" +
 	"\n" +
-	"\x1bvisionserve/v1/vision.proto\x12\x0evisionserve.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"_\n" +
+	"\x1bvisionserve/v1/vision.proto\x12\x0evisionserve.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"(\n" +
+	"\x10LoadModelRequest\x12\x14\n" +
+	"\x05model\x18\x01 \x01(\tR\x05model\"L\n" +
+	"\x11LoadModelResponse\x127\n" +
+	"\x05model\x18\x01 \x01(\v2!.visionserve.v1.ModelInfoResponseR\x05model\"*\n" +
+	"\x12UnloadModelRequest\x12\x14\n" +
+	"\x05model\x18\x01 \x01(\tR\x05model\"\x15\n" +
+	"\x13UnloadModelResponse\"_\n" +
 	"\x05Image\x12\x1a\n" +
 	"\aencoded\x18\x01 \x01(\fH\x00R\aencoded\x120\n" +
 	"\x06tensor\x18\x02 \x01(\v2\x16.visionserve.v1.TensorH\x00R\x06tensorB\b\n" +
@@ -1703,7 +1902,7 @@ const file_visionserve_v1_vision_proto_rawDesc = "" +
 	"\x15preferred_batch_sizes\x18\x03 \x03(\x05R\x13preferredBatchSizes\x12\x1d\n" +
 	"\n" +
 	"queue_size\x18\x04 \x01(\x05R\tqueueSize\x12\x1c\n" +
-	"\tinstances\x18\x05 \x01(\x05R\tinstances\"\xe8\x03\n" +
+	"\tinstances\x18\x05 \x01(\x05R\tinstances\"\xa5\x05\n" +
 	"\x11ModelInfoResponse\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12(\n" +
 	"\x04task\x18\x02 \x01(\x0e2\x14.visionserve.v1.TaskR\x04task\x12\x1d\n" +
@@ -1721,7 +1920,12 @@ const file_visionserve_v1_vision_proto_rawDesc = "" +
 	" \x01(\v2\x17.visionserve.v1.OptionsR\bdefaults\x12\x14\n" +
 	"\x05ready\x18\v \x01(\bR\x05ready\x120\n" +
 	"\x05state\x18\f \x01(\x0e2\x1a.visionserve.v1.ModelStateR\x05state\x12!\n" +
-	"\fstate_reason\x18\r \x01(\tR\vstateReason*@\n" +
+	"\fstate_reason\x18\r \x01(\tR\vstateReason\x12^\n" +
+	"\x0fsetting_sources\x18\x0e \x03(\v25.visionserve.v1.ModelInfoResponse.SettingSourcesEntryR\x0esettingSources\x12\x18\n" +
+	"\aversion\x18\x0f \x01(\x03R\aversion\x1aA\n" +
+	"\x13SettingSourcesEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01*@\n" +
 	"\x04Task\x12\x14\n" +
 	"\x10TASK_UNSPECIFIED\x10\x00\x12\x11\n" +
 	"\rTASK_CLASSIFY\x10\x01\x12\x0f\n" +
@@ -1732,7 +1936,7 @@ const file_visionserve_v1_vision_proto_rawDesc = "" +
 	"\x13MODEL_STATE_LOADING\x10\x01\x12\x15\n" +
 	"\x11MODEL_STATE_READY\x10\x02\x12\x1b\n" +
 	"\x17MODEL_STATE_UNAVAILABLE\x10\x03\x12\x19\n" +
-	"\x15MODEL_STATE_UNLOADING\x10\x042\xf6\x03\n" +
+	"\x15MODEL_STATE_UNLOADING\x10\x042\xa0\x05\n" +
 	"\rVisionService\x12M\n" +
 	"\bClassify\x12\x1f.visionserve.v1.ClassifyRequest\x1a .visionserve.v1.ClassifyResponse\x12G\n" +
 	"\x06Detect\x12\x1d.visionserve.v1.DetectRequest\x1a\x1e.visionserve.v1.DetectResponse\x12S\n" +
@@ -1740,7 +1944,9 @@ const file_visionserve_v1_vision_proto_rawDesc = "" +
 	"\fStreamDetect\x12\x1d.visionserve.v1.StreamRequest\x1a\x1e.visionserve.v1.StreamResponse(\x010\x01\x12S\n" +
 	"\n" +
 	"ListModels\x12!.visionserve.v1.ListModelsRequest\x1a\".visionserve.v1.ListModelsResponse\x12P\n" +
-	"\tModelInfo\x12 .visionserve.v1.ModelInfoRequest\x1a!.visionserve.v1.ModelInfoResponseBBZ@github.com/visionserve/visionserve/proto/visionserve/v1;visionv1b\x06proto3"
+	"\tModelInfo\x12 .visionserve.v1.ModelInfoRequest\x1a!.visionserve.v1.ModelInfoResponse\x12P\n" +
+	"\tLoadModel\x12 .visionserve.v1.LoadModelRequest\x1a!.visionserve.v1.LoadModelResponse\x12V\n" +
+	"\vUnloadModel\x12\".visionserve.v1.UnloadModelRequest\x1a#.visionserve.v1.UnloadModelResponseBBZ@github.com/visionserve/visionserve/proto/visionserve/v1;visionv1b\x06proto3"
 
 var (
 	file_visionserve_v1_vision_proto_rawDescOnce sync.Once
@@ -1755,82 +1961,93 @@ func file_visionserve_v1_vision_proto_rawDescGZIP() []byte {
 }
 
 var file_visionserve_v1_vision_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_visionserve_v1_vision_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
+var file_visionserve_v1_vision_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
 var file_visionserve_v1_vision_proto_goTypes = []any{
 	(Task)(0),                     // 0: visionserve.v1.Task
 	(ModelState)(0),               // 1: visionserve.v1.ModelState
 	(Tensor_DataType)(0),          // 2: visionserve.v1.Tensor.DataType
-	(*Image)(nil),                 // 3: visionserve.v1.Image
-	(*Tensor)(nil),                // 4: visionserve.v1.Tensor
-	(*Options)(nil),               // 5: visionserve.v1.Options
-	(*ClassifyRequest)(nil),       // 6: visionserve.v1.ClassifyRequest
-	(*ClassifyResponse)(nil),      // 7: visionserve.v1.ClassifyResponse
-	(*DetectRequest)(nil),         // 8: visionserve.v1.DetectRequest
-	(*DetectResponse)(nil),        // 9: visionserve.v1.DetectResponse
-	(*Class)(nil),                 // 10: visionserve.v1.Class
-	(*Box)(nil),                   // 11: visionserve.v1.Box
-	(*Detection)(nil),             // 12: visionserve.v1.Detection
-	(*Timings)(nil),               // 13: visionserve.v1.Timings
-	(*ImageResult)(nil),           // 14: visionserve.v1.ImageResult
-	(*StreamRequest)(nil),         // 15: visionserve.v1.StreamRequest
-	(*StreamResponse)(nil),        // 16: visionserve.v1.StreamResponse
-	(*FrameError)(nil),            // 17: visionserve.v1.FrameError
-	(*ListModelsRequest)(nil),     // 18: visionserve.v1.ListModelsRequest
-	(*ListModelsResponse)(nil),    // 19: visionserve.v1.ListModelsResponse
-	(*ModelInfoRequest)(nil),      // 20: visionserve.v1.ModelInfoRequest
-	(*Batching)(nil),              // 21: visionserve.v1.Batching
-	(*ModelInfoResponse)(nil),     // 22: visionserve.v1.ModelInfoResponse
-	(*durationpb.Duration)(nil),   // 23: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil), // 24: google.protobuf.Timestamp
+	(*LoadModelRequest)(nil),      // 3: visionserve.v1.LoadModelRequest
+	(*LoadModelResponse)(nil),     // 4: visionserve.v1.LoadModelResponse
+	(*UnloadModelRequest)(nil),    // 5: visionserve.v1.UnloadModelRequest
+	(*UnloadModelResponse)(nil),   // 6: visionserve.v1.UnloadModelResponse
+	(*Image)(nil),                 // 7: visionserve.v1.Image
+	(*Tensor)(nil),                // 8: visionserve.v1.Tensor
+	(*Options)(nil),               // 9: visionserve.v1.Options
+	(*ClassifyRequest)(nil),       // 10: visionserve.v1.ClassifyRequest
+	(*ClassifyResponse)(nil),      // 11: visionserve.v1.ClassifyResponse
+	(*DetectRequest)(nil),         // 12: visionserve.v1.DetectRequest
+	(*DetectResponse)(nil),        // 13: visionserve.v1.DetectResponse
+	(*Class)(nil),                 // 14: visionserve.v1.Class
+	(*Box)(nil),                   // 15: visionserve.v1.Box
+	(*Detection)(nil),             // 16: visionserve.v1.Detection
+	(*Timings)(nil),               // 17: visionserve.v1.Timings
+	(*ImageResult)(nil),           // 18: visionserve.v1.ImageResult
+	(*StreamRequest)(nil),         // 19: visionserve.v1.StreamRequest
+	(*StreamResponse)(nil),        // 20: visionserve.v1.StreamResponse
+	(*FrameError)(nil),            // 21: visionserve.v1.FrameError
+	(*ListModelsRequest)(nil),     // 22: visionserve.v1.ListModelsRequest
+	(*ListModelsResponse)(nil),    // 23: visionserve.v1.ListModelsResponse
+	(*ModelInfoRequest)(nil),      // 24: visionserve.v1.ModelInfoRequest
+	(*Batching)(nil),              // 25: visionserve.v1.Batching
+	(*ModelInfoResponse)(nil),     // 26: visionserve.v1.ModelInfoResponse
+	nil,                           // 27: visionserve.v1.ModelInfoResponse.SettingSourcesEntry
+	(*durationpb.Duration)(nil),   // 28: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil), // 29: google.protobuf.Timestamp
 }
 var file_visionserve_v1_vision_proto_depIdxs = []int32{
-	4,  // 0: visionserve.v1.Image.tensor:type_name -> visionserve.v1.Tensor
-	2,  // 1: visionserve.v1.Tensor.datatype:type_name -> visionserve.v1.Tensor.DataType
-	3,  // 2: visionserve.v1.ClassifyRequest.images:type_name -> visionserve.v1.Image
-	5,  // 3: visionserve.v1.ClassifyRequest.options:type_name -> visionserve.v1.Options
-	14, // 4: visionserve.v1.ClassifyResponse.results:type_name -> visionserve.v1.ImageResult
-	3,  // 5: visionserve.v1.DetectRequest.images:type_name -> visionserve.v1.Image
-	5,  // 6: visionserve.v1.DetectRequest.options:type_name -> visionserve.v1.Options
-	14, // 7: visionserve.v1.DetectResponse.results:type_name -> visionserve.v1.ImageResult
-	11, // 8: visionserve.v1.Detection.box:type_name -> visionserve.v1.Box
-	23, // 9: visionserve.v1.Timings.queue:type_name -> google.protobuf.Duration
-	23, // 10: visionserve.v1.Timings.decode:type_name -> google.protobuf.Duration
-	23, // 11: visionserve.v1.Timings.preprocess:type_name -> google.protobuf.Duration
-	23, // 12: visionserve.v1.Timings.inference:type_name -> google.protobuf.Duration
-	23, // 13: visionserve.v1.Timings.postprocess:type_name -> google.protobuf.Duration
-	23, // 14: visionserve.v1.Timings.total:type_name -> google.protobuf.Duration
-	10, // 15: visionserve.v1.ImageResult.classes:type_name -> visionserve.v1.Class
-	12, // 16: visionserve.v1.ImageResult.detections:type_name -> visionserve.v1.Detection
-	13, // 17: visionserve.v1.ImageResult.timings:type_name -> visionserve.v1.Timings
-	5,  // 18: visionserve.v1.StreamRequest.options:type_name -> visionserve.v1.Options
-	24, // 19: visionserve.v1.StreamRequest.timestamp:type_name -> google.protobuf.Timestamp
-	3,  // 20: visionserve.v1.StreamRequest.image:type_name -> visionserve.v1.Image
-	24, // 21: visionserve.v1.StreamResponse.timestamp:type_name -> google.protobuf.Timestamp
-	14, // 22: visionserve.v1.StreamResponse.result:type_name -> visionserve.v1.ImageResult
-	17, // 23: visionserve.v1.StreamResponse.error:type_name -> visionserve.v1.FrameError
-	22, // 24: visionserve.v1.ListModelsResponse.models:type_name -> visionserve.v1.ModelInfoResponse
-	23, // 25: visionserve.v1.Batching.max_queue_delay:type_name -> google.protobuf.Duration
-	0,  // 26: visionserve.v1.ModelInfoResponse.task:type_name -> visionserve.v1.Task
-	21, // 27: visionserve.v1.ModelInfoResponse.batching:type_name -> visionserve.v1.Batching
-	5,  // 28: visionserve.v1.ModelInfoResponse.defaults:type_name -> visionserve.v1.Options
-	1,  // 29: visionserve.v1.ModelInfoResponse.state:type_name -> visionserve.v1.ModelState
-	6,  // 30: visionserve.v1.VisionService.Classify:input_type -> visionserve.v1.ClassifyRequest
-	8,  // 31: visionserve.v1.VisionService.Detect:input_type -> visionserve.v1.DetectRequest
-	15, // 32: visionserve.v1.VisionService.StreamClassify:input_type -> visionserve.v1.StreamRequest
-	15, // 33: visionserve.v1.VisionService.StreamDetect:input_type -> visionserve.v1.StreamRequest
-	18, // 34: visionserve.v1.VisionService.ListModels:input_type -> visionserve.v1.ListModelsRequest
-	20, // 35: visionserve.v1.VisionService.ModelInfo:input_type -> visionserve.v1.ModelInfoRequest
-	7,  // 36: visionserve.v1.VisionService.Classify:output_type -> visionserve.v1.ClassifyResponse
-	9,  // 37: visionserve.v1.VisionService.Detect:output_type -> visionserve.v1.DetectResponse
-	16, // 38: visionserve.v1.VisionService.StreamClassify:output_type -> visionserve.v1.StreamResponse
-	16, // 39: visionserve.v1.VisionService.StreamDetect:output_type -> visionserve.v1.StreamResponse
-	19, // 40: visionserve.v1.VisionService.ListModels:output_type -> visionserve.v1.ListModelsResponse
-	22, // 41: visionserve.v1.VisionService.ModelInfo:output_type -> visionserve.v1.ModelInfoResponse
-	36, // [36:42] is the sub-list for method output_type
-	30, // [30:36] is the sub-list for method input_type
-	30, // [30:30] is the sub-list for extension type_name
-	30, // [30:30] is the sub-list for extension extendee
-	0,  // [0:30] is the sub-list for field type_name
+	26, // 0: visionserve.v1.LoadModelResponse.model:type_name -> visionserve.v1.ModelInfoResponse
+	8,  // 1: visionserve.v1.Image.tensor:type_name -> visionserve.v1.Tensor
+	2,  // 2: visionserve.v1.Tensor.datatype:type_name -> visionserve.v1.Tensor.DataType
+	7,  // 3: visionserve.v1.ClassifyRequest.images:type_name -> visionserve.v1.Image
+	9,  // 4: visionserve.v1.ClassifyRequest.options:type_name -> visionserve.v1.Options
+	18, // 5: visionserve.v1.ClassifyResponse.results:type_name -> visionserve.v1.ImageResult
+	7,  // 6: visionserve.v1.DetectRequest.images:type_name -> visionserve.v1.Image
+	9,  // 7: visionserve.v1.DetectRequest.options:type_name -> visionserve.v1.Options
+	18, // 8: visionserve.v1.DetectResponse.results:type_name -> visionserve.v1.ImageResult
+	15, // 9: visionserve.v1.Detection.box:type_name -> visionserve.v1.Box
+	28, // 10: visionserve.v1.Timings.queue:type_name -> google.protobuf.Duration
+	28, // 11: visionserve.v1.Timings.decode:type_name -> google.protobuf.Duration
+	28, // 12: visionserve.v1.Timings.preprocess:type_name -> google.protobuf.Duration
+	28, // 13: visionserve.v1.Timings.inference:type_name -> google.protobuf.Duration
+	28, // 14: visionserve.v1.Timings.postprocess:type_name -> google.protobuf.Duration
+	28, // 15: visionserve.v1.Timings.total:type_name -> google.protobuf.Duration
+	14, // 16: visionserve.v1.ImageResult.classes:type_name -> visionserve.v1.Class
+	16, // 17: visionserve.v1.ImageResult.detections:type_name -> visionserve.v1.Detection
+	17, // 18: visionserve.v1.ImageResult.timings:type_name -> visionserve.v1.Timings
+	9,  // 19: visionserve.v1.StreamRequest.options:type_name -> visionserve.v1.Options
+	29, // 20: visionserve.v1.StreamRequest.timestamp:type_name -> google.protobuf.Timestamp
+	7,  // 21: visionserve.v1.StreamRequest.image:type_name -> visionserve.v1.Image
+	29, // 22: visionserve.v1.StreamResponse.timestamp:type_name -> google.protobuf.Timestamp
+	18, // 23: visionserve.v1.StreamResponse.result:type_name -> visionserve.v1.ImageResult
+	21, // 24: visionserve.v1.StreamResponse.error:type_name -> visionserve.v1.FrameError
+	26, // 25: visionserve.v1.ListModelsResponse.models:type_name -> visionserve.v1.ModelInfoResponse
+	28, // 26: visionserve.v1.Batching.max_queue_delay:type_name -> google.protobuf.Duration
+	0,  // 27: visionserve.v1.ModelInfoResponse.task:type_name -> visionserve.v1.Task
+	25, // 28: visionserve.v1.ModelInfoResponse.batching:type_name -> visionserve.v1.Batching
+	9,  // 29: visionserve.v1.ModelInfoResponse.defaults:type_name -> visionserve.v1.Options
+	1,  // 30: visionserve.v1.ModelInfoResponse.state:type_name -> visionserve.v1.ModelState
+	27, // 31: visionserve.v1.ModelInfoResponse.setting_sources:type_name -> visionserve.v1.ModelInfoResponse.SettingSourcesEntry
+	10, // 32: visionserve.v1.VisionService.Classify:input_type -> visionserve.v1.ClassifyRequest
+	12, // 33: visionserve.v1.VisionService.Detect:input_type -> visionserve.v1.DetectRequest
+	19, // 34: visionserve.v1.VisionService.StreamClassify:input_type -> visionserve.v1.StreamRequest
+	19, // 35: visionserve.v1.VisionService.StreamDetect:input_type -> visionserve.v1.StreamRequest
+	22, // 36: visionserve.v1.VisionService.ListModels:input_type -> visionserve.v1.ListModelsRequest
+	24, // 37: visionserve.v1.VisionService.ModelInfo:input_type -> visionserve.v1.ModelInfoRequest
+	3,  // 38: visionserve.v1.VisionService.LoadModel:input_type -> visionserve.v1.LoadModelRequest
+	5,  // 39: visionserve.v1.VisionService.UnloadModel:input_type -> visionserve.v1.UnloadModelRequest
+	11, // 40: visionserve.v1.VisionService.Classify:output_type -> visionserve.v1.ClassifyResponse
+	13, // 41: visionserve.v1.VisionService.Detect:output_type -> visionserve.v1.DetectResponse
+	20, // 42: visionserve.v1.VisionService.StreamClassify:output_type -> visionserve.v1.StreamResponse
+	20, // 43: visionserve.v1.VisionService.StreamDetect:output_type -> visionserve.v1.StreamResponse
+	23, // 44: visionserve.v1.VisionService.ListModels:output_type -> visionserve.v1.ListModelsResponse
+	26, // 45: visionserve.v1.VisionService.ModelInfo:output_type -> visionserve.v1.ModelInfoResponse
+	4,  // 46: visionserve.v1.VisionService.LoadModel:output_type -> visionserve.v1.LoadModelResponse
+	6,  // 47: visionserve.v1.VisionService.UnloadModel:output_type -> visionserve.v1.UnloadModelResponse
+	40, // [40:48] is the sub-list for method output_type
+	32, // [32:40] is the sub-list for method input_type
+	32, // [32:32] is the sub-list for extension type_name
+	32, // [32:32] is the sub-list for extension extendee
+	0,  // [0:32] is the sub-list for field type_name
 }
 
 func init() { file_visionserve_v1_vision_proto_init() }
@@ -1838,7 +2055,7 @@ func file_visionserve_v1_vision_proto_init() {
 	if File_visionserve_v1_vision_proto != nil {
 		return
 	}
-	file_visionserve_v1_vision_proto_msgTypes[0].OneofWrappers = []any{
+	file_visionserve_v1_vision_proto_msgTypes[4].OneofWrappers = []any{
 		(*Image_Encoded)(nil),
 		(*Image_Tensor)(nil),
 	}
@@ -1848,7 +2065,7 @@ func file_visionserve_v1_vision_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_visionserve_v1_vision_proto_rawDesc), len(file_visionserve_v1_vision_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   20,
+			NumMessages:   25,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

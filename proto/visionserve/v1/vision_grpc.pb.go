@@ -29,6 +29,8 @@ const (
 	VisionService_StreamDetect_FullMethodName   = "/visionserve.v1.VisionService/StreamDetect"
 	VisionService_ListModels_FullMethodName     = "/visionserve.v1.VisionService/ListModels"
 	VisionService_ModelInfo_FullMethodName      = "/visionserve.v1.VisionService/ModelInfo"
+	VisionService_LoadModel_FullMethodName      = "/visionserve.v1.VisionService/LoadModel"
+	VisionService_UnloadModel_FullMethodName    = "/visionserve.v1.VisionService/UnloadModel"
 )
 
 // VisionServiceClient is the client API for VisionService service.
@@ -53,6 +55,13 @@ type VisionServiceClient interface {
 	ListModels(ctx context.Context, in *ListModelsRequest, opts ...grpc.CallOption) (*ListModelsResponse, error)
 	// ModelInfo describes one model.
 	ModelInfo(ctx context.Context, in *ModelInfoRequest, opts ...grpc.CallOption) (*ModelInfoResponse, error)
+	// LoadModel loads a model of the repository, or reloads it: the loaded
+	// version answers until the new one is ready, and keeps answering if
+	// it fails (--model-control-mode explicit or poll).
+	LoadModel(ctx context.Context, in *LoadModelRequest, opts ...grpc.CallOption) (*LoadModelResponse, error)
+	// UnloadModel stops serving a model once the requests it holds finish;
+	// later requests for it are NotFound.
+	UnloadModel(ctx context.Context, in *UnloadModelRequest, opts ...grpc.CallOption) (*UnloadModelResponse, error)
 }
 
 type visionServiceClient struct {
@@ -129,6 +138,26 @@ func (c *visionServiceClient) ModelInfo(ctx context.Context, in *ModelInfoReques
 	return out, nil
 }
 
+func (c *visionServiceClient) LoadModel(ctx context.Context, in *LoadModelRequest, opts ...grpc.CallOption) (*LoadModelResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(LoadModelResponse)
+	err := c.cc.Invoke(ctx, VisionService_LoadModel_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *visionServiceClient) UnloadModel(ctx context.Context, in *UnloadModelRequest, opts ...grpc.CallOption) (*UnloadModelResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(UnloadModelResponse)
+	err := c.cc.Invoke(ctx, VisionService_UnloadModel_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // VisionServiceServer is the server API for VisionService service.
 // All implementations must embed UnimplementedVisionServiceServer
 // for forward compatibility.
@@ -151,6 +180,13 @@ type VisionServiceServer interface {
 	ListModels(context.Context, *ListModelsRequest) (*ListModelsResponse, error)
 	// ModelInfo describes one model.
 	ModelInfo(context.Context, *ModelInfoRequest) (*ModelInfoResponse, error)
+	// LoadModel loads a model of the repository, or reloads it: the loaded
+	// version answers until the new one is ready, and keeps answering if
+	// it fails (--model-control-mode explicit or poll).
+	LoadModel(context.Context, *LoadModelRequest) (*LoadModelResponse, error)
+	// UnloadModel stops serving a model once the requests it holds finish;
+	// later requests for it are NotFound.
+	UnloadModel(context.Context, *UnloadModelRequest) (*UnloadModelResponse, error)
 	mustEmbedUnimplementedVisionServiceServer()
 }
 
@@ -178,6 +214,12 @@ func (UnimplementedVisionServiceServer) ListModels(context.Context, *ListModelsR
 }
 func (UnimplementedVisionServiceServer) ModelInfo(context.Context, *ModelInfoRequest) (*ModelInfoResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ModelInfo not implemented")
+}
+func (UnimplementedVisionServiceServer) LoadModel(context.Context, *LoadModelRequest) (*LoadModelResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method LoadModel not implemented")
+}
+func (UnimplementedVisionServiceServer) UnloadModel(context.Context, *UnloadModelRequest) (*UnloadModelResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method UnloadModel not implemented")
 }
 func (UnimplementedVisionServiceServer) mustEmbedUnimplementedVisionServiceServer() {}
 func (UnimplementedVisionServiceServer) testEmbeddedByValue()                       {}
@@ -286,6 +328,42 @@ func _VisionService_ModelInfo_Handler(srv interface{}, ctx context.Context, dec 
 	return interceptor(ctx, in, info, handler)
 }
 
+func _VisionService_LoadModel_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(LoadModelRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(VisionServiceServer).LoadModel(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: VisionService_LoadModel_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(VisionServiceServer).LoadModel(ctx, req.(*LoadModelRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _VisionService_UnloadModel_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(UnloadModelRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(VisionServiceServer).UnloadModel(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: VisionService_UnloadModel_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(VisionServiceServer).UnloadModel(ctx, req.(*UnloadModelRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // VisionService_ServiceDesc is the grpc.ServiceDesc for VisionService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -308,6 +386,14 @@ var VisionService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ModelInfo",
 			Handler:    _VisionService_ModelInfo_Handler,
+		},
+		{
+			MethodName: "LoadModel",
+			Handler:    _VisionService_LoadModel_Handler,
+		},
+		{
+			MethodName: "UnloadModel",
+			Handler:    _VisionService_UnloadModel_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
