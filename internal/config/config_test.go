@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -105,4 +106,33 @@ func FuzzConfigFile(f *testing.F) {
 		}
 		_ = c.Validate()
 	})
+}
+
+func TestModelControlFlags(t *testing.T) {
+	env := func(k string) string {
+		if k == "VISIONSERVE_MODEL" {
+			return "/env/a.onnx"
+		}
+		return ""
+	}
+	c, err := Load([]string{"--model", "/x/a.onnx", "--model", "/y/b.onnx", "--model-control-mode", "explicit", "--load-model", "a", "--load-model", "b"}, env, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(c.Models, []string{"/x/a.onnx", "/y/b.onnx"}) || !slices.Equal(c.LoadModels, []string{"a", "b"}) || c.ModelControlMode != "explicit" {
+		t.Errorf("models %q, load %q, mode %q", c.Models, c.LoadModels, c.ModelControlMode)
+	}
+	if c, err := Load(nil, env, io.Discard); err != nil || !slices.Equal(c.Models, []string{"/env/a.onnx"}) {
+		t.Errorf("from the environment: %q %v", c.Models, err)
+	}
+	for _, bad := range [][]string{
+		{"--model-control-mode", "sometimes"},
+		{"--load-model", "a"}, // needs explicit
+		{"--model", "weights.bin"},
+		{"--repository-poll-interval", "1ms"},
+	} {
+		if _, err := Load(bad, func(string) string { return "" }, io.Discard); err == nil {
+			t.Errorf("%q accepted", bad)
+		}
+	}
 }

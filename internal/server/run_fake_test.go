@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -30,6 +31,9 @@ import (
 // backend that builds a modeltest.Engine, except that a model named
 // "broken" fails to load. It returns the HTTP and metrics base URLs and
 // the stop function, which returns Run's error.
+// fakeEnginesBuilt counts the engines startFakeRun's backend built.
+var fakeEnginesBuilt atomic.Int64
+
 type fakeRun struct {
 	grpc          string
 	http, metrics string
@@ -44,7 +48,8 @@ func startFakeRun(t *testing.T, cfg config.Config, repo *modelrepo.Repo) (*fakeR
 			if m.Name == "broken" {
 				return nil, errors.New("graph cannot be imported")
 			}
-			return &modeltest.Engine{Classes: m.NumClasses}, nil
+			fakeEnginesBuilt.Add(1)
+			return &modeltest.Engine{Classes: m.NumClasses, Delay: time.Millisecond}, nil
 		}},
 	})
 	if err != nil {

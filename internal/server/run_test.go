@@ -28,11 +28,14 @@ import (
 
 // realServer runs Run on a repository of the real shared models with the
 // given backend and returns a client connection once it reports SERVING.
-func realServer(t testing.TB, repo, backendName string) (*grpc.ClientConn, chan<- os.Signal, <-chan error) {
+func realServer(t testing.TB, repo, backendName string, tweak ...func(*config.Config)) (*grpc.ClientConn, chan<- os.Signal, <-chan error) {
 	t.Helper()
 	cfg := config.Default()
 	cfg.ORTLib = testenv.ORTLib(t)
 	cfg.ModelRepo, cfg.Backend = repo, backendName
+	for _, f := range tweak {
+		f(&cfg)
+	}
 	cfg.GRPCAddr, cfg.HTTPAddr = "127.0.0.1:0", "127.0.0.1:0"
 	cfg.GracePeriod = 10 * time.Second
 	stop := make(chan os.Signal, 1)
