@@ -14,7 +14,7 @@ ARGS        ?=
 
 export VISIONSERVE_ORT_LIB ?= $(ORT_LIB)
 
-.PHONY: all setup deps models run build test test-race vet bench fuzz clean proto
+.PHONY: all setup deps models torch-exports run build test test-race vet bench fuzz clean proto
 
 all: build
 
@@ -45,8 +45,13 @@ build: setup
 run: build models
 	bin/infer-server --model-repo models $(ARGS)
 
+## torch-exports: torch exports of torchvision ResNet-50 and MobileNetV3 for
+## the OpenCV rewrite tests (Debian's python3-torch); they skip without it
+torch-exports:
+	@scripts/setup.sh torch || echo "setup: torch exports not made; the tests that need them skip and say why" >&2
+
 ## test: the whole test suite
-test: setup models
+test: setup models torch-exports
 	$(GO) test -tags matprofile -count=1 ./...
 
 ## test-race: the packages that run goroutines, under the race detector

@@ -5,6 +5,9 @@
 #
 #   scripts/setup.sh            apt packages + ONNX Runtime CPU library
 #   scripts/setup.sh ort        ONNX Runtime only
+#   scripts/setup.sh torch      Debian's python3-torch and python3-torchvision
+#                               (1.13), then the torch exports of the OpenCV
+#                               rewrite tests into .deps/torch-exports
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=versions.env
@@ -62,9 +65,25 @@ need_ort() {
 	echo "setup: ONNX Runtime $ORT_VERSION in $ort_dir" >&2
 }
 
+need_torch() {
+	local py=/usr/bin/python3 out="$root/.deps/torch-exports"
+	if [ -f "$out/resnet50.onnx" ] && [ -f "$out/mobilenetv3_large.onnx" ]; then
+		return 0
+	fi
+	if ! "$py" -c 'import torch, torchvision' 2>/dev/null; then
+		echo "setup: installing python3-torch and python3-torchvision from apt (for the torch exports)" >&2
+		local sudo=""
+		[ "$(id -u)" -eq 0 ] || sudo=sudo
+		$sudo apt-get update -qq
+		DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends python3-torch python3-torchvision >/dev/null
+	fi
+	"$py" "$root/scripts/torch-exports.py" "$out" >&2
+}
+
 case "${1:-all}" in
 all) need_apt; need_ort ;;
 ort) need_ort ;;
 apt) need_apt ;;
-*) echo "usage: $0 [all|apt|ort]" >&2; exit 2 ;;
+torch) need_torch ;;
+*) echo "usage: $0 [all|apt|ort|torch]" >&2; exit 2 ;;
 esac

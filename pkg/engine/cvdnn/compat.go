@@ -2,6 +2,7 @@ package cvdnn
 
 import (
 	"google.golang.org/protobuf/encoding/protowire"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/visionserve/visionserve/pkg/onnx"
 )
@@ -127,4 +128,67 @@ func fuseSiLU(g *onnx.GraphProto) int {
 		g.Node = kept
 	}
 	return fused
+}
+
+// foldIdentityInitializers removes Identity nodes whose input is an
+// initializer (chains of them too), and returns how many it removed.
+//
+// torch.onnx.export writes them when one weight is used under two names
+// (a shared or tied parameter, or a constant the exporter de-duplicated):
+// the second name is Identity(first). OpenCV 4.6 imports an Identity node
+// as a layer and then cannot find the "blob" behind a layer output where
+// a Conv or Gemm expects a constant weight, and aborts. Every use of the
+// Identity's output is renamed to its input, which is exactly what
+// Identity computes; an output that is also a graph output gets its own
+// copy of the initializer under the output's name instead.
+func foldIdentityInitializers(g *onnx.GraphProto) int {
+	inits := map[string]*onnx.TensorProto{}
+	for _, t := range g.GetInitializer() {
+		inits[t.GetName()] = t
+	}
+	inputs := map[string]bool{}
+	for _, in := range g.GetInput() {
+		inputs[in.GetName()] = true // an initializer that is also an input may be fed: not a constant
+	}
+	outputs := map[string]bool{}
+	for _, o := range g.GetOutput() {
+		outputs[o.GetName()] = true
+	}
+	folded := 0
+	for {
+		rename := map[string]string{}
+		kept := g.Node[:0]
+		for _, n := range g.GetNode() {
+			src := ""
+			if n.GetOpType() == "Identity" && n.GetDomain() == "" && len(n.GetInput()) == 1 && len(n.GetOutput()) == 1 {
+				src = n.GetInput()[0]
+			}
+			if t, ok := inits[src]; ok && !inputs[src] {
+				out := n.GetOutput()[0]
+				if outputs[out] {
+					c := proto.Clone(t).(*onnx.TensorProto)
+					c.Name = out
+					g.Initializer = append(g.Initializer, c)
+					inits[out] = c
+				} else {
+					rename[out] = src
+				}
+				folded++
+				continue
+			}
+			kept = append(kept, n)
+		}
+		g.Node = kept
+		if len(rename) == 0 {
+			break
+		}
+		for _, n := range g.GetNode() {
+			for i, in := range n.GetInput() {
+				if to, ok := rename[in]; ok {
+					n.Input[i] = to
+				}
+			}
+		}
+	}
+	return folded
 }

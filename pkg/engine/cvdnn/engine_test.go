@@ -9,6 +9,7 @@ import (
 	"github.com/visionserve/visionserve/internal/testenv"
 	"github.com/visionserve/visionserve/pkg/engine"
 	"github.com/visionserve/visionserve/pkg/engine/onnxrt"
+	"github.com/visionserve/visionserve/pkg/onnx"
 )
 
 func fillPattern(data []float32, seed uint32) {
@@ -350,5 +351,73 @@ func TestSiLUFusion(t *testing.T) {
 	want := ortReference(t, path, nil, b)
 	if d := maxDiff(got[0].Data, want[0]); d > 1e-4 {
 		t.Errorf("fused graph on OpenCV and original on ONNX Runtime differ by %g", d)
+	}
+}
+
+// identityNet is a small net as torch.onnx.export writes a shared weight:
+// the second use of an initializer goes through Identity nodes (here a
+// chain of two), and a graph output is the Identity of one.
+func identityNet() *onnx.ModelProto {
+	b := newGraph("tiny_identity")
+	b.g.Input = []*onnx.ValueInfoProto{valueInfo("x", -1, 3, 16, 16)}
+	w := b.weights("c1.w", 3, 3, 3, 3)
+	bias := b.weights("c1.b", 3)
+	c1 := b.node("Conv", "c1", []string{"x", w, bias}, intsAttr("kernel_shape", 3, 3), intsAttr("pads", 1, 1, 1, 1))
+	w2 := b.node("Identity", "w.shared", []string{w})
+	w3 := b.node("Identity", "w.shared2", []string{w2})
+	c2 := b.node("Conv", "c2", []string{c1, w3, bias}, intsAttr("kernel_shape", 3, 3), intsAttr("pads", 1, 1, 1, 1))
+	b.node("Relu", "y", []string{c2})
+	b.g.Output = []*onnx.ValueInfoProto{valueInfo("y", -1, 3, 16, 16)}
+	return b.model()
+}
+
+// TestIdentityFolding: Identity nodes on initializers are folded away,
+// chains included, and the folded graph on OpenCV equals the original on
+// ONNX Runtime.
+func TestIdentityFolding(t *testing.T) {
+	m := identityNet()
+	// A graph output that is the Identity of a weight keeps its name.
+	m.Graph.Node = append(m.Graph.Node, &onnx.NodeProto{OpType: "Identity", Input: []string{"c1.b"}, Output: []string{"bias.out"}})
+	m.Graph.Output = append(m.Graph.Output, valueInfo("bias.out", 3))
+	if n := foldIdentityInitializers(m.GetGraph()); n != 3 {
+		t.Fatalf("folded %d Identity nodes, want 3", n)
+	}
+	for _, n := range m.GetGraph().GetNode() {
+		if n.GetOpType() == "Identity" {
+			t.Errorf("Identity %v left", n.GetOutput())
+		}
+		if n.GetOutput()[0] == "c2" && n.GetInput()[1] != "c1.w" {
+			t.Errorf("c2 reads weight %q, want c1.w", n.GetInput()[1])
+		}
+	}
+	found := false
+	for _, init := range m.GetGraph().GetInitializer() {
+		found = found || init.GetName() == "bias.out"
+	}
+	if !found {
+		t.Error("the graph output bias.out lost its value")
+	}
+	// An Identity of a computed value stays.
+	g := &onnx.GraphProto{Node: []*onnx.NodeProto{{OpType: "Identity", Input: []string{"x"}, Output: []string{"y"}}}}
+	if n := foldIdentityInitializers(g); n != 0 || len(g.Node) != 1 {
+		t.Errorf("folded an Identity of a graph input")
+	}
+
+	path := writeModel(t, identityNet(), "tiny_identity.onnx")
+	e, err := New(context.Background(), path, Options{CacheDir: t.TempDir(), MaxBatch: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	batch := engine.NewBatch(2, 3, 16, 16)
+	batch.N = 2
+	fillPattern(batch.Data, 5)
+	got, err := e.Run(context.Background(), batch)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := ortReference(t, path, nil, batch)
+	if d := maxDiff(got[0].Data, want[0]); d > 1e-4 {
+		t.Errorf("folded graph on OpenCV and original on ONNX Runtime differ by %g", d)
 	}
 }

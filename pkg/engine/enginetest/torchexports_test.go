@@ -1,0 +1,97 @@
+package enginetest
+
+import (
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/visionserve/visionserve/internal/testenv"
+	"github.com/visionserve/visionserve/pkg/modelrepo"
+	"github.com/visionserve/visionserve/pkg/pipeline"
+)
+
+// torchExports returns the folder of the torch exports that
+// scripts/torch-exports.py writes (into .deps/torch-exports, once), or
+// skips naming what is missing: a Python with torch and torchvision
+// (Debian's python3-torch and python3-torchvision, as `make
+// torch-exports` installs them, or PyPI's torch and torchvision).
+func torchExports(t *testing.T) string {
+	t.Helper()
+	root, err := testenv.RepoRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Join(root, ".deps", "torch-exports")
+	if d := os.Getenv("VISIONSERVE_TORCH_EXPORTS"); d != "" {
+		dir = d
+	}
+	want := []string{"resnet50.onnx", "mobilenetv3_large.onnx"}
+	have := func() bool {
+		for _, f := range want {
+			if _, err := os.Stat(filepath.Join(dir, f)); err != nil {
+				return false
+			}
+		}
+		return true
+	}
+	if have() {
+		return dir
+	}
+	var tried []string
+	for _, py := range []string{"/usr/bin/python3", "python3"} {
+		if err := exec.Command(py, "-c", "import torch, torchvision").Run(); err != nil {
+			tried = append(tried, py)
+			continue
+		}
+		out, err := exec.Command(py, filepath.Join(root, "scripts", "torch-exports.py"), dir).CombinedOutput()
+		if err != nil {
+			t.Fatalf("scripts/torch-exports.py: %v\n%s", err, out)
+		}
+		t.Logf("%s", strings.TrimSpace(string(out)))
+		if have() {
+			return dir
+		}
+	}
+	t.Skipf("torch exports missing: no Python with torch and torchvision among %v; `make torch-exports` installs Debian's python3-torch and python3-torchvision", tried)
+	return ""
+}
+
+// TestTorchExportsOnOpenCV: torchvision ResNet-50 and MobileNetV3-Large,
+// exported by torch.onnx.export as it writes them (Identity nodes on
+// initializers included) and configured by the ImageNet preset alone,
+// load on OpenCV with no fallback and agree with ONNX Runtime on the
+// photos: the same top-1, probabilities within 1e-4.
+func TestTorchExportsOnOpenCV(t *testing.T) {
+	dir := torchExports(t)
+	for _, name := range []string{"resnet50", "mobilenetv3_large"} {
+		t.Run(name, func(t *testing.T) {
+			m, err := modelrepo.LoadFile(filepath.Join(dir, name+".onnx"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if m.Sources["task"] != modelrepo.SourcePreset {
+				t.Fatalf("%s not configured by the preset: %s", name, m.SettingSources())
+			}
+			ort, cv, _, _ := runners(t, m)
+			imgs := testImages(t)
+			want, err := ort.Infer(context.Background(), imgs, pipeline.Options{TopK: 5})
+			if err != nil {
+				t.Fatal(err)
+			}
+			got, err := cv.Infer(context.Background(), imgs, pipeline.Options{TopK: 5})
+			if err != nil {
+				t.Fatal(err)
+			}
+			for i := range imgs {
+				if got[i].Backend != "opencv" {
+					t.Fatalf("served on %q", got[i].Backend)
+				}
+				t.Logf("image %d: ort %s %.5f, opencv %s %.5f", i, want[i].Classes[0].Label, want[i].Classes[0].Score, got[i].Classes[0].Label, got[i].Classes[0].Score)
+				compareClasses(t, got[i].Classes, want[i].Classes, 1e-4)
+			}
+		})
+	}
+}
