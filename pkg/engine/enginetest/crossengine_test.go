@@ -115,36 +115,7 @@ func TestCrossEngineYOLOv8s(t *testing.T) {
 		t.Fatal("OpenCV engine runs the full yolov8s graph; want it cut at the detect head")
 	}
 	imgs := testImages(t)
-	// The generated weights are seeded, not trained: how many boxes pass
-	// the default threshold depends on the seed. Lower it until there are
-	// boxes to compare; no cap on their number, so no cut-off can differ.
-	total := 0
-	for _, conf := range []float32{0.25, 0.05, 0.01} {
-		opts := pipeline.Options{Confidence: conf, MaxDetections: modelrepo.MaxDetectionsAny}
-		want, err := ort.Infer(context.Background(), imgs, opts)
-		if err != nil {
-			t.Fatal(err)
-		}
-		got, err := cv.Infer(context.Background(), imgs, opts)
-		if err != nil {
-			t.Fatal(err)
-		}
-		total = 0
-		for i := range imgs {
-			total += len(want[i].Detections)
-		}
-		if total == 0 {
-			continue
-		}
-		for i := range imgs {
-			t.Logf("confidence %.2f, image %d: %d detections on ort, %d on opencv", conf, i, len(want[i].Detections), len(got[i].Detections))
-			compareDetections(t, got[i].Detections, want[i].Detections, conf, 0.99, 1e-3)
-		}
-		break
-	}
-	if total == 0 {
-		t.Error("no detections even at confidence 0.01; the box comparison tested nothing")
-	}
+	crossCheckDetections(t, ort, cv, imgs)
 
 	// The raw output0 of both engines, on one preprocessed image: class
 	// rows are probabilities (within 1e-3), box rows input pixels.
@@ -194,4 +165,40 @@ func TestCrossEngineYOLOv8s(t *testing.T) {
 	if boxErr > 0.05 {
 		t.Errorf("boxes differ by %g input pixels", boxErr)
 	}
+}
+
+// crossCheckDetections compares the detections of the two runners on
+// imgs: every box at IoU ≥ 0.99, scores within 1e-3. Seeded weights are
+// not trained: how many boxes pass the default threshold depends on the
+// seed, so the threshold is lowered until there are boxes to compare; no
+// cap on their number, so no cut-off can differ.
+func crossCheckDetections(t *testing.T, ort, cv *pipelinetest.Runner, imgs [][]byte) {
+	t.Helper()
+	for _, conf := range []float32{0.25, 0.05, 0.01} {
+		opts := pipeline.Options{Confidence: conf, MaxDetections: modelrepo.MaxDetectionsAny}
+		want, err := ort.Infer(context.Background(), imgs, opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := cv.Infer(context.Background(), imgs, opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		total := 0
+		for i := range imgs {
+			total += len(want[i].Detections)
+		}
+		if total == 0 {
+			continue
+		}
+		for i := range imgs {
+			if got[i].Backend != "opencv" {
+				t.Fatalf("served on %q", got[i].Backend)
+			}
+			t.Logf("confidence %.2f, image %d: %d detections on ort, %d on opencv", conf, i, len(want[i].Detections), len(got[i].Detections))
+			compareDetections(t, got[i].Detections, want[i].Detections, conf, 0.99, 1e-3)
+		}
+		return
+	}
+	t.Error("no detections even at confidence 0.01; the box comparison tested nothing")
 }

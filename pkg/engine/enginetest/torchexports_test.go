@@ -28,7 +28,7 @@ func torchExports(t *testing.T) string {
 	if d := os.Getenv("VISIONSERVE_TORCH_EXPORTS"); d != "" {
 		dir = d
 	}
-	want := []string{"resnet50.onnx", "mobilenetv3_large.onnx"}
+	want := []string{"resnet50.onnx", "mobilenetv3_large.onnx", "yolov8s.onnx"}
 	have := func() bool {
 		for _, f := range want {
 			if _, err := os.Stat(filepath.Join(dir, f)); err != nil {
@@ -94,4 +94,24 @@ func TestTorchExportsOnOpenCV(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestTorchYOLOv8sOnOpenCV: the torch export of a YOLOv8s in Ultralytics'
+// layout, configured by its Ultralytics metadata alone, is cut at its
+// detect head and served on OpenCV with no fallback, and its boxes agree
+// with ONNX Runtime's on the photos (IoU ≥ 0.99).
+func TestTorchYOLOv8sOnOpenCV(t *testing.T) {
+	dir := torchExports(t)
+	m, err := modelrepo.LoadFile(filepath.Join(dir, "yolov8s.onnx"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m.Task != modelrepo.TaskDetect || m.Sources["labels"] != modelrepo.SourceMetadata || m.NumClasses != 80 {
+		t.Fatalf("not configured from its metadata: %s %d classes (%s)", m.Task, m.NumClasses, m.SettingSources())
+	}
+	ort, cv, _, cvE := runners(t, m)
+	if cvE.Head() == nil {
+		t.Error("OpenCV runs the full graph; want it cut at the detect head")
+	}
+	crossCheckDetections(t, ort, cv, testImages(t))
 }
