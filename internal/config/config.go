@@ -127,7 +127,13 @@ type Config struct {
 	RepositoryPollInterval time.Duration `yaml:"repository_poll_interval"`
 	// LoadModels are the models explicit mode loads at startup ("*": all).
 	LoadModels []string `yaml:"load_models"`
+	// Precision is fp32 or fp16: with fp16 the GPU backends convert each
+	// model to half precision at load (float32 in and out).
+	Precision string `yaml:"precision"`
 }
+
+// Precisions the GPU backends run models at.
+var Precisions = []string{"fp32", "fp16"}
 
 // Model control modes (Triton's --model-control-mode).
 var ModelControlModes = modelrepo.ControlModes
@@ -173,6 +179,7 @@ func Default() Config {
 		StrictReadiness:        true,
 		ModelControlMode:       modelrepo.ControlNone,
 		RepositoryPollInterval: 15 * time.Second,
+		Precision:              "fp32",
 	}
 }
 
@@ -281,6 +288,7 @@ var settings = []setting{
 	{"model", "also serve this ONNX file, NAME.onnx, understood from its metadata (repeatable)", list(func(c *Config) *[]string { return &c.Models })},
 	{"model-control-mode", "none (load at startup) | poll (follow the repository folder) | explicit (load and unload on request)", str(func(c *Config) *string { return &c.ModelControlMode })},
 	{"repository-poll-interval", "how often --model-control-mode poll looks at the repository", duration(func(c *Config) *time.Duration { return &c.RepositoryPollInterval })},
+	{"precision", "fp32 | fp16: GPU backends convert each model to half precision at load (float32 in and out)", str(func(c *Config) *string { return &c.Precision })},
 	{"load-model", "--model-control-mode explicit: a model to load at startup (repeatable; * for all)", list(func(c *Config) *[]string { return &c.LoadModels })},
 }
 
@@ -328,7 +336,7 @@ func Load(args []string, getenv func(string) string, usage io.Writer) (Config, e
 		"log-format": def.LogFormat, "log-level": def.LogLevel, "ort-threads": "0",
 		"gpu-memory-budget": "0", "gpu-failover": def.GPUFailover, "tensorrt-fp16": "false",
 		"gpu-batch-padding": def.GPUBatchPadding, "strict-readiness": "true", "exit-on-error": "false",
-		"model-control-mode": def.ModelControlMode, "repository-poll-interval": def.RepositoryPollInterval.String(),
+		"model-control-mode": def.ModelControlMode, "precision": def.Precision, "repository-poll-interval": def.RepositoryPollInterval.String(),
 	}
 	for i, s := range settings {
 		raw[i] = &rawValue{v: defaults[s.name], list: listSettings[s.name]}
@@ -459,6 +467,11 @@ func (c Config) Validate() error {
 	}
 	if !slices.Contains(GPUBatchPaddings, c.GPUBatchPadding) {
 		bad("gpu-batch-padding %q unknown (want %s)", c.GPUBatchPadding, strings.Join(GPUBatchPaddings, ", "))
+	}
+	if !slices.Contains(Precisions, c.Precision) {
+		bad("precision %q unknown (want %s)", c.Precision, strings.Join(Precisions, ", "))
+	} else if c.Precision == "fp16" && (c.Backend == engine.ORTCPU || c.Backend == engine.OpenCV) {
+		bad("precision fp16 is for the GPU backends (ort-cuda, ort-tensorrt, or auto on a machine with a GPU), not %s", c.Backend)
 	}
 	if !slices.Contains(ModelControlModes, c.ModelControlMode) {
 		bad("model-control-mode %q unknown (want %s)", c.ModelControlMode, strings.Join(ModelControlModes, ", "))

@@ -122,6 +122,9 @@ func TestModelControlFlags(t *testing.T) {
 	if !slices.Equal(c.Models, []string{"/x/a.onnx", "/y/b.onnx"}) || !slices.Equal(c.LoadModels, []string{"a", "b"}) || c.ModelControlMode != "explicit" {
 		t.Errorf("models %q, load %q, mode %q", c.Models, c.LoadModels, c.ModelControlMode)
 	}
+	if c, err := Load([]string{"--precision", "fp16", "--backend", "ort-cuda"}, env, io.Discard); err != nil || c.Precision != "fp16" {
+		t.Errorf("fp16 on ort-cuda: %q %v", c.Precision, err)
+	}
 	if c, err := Load(nil, env, io.Discard); err != nil || !slices.Equal(c.Models, []string{"/env/a.onnx"}) {
 		t.Errorf("from the environment: %q %v", c.Models, err)
 	}
@@ -130,6 +133,8 @@ func TestModelControlFlags(t *testing.T) {
 		{"--load-model", "a"}, // needs explicit
 		{"--model", "weights.bin"},
 		{"--repository-poll-interval", "1ms"},
+		{"--precision", "half"},
+		{"--precision", "fp16", "--backend", "ort-cpu"},
 	} {
 		if _, err := Load(bad, func(string) string { return "" }, io.Discard); err == nil {
 			t.Errorf("%q accepted", bad)

@@ -43,6 +43,7 @@ func gpuOptions(cfg config.Config, cpu engine.Factory) gpu.BackendOptions {
 		},
 		Budget:       gpu.Budget{Bytes: uint64(cfg.GPUMemoryBudget)},
 		BatchPadding: cfg.GPUBatchPadding,
+		Precision:    cfg.Precision,
 		Fallback: func(ctx context.Context, m *modelrepo.Model) (engine.Engine, error) {
 			return cpu.New(ctx, m, 0)
 		},

@@ -4,12 +4,15 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 	"slices"
 	"sync"
 
 	"github.com/visionserve/visionserve/pkg/engine"
 	"github.com/visionserve/visionserve/pkg/engine/failover"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
+	"github.com/visionserve/visionserve/pkg/onnx"
 )
 
 // BackendOptions configure the GPU backends (ort-cuda and ort-tensorrt).
@@ -41,6 +44,14 @@ type BackendOptions struct {
 	Ledger *MemoryLedger
 	// Memory reads GPU memory use; nil means NVML when it loads.
 	Memory MemoryReader
+	// Precision is "fp32" (the model as written; the default) or "fp16":
+	// the model is converted at load (onnx.ToFP16: float16 weights and
+	// compute, float32 inputs and outputs, the operators that need it in
+	// float32) into CacheDir, and that file is served.
+	Precision string
+	// CacheDir keeps the converted models; empty means the user cache
+	// folder.
+	CacheDir string
 	// Failover, when set, wraps each GPU engine with a CPU fallback behind
 	// a circuit breaker shared by the model's engines on one device.
 	Failover *failover.Options
@@ -224,7 +235,21 @@ func (r *Backends) load(ctx context.Context, name string, m *modelrepo.Model, de
 	if m.Config.Output.Name != "" {
 		lo.OutputNames = []string{m.Config.Output.Name}
 	}
-	gm, err := LoadModel(ctx, m.Path, lo)
+	path := m.Path
+	if r.o.Precision == "fp16" {
+		dir := r.o.CacheDir
+		if dir == "" {
+			base, err := os.UserCacheDir()
+			if err != nil {
+				base = os.TempDir()
+			}
+			dir = filepath.Join(base, "visionserve", "fp16")
+		}
+		if path, err = onnx.ConvertFileFP16(m.Path, dir); err != nil {
+			return nil, fmt.Errorf("loading model %q: %w", m.Name, err)
+		}
+	}
+	gm, err := LoadModel(ctx, path, lo)
 	if err != nil {
 		return nil, err
 	}
