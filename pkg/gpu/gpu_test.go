@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/visionserve/visionserve/pkg/engine"
+	"github.com/visionserve/visionserve/pkg/onnx"
 )
 
 // requireGPU skips unless NVML reports a GPU and ONNX Runtime loads.
@@ -278,4 +279,86 @@ func benchMixed(b *testing.B, e *Engine) {
 	b.ReportMetric(pct(0.50), "p50_ms")
 	b.ReportMetric(pct(0.99), "p99_ms")
 	b.ReportMetric(float64(e.Stats().PaddedBatches), "padded")
+}
+
+// BenchmarkGPUPrecision compares each model at fp32 and converted to fp16
+// (onnx.ConvertFileFP16, what --precision fp16 serves) on the CUDA
+// provider, pinned input, at batch 1 and 64.
+func BenchmarkGPUPrecision(b *testing.B) {
+	requireGPU(b)
+	sizes := []int{1, 64}
+	for _, model := range []string{"resnet50", "mobilenetv3_large", "yolov8s"} {
+		b.Run(model, func(b *testing.B) {
+			fp32 := repoModel(b, model)
+			fp16, err := onnx.ConvertFileFP16(fp32, b.TempDir())
+			if err != nil {
+				b.Fatal(err)
+			}
+			for _, p := range []struct{ name, path string }{{"fp32", fp32}, {"fp16", fp16}} {
+				m, err := LoadModel(context.Background(), p.path, LoadOptions{
+					Name:             model + "-" + p.name,
+					Session:          SessionOptions{Provider: ProviderCUDA},
+					WarmUpBatchSizes: sizes,
+				})
+				if err != nil {
+					b.Fatal(err)
+				}
+				for _, n := range sizes {
+					b.Run(fmt.Sprintf("%s/batch=%d", p.name, n), func(b *testing.B) {
+						benchEngine(b, m.Engines[0], MemoryPinned, n)
+					})
+				}
+				m.Close()
+			}
+		})
+	}
+}
+
+// TestGPUFP16MatchesFP32 runs the generated classifiers at fp32 and fp16
+// on the CUDA provider over 64 random inputs and reports the top-1
+// agreement and the largest logit difference; the photos' agreement is
+// measured through the server by scripts/gpu-check.sh.
+func TestGPUFP16MatchesFP32(t *testing.T) {
+	requireGPU(t)
+	for _, model := range []string{"resnet50", "mobilenetv3_large"} {
+		t.Run(model, func(t *testing.T) {
+			fp32 := repoModel(t, model)
+			fp16, err := onnx.ConvertFileFP16(fp32, t.TempDir())
+			if err != nil {
+				t.Fatal(err)
+			}
+			const n = 64
+			outs := make([][]float32, 2)
+			for i, path := range []string{fp32, fp16} {
+				m, err := LoadModel(context.Background(), path, LoadOptions{Name: model, Session: SessionOptions{Provider: ProviderCUDA}, WarmUpBatchSizes: []int{n}})
+				if err != nil {
+					t.Fatal(err)
+				}
+				e := m.Engines[0]
+				in := e.Input()
+				c, h, w := int(in.Shape[1]), int(in.Shape[2]), int(in.Shape[3])
+				res, err := e.RunData(context.Background(), randomInput(5, n*c*h*w), n, c, h, w)
+				if err != nil {
+					t.Fatal(err)
+				}
+				outs[i] = append([]float32(nil), res[0].Data...)
+				m.Close()
+			}
+			classes := len(outs[0]) / n
+			agree, worst := 0, 0.0
+			for i := range n {
+				a, b := outs[0][i*classes:(i+1)*classes], outs[1][i*classes:(i+1)*classes]
+				if slices.Index(a, slices.Max(a)) == slices.Index(b, slices.Max(b)) {
+					agree++
+				}
+				for j := range a {
+					worst = math.Max(worst, math.Abs(float64(a[j]-b[j])))
+				}
+			}
+			t.Logf("%s fp16 vs fp32 on CUDA: top-1 agrees on %d of %d inputs, largest logit difference %.3g", model, agree, n, worst)
+			if agree < n*9/10 {
+				t.Errorf("top-1 agrees on only %d of %d", agree, n)
+			}
+		})
+	}
 }
