@@ -2,6 +2,7 @@ package gpu
 
 import (
 	"context"
+	"math/rand/v2"
 	"os/exec"
 	"slices"
 	"strings"
@@ -70,4 +71,70 @@ func TestNoOpenCVDependency(t *testing.T) {
 			t.Errorf("package gpu depends on %s; GPU binaries must build and run without OpenCV", dep)
 		}
 	}
+}
+
+// BenchmarkMixedBatchesCPU is BenchmarkGPUMixedBatches on the CPU twin
+// (the IoBinding engine on ONNX Runtime's CPU provider, the small conv
+// model), with each padding policy: it rehearses the GPU benchmark and
+// shows what padding costs where a shape change is free.
+func BenchmarkMixedBatchesCPU(b *testing.B) {
+	initRuntime(b)
+	path := convModel(b)
+	for _, p := range []struct {
+		name string
+		pad  []int
+	}{{"none", nil}, {"warmed", []int{1, 4, 8}}, {"max", []int{8}}} {
+		b.Run("pad="+p.name, func(b *testing.B) {
+			s, err := OpenSession(path, SessionOptions{Provider: ProviderCPU, IntraOpThreads: 1})
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer s.Close()
+			e, err := NewEngine(s, EngineOptions{PadBatchSizes: p.pad})
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer e.Close()
+			benchMixed(b, e)
+		})
+	}
+}
+
+func benchMixed(b *testing.B, e *Engine) {
+	in := e.Input()
+	c, h, w := int(in.Shape[1]), int(in.Shape[2]), int(in.Shape[3])
+	buf, free, err := e.AllocBatch(8, c, h, w)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer free()
+	copy(buf, randomInput(2, len(buf)))
+	sizes := make([]int, b.N)
+	rng := rand.New(rand.NewPCG(7, 11))
+	images := 0
+	for i := range sizes {
+		sizes[i] = 1 + rng.IntN(8)
+		images += sizes[i]
+	}
+	lat := make([]time.Duration, 0, b.N)
+	ctx := context.Background()
+	b.ResetTimer()
+	start := time.Now()
+	for _, n := range sizes {
+		t0 := time.Now()
+		if _, err := e.RunData(ctx, buf, n, c, h, w); err != nil {
+			b.Fatal(err)
+		}
+		lat = append(lat, time.Since(t0))
+	}
+	wall := time.Since(start)
+	b.StopTimer()
+	slices.Sort(lat)
+	pct := func(p float64) float64 {
+		return float64(lat[min(len(lat)-1, int(p*float64(len(lat))))]) / 1e6
+	}
+	b.ReportMetric(float64(images)/wall.Seconds(), "images/s")
+	b.ReportMetric(pct(0.50), "p50_ms")
+	b.ReportMetric(pct(0.99), "p99_ms")
+	b.ReportMetric(float64(e.Stats().PaddedBatches), "padded")
 }

@@ -9,7 +9,6 @@ import (
 	"context"
 	"fmt"
 	"math"
-	"math/rand/v2"
 	"os"
 	"os/signal"
 	"slices"
@@ -240,45 +239,6 @@ func BenchmarkGPUMixedBatches(b *testing.B) {
 			}
 		})
 	}
-}
-
-func benchMixed(b *testing.B, e *Engine) {
-	in := e.Input()
-	c, h, w := int(in.Shape[1]), int(in.Shape[2]), int(in.Shape[3])
-	buf, free, err := e.AllocBatch(8, c, h, w)
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer free()
-	copy(buf, randomInput(2, len(buf)))
-	sizes := make([]int, b.N)
-	rng := rand.New(rand.NewPCG(7, 11))
-	images := 0
-	for i := range sizes {
-		sizes[i] = 1 + rng.IntN(8)
-		images += sizes[i]
-	}
-	lat := make([]time.Duration, 0, b.N)
-	ctx := context.Background()
-	b.ResetTimer()
-	start := time.Now()
-	for _, n := range sizes {
-		t0 := time.Now()
-		if _, err := e.RunData(ctx, buf, n, c, h, w); err != nil {
-			b.Fatal(err)
-		}
-		lat = append(lat, time.Since(t0))
-	}
-	wall := time.Since(start)
-	b.StopTimer()
-	slices.Sort(lat)
-	pct := func(p float64) float64 {
-		return float64(lat[min(len(lat)-1, int(p*float64(len(lat))))]) / 1e6
-	}
-	b.ReportMetric(float64(images)/wall.Seconds(), "images/s")
-	b.ReportMetric(pct(0.50), "p50_ms")
-	b.ReportMetric(pct(0.99), "p99_ms")
-	b.ReportMetric(float64(e.Stats().PaddedBatches), "padded")
 }
 
 // BenchmarkGPUPrecision compares each model at fp32 and converted to fp16
