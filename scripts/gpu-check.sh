@@ -45,7 +45,11 @@ run() {
 	mkdir -p "$out"
 	local backend=${GPU_CHECK_BACKEND:-ort-cuda} secs=${GPU_CHECK_SECONDS:-10} conc=${GPU_CHECK_CONC:-1 16 64 256}
 	local ort=${ORT_GPU_DIR:-$bin/ort}
-	export LD_LIBRARY_PATH="$PWD/$bin/lib:$PWD/$ort:$(find / -path '*nvidia*' -name lib -type d 2>/dev/null | tr '\n' ':')${LD_LIBRARY_PATH:-}"
+	# CUDA and ONNX Runtime for everything; the carried OpenCV closure last
+	# and only for the gocv binaries (its libcurl breaks the machine's curl).
+	local gpu_ld="$PWD/$ort:$(find / -path '*nvidia*' -name lib -type d 2>/dev/null | tr '\n' ':')${LD_LIBRARY_PATH:-}"
+	export LD_LIBRARY_PATH=$gpu_ld
+	cv() { LD_LIBRARY_PATH="$gpu_ld:$PWD/$bin/lib" "$@"; }
 	local ortlib
 	ortlib=$(ls "$ort"/libonnxruntime.so.1* 2>/dev/null | head -1)
 	[ -n "$ortlib" ] || ortlib=${VISIONSERVE_ORT_LIB:-}
@@ -80,11 +84,13 @@ run() {
 	serve() { # serve NAME ARGS...: starts infer-server, waits for /readyz
 		local name=$1
 		shift
-		"$bin/infer-server" --model-repo models --backend "$backend" --grpc-addr 127.0.0.1:18001 --http-addr 127.0.0.1:18002 "$@" > "$out/server-$name.log" 2>&1 &
+		# exec: $server is the server itself, so that stop's TERM reaches it.
+		(LD_LIBRARY_PATH="$gpu_ld:$PWD/$bin/lib" exec "$bin/infer-server" --model-repo models --backend "$backend" \
+			--grpc-addr 127.0.0.1:18001 --http-addr 127.0.0.1:18002 "$@") > "$out/server-$name.log" 2>&1 &
 		server=$!
 		for _ in $(seq 240); do
-			curl -sf 127.0.0.1:18002/readyz > /dev/null && return 0
 			kill -0 "$server" 2> /dev/null || return 1
+			curl -sf 127.0.0.1:18002/readyz > /dev/null && return 0
 			sleep 0.5
 		done
 		return 1
@@ -100,11 +106,11 @@ run() {
 			[ "$model" = yolov8s ] && task=detect
 			for c in $conc; do
 				[ "$c" = 1 ] && stages "$model" > "$out/stages-$model-before.txt"
-				"$bin/infer-client" load --addr 127.0.0.1:18001 --model "$model" --concurrency "$c" --duration "${secs}s" "$img" 2> /dev/null |
+				cv "$bin/infer-client" load --addr 127.0.0.1:18001 --model "$model" --concurrency "$c" --duration "${secs}s" "$img" 2> /dev/null |
 					tail -3 | sed "s/^/$model c=$c: /" >> "$out/served.txt"
 				[ "$c" = 1 ] && stages "$model" > "$out/stages-$model-after.txt"
 			done
-			[ "$task" = classify ] && "$bin/infer-client" classify --addr 127.0.0.1:18001 --model "$model" --json ../shared/testdata/images/*.jpg > "$out/classify-$model-fp32.json" 2>&1
+			[ "$task" = classify ] && cv "$bin/infer-client" classify --addr 127.0.0.1:18001 --model "$model" --json ../shared/testdata/images/*.jpg > "$out/classify-$model-fp32.json" 2>&1
 			log "served $model"
 		done
 		stop
@@ -115,8 +121,8 @@ run() {
 	# 4. fp16 served: the same photos, top-1 against fp32.
 	if serve fp16 --precision fp16 --gpu-batch-padding max; then
 		for model in mobilenetv3_large resnet50; do
-			"$bin/infer-client" classify --addr 127.0.0.1:18001 --model "$model" --json ../shared/testdata/images/*.jpg > "$out/classify-$model-fp16.json" 2>&1
-			"$bin/infer-client" load --addr 127.0.0.1:18001 --model "$model" --concurrency 64 --duration "${secs}s" "$photo" 2> /dev/null |
+			cv "$bin/infer-client" classify --addr 127.0.0.1:18001 --model "$model" --json ../shared/testdata/images/*.jpg > "$out/classify-$model-fp16.json" 2>&1
+			cv "$bin/infer-client" load --addr 127.0.0.1:18001 --model "$model" --concurrency 64 --duration "${secs}s" "$photo" 2> /dev/null |
 				tail -1 | sed "s/^/$model fp16 c=64: /" >> "$out/served.txt"
 		done
 		stop
