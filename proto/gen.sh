@@ -7,4 +7,4 @@ export PATH="$PATH:$(go env GOPATH)/bin"
 protoc -I . \
 	--go_out=. --go_opt=paths=source_relative \
 	--go-grpc_out=. --go-grpc_opt=paths=source_relative \
-	visionserve/v1/vision.proto inference/grpc_service.proto
+	visionserve/v1/vision.proto inference/grpc_service.proto inference/model_config.proto
