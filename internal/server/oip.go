@@ -31,6 +31,7 @@ type oipService struct {
 	inference.UnimplementedGRPCInferenceServiceServer
 	reg     *model.Registry
 	control control
+	shm     *shmRegistry
 	limits  Limits
 	// maxMessageBytes bounds the response too.
 	maxMessageBytes int
@@ -81,11 +82,6 @@ func (s *oipService) ModelReady(_ context.Context, req *inference.ModelReadyRequ
 		return nil, toStatus(err)
 	}
 	return &inference.ModelReadyResponse{Ready: m.Ready() && !s.reg.Draining()}, nil
-}
-
-// ServerMetadata implements GRPCInferenceService.
-func (s *oipService) ServerMetadata(context.Context, *inference.ServerMetadataRequest) (*inference.ServerMetadataResponse, error) {
-	return &inference.ServerMetadataResponse{Name: "visionserve", Version: Version}, nil
 }
 
 // ModelMetadata implements GRPCInferenceService. It describes the FP32
@@ -187,19 +183,48 @@ func (s *oipService) ModelInfer(ctx context.Context, req *inference.ModelInferRe
 		return nil, toStatus(err)
 	}
 	resp := &inference.ModelInferResponse{ModelName: m.Name, ModelVersion: versionOf(m), Id: req.GetId()}
-	raw := len(req.GetRawInputContents()) > 0
-	for _, t := range outs {
-		if t.Name != out.Name && len(outs) > 1 {
-			continue
+	var t engine.Tensor
+	for _, o := range outs {
+		if o.Name == out.Name || len(outs) == 1 {
+			t = o
 		}
+	}
+	requested := req.GetOutputs()
+	if len(requested) == 0 {
+		requested = []*inference.ModelInferRequest_InferRequestedOutputTensor{{Name: out.Name}}
+	}
+	// Every output is answered in raw_output_contents, as Triton does,
+	// in the order of outputs; one written to shared memory has an empty
+	// entry there.
+	for _, ro := range requested {
 		ot := &inference.ModelInferResponse_InferOutputTensor{Name: out.Name, Datatype: "FP32", Shape: t.Shape}
-		if raw {
-			// t.Data is this request's own copy of the output rows.
-			resp.RawOutputContents = append(resp.RawOutputContents, floatsToLE(t.Data))
+		var raw []byte
+		if k := ro.GetParameters()["classification"].GetInt64Param(); k > 0 {
+			if ot, raw, err = classification(m, t, len(inputs), int(k)); err != nil {
+				return nil, toStatus(err)
+			}
+		} else if _, ok := ro.GetParameters()["classification"]; ok {
+			return nil, toStatus(invalid("classification must be a positive int64 count"))
 		} else {
-			ot.Contents = &inference.InferTensorContents{Fp32Contents: t.Data}
+			// t.Data is this request's own copy of the output rows.
+			raw = floatsToLE(t.Data)
+		}
+		region, off, size, toSHM, err := shmRef(ro.GetParameters())
+		if err != nil {
+			return nil, toStatus(err)
+		}
+		if toSHM {
+			if uint64(len(raw)) > size {
+				return nil, toStatus(invalid("output %q is %d bytes; shared_memory_byte_size is %d", ot.Name, len(raw), size))
+			}
+			if err := s.shm.use(region, off, uint64(len(raw)), func(b []byte) error { copy(b, raw); return nil }); err != nil {
+				return nil, toStatus(err)
+			}
+			ot.Parameters = ro.GetParameters()
+			raw = []byte{}
 		}
 		resp.Outputs = append(resp.Outputs, ot)
+		resp.RawOutputContents = append(resp.RawOutputContents, raw)
 	}
 	return resp, nil
 }
@@ -225,6 +250,23 @@ func (s *oipService) inferInputs(req *inference.ModelInferRequest, m *model.Mode
 	var raw []byte
 	if len(raws) == 1 {
 		raw = raws[0]
+	}
+	region, off, size, fromSHM, err := shmRef(in.GetParameters())
+	if err != nil {
+		return nil, err
+	}
+	if fromSHM {
+		if raw != nil || in.GetContents() != nil {
+			return nil, invalid("input %q is in shared memory region %q and in the request; use one", clip(in.GetName()), clip(region))
+		}
+		if size > uint64(s.maxMessageBytes)*4 {
+			return nil, invalid("input %q: %d bytes of shared memory, over 4 × --max-message-bytes", clip(in.GetName()), size)
+		}
+		// One copy out of the region: the client may reuse it as soon as
+		// the answer is back, and the server must not read it after.
+		if err := s.shm.use(region, off, size, func(b []byte) error { raw = append([]byte(nil), b...); return nil }); err != nil {
+			return nil, err
+		}
 	}
 	shape := in.GetShape()
 	for _, d := range shape {

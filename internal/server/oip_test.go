@@ -89,7 +89,8 @@ func TestOIPRawFP32IsEngineOutput(t *testing.T) {
 		t.Errorf("raw output differs from the engine's")
 	}
 
-	// Typed contents in, typed contents out.
+	// Typed contents in, raw contents out, as Triton answers (tritonclient
+	// reads only raw_output_contents).
 	resp, err = e.oip.ModelInfer(ctxT(t), &inference.ModelInferRequest{
 		ModelName: "cls",
 		Inputs: []*inferInput{{Name: "images", Datatype: "FP32", Shape: []int64{3, 64, 64},
@@ -98,8 +99,8 @@ func TestOIPRawFP32IsEngineOutput(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := resp.Outputs[0].Contents.GetFp32Contents(); !slices.Equal(got, direct.Data[:10]) || !slices.Equal(resp.Outputs[0].Shape, []int64{1, 10}) {
-		t.Errorf("typed output %v, want %v", got, direct.Data[:10])
+	if got := resp.RawOutputContents[0]; resp.Outputs[0].Contents != nil || !slices.Equal(got, fp32Raw(direct.Data[:10])) || !slices.Equal(resp.Outputs[0].Shape, []int64{1, 10}) {
+		t.Errorf("output to typed input: %v, raw %d bytes; want raw %v", resp.Outputs[0], len(got), direct.Data[:10])
 	}
 }
 

@@ -88,6 +88,7 @@ type Server struct {
 	reg      *model.Registry
 	admit    *admission
 	streams  *streamSlots
+	shm      *shmRegistry
 	log      *slog.Logger
 	draining chan struct{}
 	drain    sync.Once
@@ -145,7 +146,8 @@ func New(opts Options) (*Server, error) {
 	visionv1.RegisterVisionServiceServer(s.grpc, &visionService{
 		reg: opts.Registry, control: ctl, limits: lim, streams: s.streams, draining: s.draining,
 	})
-	inference.RegisterGRPCInferenceServiceServer(s.grpc, &oipService{reg: opts.Registry, control: ctl, limits: lim, maxMessageBytes: opts.MaxMessageBytes})
+	s.shm = newSHMRegistry()
+	inference.RegisterGRPCInferenceServiceServer(s.grpc, &oipService{reg: opts.Registry, control: ctl, shm: s.shm, limits: lim, maxMessageBytes: opts.MaxMessageBytes})
 	healthpb.RegisterHealthServer(s.grpc, s.health)
 	reflection.Register(s.grpc)
 	// One readiness, the registry's, drives health checking; /readyz
@@ -209,6 +211,7 @@ func (s *Server) Shutdown(ctx context.Context, grace time.Duration) error {
 			<-stopped
 		}
 		err = s.reg.Close(ctx)
+		s.shm.close() // no call runs any more: unmap what clients registered
 	})
 	return err
 }

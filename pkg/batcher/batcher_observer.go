@@ -79,9 +79,10 @@ type BatchDoneEvent struct {
 	// Size is the number of images the engine ran (0 when all images were
 	// cancelled or failed to fill, and nothing ran).
 	Size int
-	// Inference is the engine run; Total is from release to the last
-	// result delivered (fill, run and postprocess).
-	Inference, Total time.Duration
+	// Fill is the time spent writing the images into the batch buffer,
+	// Inference the engine run, Postprocess the outputs' decoding; Total
+	// is from release to the last result delivered.
+	Fill, Inference, Postprocess, Total time.Duration
 	// Err is the engine's failure, nil when the run succeeded. Failures of
 	// single images (Fill, Postprocess) are not reported here.
 	Err error

@@ -325,8 +325,11 @@ func (w *batchWorker) run(rel batchReleaseInfo) {
 	}
 	b.mu.Unlock()
 
+	post := time.Now()
+	var fill time.Duration
 	for i := range w.entries {
 		e := &w.entries[i]
+		fill += e.fill
 		if e.slot < 0 {
 			continue
 		}
@@ -336,6 +339,7 @@ func (w *batchWorker) run(rel batchReleaseInfo) {
 		}
 	}
 
+	postprocess := time.Since(post)
 	total := time.Since(start)
 	b.mu.Lock()
 	for i := range w.entries {
@@ -368,7 +372,7 @@ func (w *batchWorker) run(rel batchReleaseInfo) {
 	if b.observer != nil {
 		b.observer.BatchDone(ctx, BatchDoneEvent{
 			Model: b.model, Worker: w.id, Seq: seq, Backend: w.backend, Size: filled,
-			Inference: inference, Total: total, Err: runErr,
+			Fill: fill, Inference: inference, Postprocess: postprocess, Total: total, Err: runErr,
 		})
 	}
 	clear(w.entries) // let the requests be collected

@@ -26,6 +26,7 @@ type PipelineRunner struct {
 	backend string
 	tuner   *tuner // self-tuning of the batcher (autotune.go)
 	results func(ctx context.Context, model string, start time.Time, res []pipeline.Result)
+	stats   *stats
 	closing sync.Once
 	err     error
 }
@@ -73,6 +74,11 @@ func NewPipelineRunner(m *modelrepo.Model, engines []engine.Engine, opts RunnerO
 	if err != nil {
 		return nil, err
 	}
+	st := &stats{}
+	if observer == nil {
+		observer = batcher.NopBatchObserver{}
+	}
+	observer = statsObserver{BatchObserver: observer, st: st}
 	run := engines
 	if opts.WrapEngines != nil {
 		run = opts.WrapEngines(engines)
@@ -90,11 +96,15 @@ func NewPipelineRunner(m *modelrepo.Model, engines []engine.Engine, opts RunnerO
 	if err != nil {
 		return nil, fmt.Errorf("model %q: %w", m.Name, err)
 	}
-	return &PipelineRunner{name: m.Name, pre: pre, post: post, batcher: batcher, engines: engines, backend: engines[0].Backend(), tuner: tn, results: opts.Results}, nil
+	return &PipelineRunner{name: m.Name, pre: pre, post: post, batcher: batcher, engines: engines, backend: engines[0].Backend(), tuner: tn, results: opts.Results, stats: st}, nil
 }
 
 // Backend names the engines' backend.
 func (r *PipelineRunner) Backend() string { return r.backend }
+
+// Statistics are the model's cumulative request and batch counters
+// (Triton's statistics extension).
+func (r *PipelineRunner) Statistics() Statistics { return r.stats.snapshot() }
 
 // Stats is the batcher's queue snapshot, for metrics.
 func (r *PipelineRunner) Stats() batcher.Stats { return r.batcher.Stats() }
@@ -162,12 +172,14 @@ func (r *PipelineRunner) Infer(ctx context.Context, inputs []Input, opts pipelin
 		return pipeline.NewResultItem(p, r.post, opts)
 	})
 	if err != nil {
+		r.stats.request(time.Since(start), nil, err)
 		return nil, err
 	}
 	res := make([]pipeline.Result, len(items))
 	for i, it := range items {
 		res[i] = it.(*pipeline.ResultItem).Result()
 	}
+	r.stats.request(time.Since(start), res, nil)
 	if r.results != nil {
 		r.results(ctx, r.name, start, res)
 	}
@@ -178,7 +190,9 @@ func (r *PipelineRunner) Infer(ctx context.Context, inputs []Input, opts pipelin
 // batcher forms, and their output rows are put back together in request
 // order, so the result equals one engine run on all of them.
 func (r *PipelineRunner) InferRaw(ctx context.Context, inputs []Input) ([]engine.Tensor, error) {
+	start := time.Now()
 	items, err := r.submit(ctx, inputs, func(p *pipeline.Prepared) batcher.Item { return pipeline.NewRawItem(p) })
+	r.stats.request(time.Since(start), nil, err)
 	if err != nil {
 		return nil, err
 	}
