@@ -14,7 +14,7 @@ ARGS        ?=
 
 export VISIONSERVE_ORT_LIB ?= $(ORT_LIB)
 
-.PHONY: all setup deps models torch-exports run build test test-race vet bench fuzz clean proto
+.PHONY: all setup deps models torch-exports run build test test-race test-triton vet bench fuzz clean proto
 
 all: build
 
@@ -53,6 +53,11 @@ torch-exports:
 ## test: the whole test suite
 test: setup models torch-exports
 	$(GO) test -tags matprofile -count=1 ./...
+
+## test-triton: Triton's own client (tritonclient) and perf_analyzer against the real server
+test-triton: build models
+	@scripts/setup.sh clients
+	cd tests/triton && ../../.deps/pyenv/bin/python -m pytest -q -p no:cacheprovider
 
 ## test-race: the packages that run goroutines, under the race detector
 test-race: setup models

@@ -5,6 +5,9 @@
 #
 #   scripts/setup.sh            apt packages + ONNX Runtime CPU library
 #   scripts/setup.sh ort        ONNX Runtime only
+#   scripts/setup.sh clients    a Python venv in .deps/pyenv with tritonclient and
+#                               pytest (hash-checked, tests/triton/requirements.txt)
+#                               and perf_analyzer in .deps/perf-analyzer
 #   scripts/setup.sh torch      Debian's python3-torch and python3-torchvision
 #                               (1.13), then the torch exports of the OpenCV
 #                               rewrite tests into .deps/torch-exports
@@ -80,10 +83,58 @@ need_torch() {
 	"$py" "$root/scripts/torch-exports.py" "$out" >&2
 }
 
+# pip_wheel NAME==VERSION SHA256 DIR: downloads one wheel, no dependencies,
+# and checks it.
+pip_wheel() {
+	local spec=$1 sum=$2 dir=$3
+	python3 -m pip download -q --no-deps -d "$dir" "$spec" >&2
+	local whl
+	whl=$(ls "$dir"/*.whl)
+	echo "$sum  $whl" | sha256sum -c --status - || {
+		echo "setup: sha256 mismatch for $spec: got $(sha256sum "$whl" | cut -d' ' -f1)" >&2
+		exit 1
+	}
+	echo "$whl"
+}
+
+need_clients() {
+	local venv="$root/.deps/pyenv" req="$root/tests/triton/requirements.txt"
+	local stamp="$venv/.requirements.sha256"
+	if ! [ -f "$stamp" ] || [ "$(cat "$stamp")" != "$(sha256sum "$req" | cut -d' ' -f1)" ]; then
+		echo "setup: Python venv for the Triton client tests in $venv" >&2
+		rm -rf "$venv"
+		python3 -m venv "$venv"
+		"$venv/bin/python" -m pip install -q --require-hashes --no-deps -r "$req" >&2
+		sha256sum "$req" | cut -d' ' -f1 > "$stamp"
+	fi
+	local pa="$root/.deps/perf-analyzer"
+	if ! [ -x "$pa/perf_analyzer" ] || ! [ -f "$pa/lib/libcudart.so.12" ]; then
+		echo "setup: perf_analyzer from $PERF_ANALYZER_WHEEL" >&2
+		local work whl
+		work=$(mktemp -d)
+		trap 'rm -rf "$work"' RETURN
+		mkdir -p "$pa/lib" "$work/a" "$work/b"
+		whl=$(pip_wheel "$PERF_ANALYZER_WHEEL" "$PERF_ANALYZER_WHEEL_SHA256" "$work/a")
+		(cd "$work/a" && python3 -m zipfile -e "$whl" x)
+		install -m 0755 "$work"/a/x/*.data/data/bin/perf_analyzer "$pa/perf_analyzer"
+		whl=$(pip_wheel "$CUDART_WHEEL" "$CUDART_WHEEL_SHA256" "$work/b")
+		(cd "$work/b" && python3 -m zipfile -e "$whl" x)
+		install -m 0644 "$work"/b/x/nvidia/cuda_runtime/lib/libcudart.so.12 "$pa/lib/"
+	fi
+	if ! ldconfig -p | grep -q 'libb64.so.0d'; then
+		echo "setup: installing libb64-0d from apt (perf_analyzer links it)" >&2
+		local sudo=""
+		[ "$(id -u)" -eq 0 ] || sudo=sudo
+		$sudo apt-get update -qq
+		DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends libb64-0d >/dev/null
+	fi
+}
+
 case "${1:-all}" in
 all) need_apt; need_ort ;;
 ort) need_ort ;;
 apt) need_apt ;;
 torch) need_torch ;;
-*) echo "usage: $0 [all|apt|ort|torch]" >&2; exit 2 ;;
+clients) need_clients ;;
+*) echo "usage: $0 [all|apt|ort|torch|clients]" >&2; exit 2 ;;
 esac

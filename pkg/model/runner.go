@@ -176,10 +176,12 @@ func (r *PipelineRunner) Infer(ctx context.Context, inputs []Input, opts pipelin
 		return nil, err
 	}
 	res := make([]pipeline.Result, len(items))
+	timings := make([]pipeline.StageTimings, len(items))
 	for i, it := range items {
 		res[i] = it.(*pipeline.ResultItem).Result()
+		timings[i] = res[i].Timings
 	}
-	r.stats.request(time.Since(start), res, nil)
+	r.stats.request(time.Since(start), timings, nil)
 	if r.results != nil {
 		r.results(ctx, r.name, start, res)
 	}
@@ -192,14 +194,17 @@ func (r *PipelineRunner) Infer(ctx context.Context, inputs []Input, opts pipelin
 func (r *PipelineRunner) InferRaw(ctx context.Context, inputs []Input) ([]engine.Tensor, error) {
 	start := time.Now()
 	items, err := r.submit(ctx, inputs, func(p *pipeline.Prepared) batcher.Item { return pipeline.NewRawItem(p) })
-	r.stats.request(time.Since(start), nil, err)
 	if err != nil {
+		r.stats.request(time.Since(start), nil, err)
 		return nil, err
 	}
 	raw := make([]*pipeline.RawItem, len(items))
+	timings := make([]pipeline.StageTimings, len(items))
 	for i, it := range items {
 		raw[i] = it.(*pipeline.RawItem)
+		timings[i] = raw[i].Timings
 	}
+	r.stats.request(time.Since(start), timings, nil)
 	return pipeline.StackRows(raw)
 }
 

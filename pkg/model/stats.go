@@ -58,9 +58,9 @@ func (st *stats) snapshot() Statistics {
 	return s
 }
 
-// request records one request that ended after d, with its results
-// (nil for raw outputs, whose stages are not timed per image).
-func (st *stats) request(d time.Duration, res []pipeline.Result, err error) {
+// request records one request that ended after d, with its images'
+// stage timings.
+func (st *stats) request(d time.Duration, timings []pipeline.StageTimings, err error) {
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	st.s.LastInference = time.Now()
@@ -69,18 +69,17 @@ func (st *stats) request(d time.Duration, res []pipeline.Result, err error) {
 		return
 	}
 	st.s.Success.add(d)
-	if len(res) == 0 {
+	if len(timings) == 0 {
 		return
 	}
 	var q, in, inf, out time.Duration
-	for _, r := range res {
-		t := r.Timings
+	for _, t := range timings {
 		q += t.Queue
 		in += t.Decode + t.Preprocess
 		inf += t.Inference
 		out += t.Postprocess
 	}
-	n := time.Duration(len(res))
+	n := time.Duration(len(timings))
 	st.s.Queue.add(q / n)
 	st.s.ComputeInput.add(in / n)
 	st.s.ComputeInfer.add(inf / n)

@@ -56,6 +56,9 @@ func (it *ResultItem) Result() Result { return it.res }
 type RawItem struct {
 	p    *Prepared
 	rows []engine.Tensor // one per output, batch dimension 1
+	// Timings are the image's stage timings, set by Postprocess
+	// (Postprocess is the copy of its rows).
+	Timings StageTimings
 }
 
 // NewRawItem queues p for its raw outputs.
@@ -65,7 +68,12 @@ func NewRawItem(p *Prepared) *RawItem { return &RawItem{p: p} }
 func (it *RawItem) Fill(slot []float32) error { return it.p.Fill(slot) }
 
 // Postprocess implements batcher.Item: it copies row i of every output.
-func (it *RawItem) Postprocess(outputs []engine.Tensor, i int, _ batcher.Run) error {
+func (it *RawItem) Postprocess(outputs []engine.Tensor, i int, run batcher.Run) error {
+	start := time.Now()
+	defer func() {
+		it.Timings = StageTimings{Decode: it.p.Decode, Preprocess: it.p.Preprocess + run.Fill, Queue: run.Queue,
+			Inference: run.Inference, Postprocess: time.Since(start)}
+	}()
 	it.rows = make([]engine.Tensor, len(outputs))
 	for k, t := range outputs {
 		if len(t.Shape) == 0 || t.Shape[0] <= int64(i) {
