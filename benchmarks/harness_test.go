@@ -239,7 +239,7 @@ func sharedServer(name, backendName string) (*served, error) {
 		}
 		cfg := config.Default()
 		cfg.Backend = backendName
-		cfg.GRPCAddr, cfg.HTTPAddr = "127.0.0.1:0", ""
+		cfg.GRPCAddr, cfg.HTTPAddr, cfg.RESTAddr = "127.0.0.1:0", "", ""
 		cfg.MaxImagesPerRequest = 64
 		cfg.GracePeriod = 10 * time.Second
 		prom := metrics.NewRegistry()

@@ -121,7 +121,7 @@ need_clients() {
 		(cd "$work/b" && python3 -m zipfile -e "$whl" x)
 		install -m 0644 "$work"/b/x/nvidia/cuda_runtime/lib/libcudart.so.12 "$pa/lib/"
 	fi
-	if ! ldconfig -p | grep -q 'libb64.so.0d'; then
+	if ! ldconfig -p | grep 'libb64.so.0d' >/dev/null; then
 		echo "setup: installing libb64-0d from apt (perf_analyzer links it)" >&2
 		local sudo=""
 		[ "$(id -u)" -eq 0 ] || sudo=sudo

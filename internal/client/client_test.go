@@ -154,7 +154,7 @@ func TestDetectTableAndDraw(t *testing.T) {
 		t.Fatalf("json %q: %v", out, err)
 	}
 	jd = line.Detections[0]
-	if jd.Box != (JSONBox{4, 5, 30, 40}) || jd.Label != "dog" {
+	if jd.Box != (JSONBox{X1: 4, Y1: 5, X2: 30, Y2: 40}) || jd.Label != "dog" {
 		t.Errorf("detection %+v", jd)
 	}
 }

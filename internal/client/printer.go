@@ -7,6 +7,7 @@ import (
 	"strings"
 	"text/tabwriter"
 
+	"github.com/visionserve/visionserve/internal/visionjson"
 	visionv1 "github.com/visionserve/visionserve/proto/visionserve/v1"
 )
 
@@ -24,59 +25,16 @@ func newPrinter(w io.Writer, asJSON bool) *printer {
 
 func (p *printer) flush() { p.tw.Flush() }
 
-// JSONClass, JSONBox and JSONDetection are the JSON shapes of results.
-type JSONClass struct {
-	Label string  `json:"label"`
-	Index int32   `json:"index"`
-	Score float32 `json:"score"`
-}
+// The JSON shapes of results live in visionjson, shared with the REST API.
+type (
+	JSONResult    = visionjson.Result
+	JSONClass     = visionjson.Class
+	JSONDetection = visionjson.Detection
+	JSONBox       = visionjson.Box
+)
 
-// JSONBox is a box in original-image pixels.
-type JSONBox struct {
-	X1 float32 `json:"x1"`
-	Y1 float32 `json:"y1"`
-	X2 float32 `json:"x2"`
-	Y2 float32 `json:"y2"`
-}
-
-// JSONDetection is one detected object.
-type JSONDetection struct {
-	Label string  `json:"label"`
-	Index int32   `json:"index"`
-	Score float32 `json:"score"`
-	Box   JSONBox `json:"box"`
-}
-
-// JSONResult is one line of --json output.
-type JSONResult struct {
-	Image      string          `json:"image"`
-	Frame      *uint64         `json:"frame,omitempty"`
-	Model      string          `json:"model"`
-	Backend    string          `json:"backend,omitempty"`
-	Classes    []JSONClass     `json:"classes,omitempty"`
-	Detections []JSONDetection `json:"detections,omitempty"`
-	// DroppedFrames counts the frames before this one that a newer
-	// frame replaced before they were served (video only).
-	DroppedFrames uint64 `json:"dropped_frames,omitempty"`
-	Error         string `json:"error,omitempty"`
-}
-
-func toJSON(image, model, task string, r *visionv1.ImageResult) JSONResult {
-	out := JSONResult{Image: image, Model: model, Backend: r.GetBackend()}
-	if task == "classify" {
-		out.Classes = []JSONClass{}
-		for _, c := range r.GetClasses() {
-			out.Classes = append(out.Classes, JSONClass{c.Label, c.Index, c.Score})
-		}
-	} else {
-		out.Detections = []JSONDetection{}
-		for _, d := range r.GetDetections() {
-			b := d.GetBox()
-			out.Detections = append(out.Detections, JSONDetection{d.Label, d.Index, d.Score, JSONBox{b.GetX1(), b.GetY1(), b.GetX2(), b.GetY2()}})
-		}
-	}
-	return out
-}
+// ToJSON is visionjson.FromResult.
+var ToJSON = visionjson.FromResult
 
 func (p *printer) header() {
 	if !p.started && !p.json {
@@ -88,7 +46,7 @@ func (p *printer) header() {
 // result prints one image's result.
 func (p *printer) result(image, model, task string, r *visionv1.ImageResult) {
 	if p.json {
-		_ = p.enc.Encode(toJSON(image, model, task, r))
+		_ = p.enc.Encode(ToJSON(image, model, task, r))
 		return
 	}
 	p.header()
@@ -118,7 +76,7 @@ func (p *printer) frame(video, model, task string, r *visionv1.StreamResponse) {
 	case p.json:
 		var j JSONResult
 		if r.GetResult() != nil {
-			j = toJSON(video, model, task, r.GetResult())
+			j = ToJSON(video, model, task, r.GetResult())
 		} else {
 			j = JSONResult{Image: video, Model: model}
 		}

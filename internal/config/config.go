@@ -35,6 +35,10 @@ type Config struct {
 	// HTTPAddr is where health, readiness and metrics are served over HTTP;
 	// empty turns the HTTP server off.
 	HTTPAddr string `yaml:"http_addr"`
+	// RESTAddr is where the REST API listens (KServe v2 / Open Inference
+	// Protocol with Triton's extensions, and the vision API); empty turns
+	// it off. Triton's HTTP port is 8000.
+	RESTAddr string `yaml:"rest_addr"`
 	// MetricsAddr, when set, serves /metrics on a listener of its own
 	// (loopback, say) instead of on HTTPAddr, so that the probe port can
 	// be reachable without exposing metrics.
@@ -161,6 +165,7 @@ func Default() Config {
 		ModelRepo:              "./models",
 		GRPCAddr:               ":8001",
 		HTTPAddr:               ":8002",
+		RESTAddr:               ":8000",
 		Backend:                engine.Auto,
 		ORTLib:                 ortlib.DefaultLibPath,
 		MaxMessageBytes:        16 << 20,
@@ -258,6 +263,7 @@ var settings = []setting{
 	{"model-repo", "model repository folder", str(func(c *Config) *string { return &c.ModelRepo })},
 	{"grpc-addr", "gRPC listen address", str(func(c *Config) *string { return &c.GRPCAddr })},
 	{"http-addr", "HTTP (health, metrics) listen address; empty turns it off", str(func(c *Config) *string { return &c.HTTPAddr })},
+	{"rest-addr", "REST API listen address (KServe v2 / Triton HTTP, the vision API); empty turns it off", str(func(c *Config) *string { return &c.RESTAddr })},
 	{"metrics-addr", "separate listen address for /metrics (empty: served on --http-addr)", str(func(c *Config) *string { return &c.MetricsAddr })},
 	{"backend", "inference backend: " + strings.Join(Backends, "|"), str(func(c *Config) *string { return &c.Backend })},
 	{"ort-lib", "ONNX Runtime shared library (default: where scripts/setup.sh installs it)", str(func(c *Config) *string { return &c.ORTLib })},
@@ -328,7 +334,7 @@ func Load(args []string, getenv func(string) string, usage io.Writer) (Config, e
 	raw := make([]*rawValue, len(settings))
 	def := Default()
 	defaults := map[string]string{
-		"model-repo": def.ModelRepo, "grpc-addr": def.GRPCAddr, "http-addr": def.HTTPAddr,
+		"model-repo": def.ModelRepo, "grpc-addr": def.GRPCAddr, "http-addr": def.HTTPAddr, "rest-addr": def.RESTAddr,
 		"backend": def.Backend, "max-message-bytes": strconv.Itoa(def.MaxMessageBytes), "max-concurrent-calls": strconv.Itoa(def.MaxConcurrentCalls), "decode-memory-budget": strconv.Itoa(def.DecodeMemoryBudget),
 		"max-pixels": strconv.Itoa(def.MaxPixels), "max-images-per-request": strconv.Itoa(def.MaxImagesPerRequest),
 		"max-streams": strconv.Itoa(def.MaxStreams), "max-streams-per-client": strconv.Itoa(def.MaxStreamsPerClient),

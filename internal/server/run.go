@@ -35,6 +35,8 @@ type RunOptions struct {
 	Stop <-chan os.Signal
 	// OnListen, when set, is told the bound addresses (useful with port 0).
 	OnListen func(grpcAddr, httpAddr net.Addr)
+	// OnRESTListen, when set, is told the REST API's address.
+	OnRESTListen func(net.Addr)
 	// OnMetricsListen, when set, is told the metrics address when
 	// cfg.MetricsAddr gives /metrics a listener of its own.
 	OnMetricsListen func(net.Addr)
@@ -137,11 +139,20 @@ func Run(ctx context.Context, cfg config.Config, opts RunOptions) error {
 	if err != nil {
 		return fmt.Errorf("listening for gRPC on %s: %w", cfg.GRPCAddr, err)
 	}
-	var httpLis, metricsLis net.Listener
+	var httpLis, metricsLis, restLis net.Listener
 	if cfg.HTTPAddr != "" {
 		if httpLis, err = net.Listen("tcp", cfg.HTTPAddr); err != nil {
 			_ = grpcLis.Close()
 			return fmt.Errorf("listening for HTTP on %s: %w", cfg.HTTPAddr, err)
+		}
+	}
+	if cfg.RESTAddr != "" {
+		if restLis, err = net.Listen("tcp", cfg.RESTAddr); err != nil {
+			_ = grpcLis.Close()
+			if httpLis != nil {
+				_ = httpLis.Close()
+			}
+			return fmt.Errorf("listening for REST on %s: %w", cfg.RESTAddr, err)
 		}
 	}
 	// With --metrics-addr, /metrics has a listener of its own (loopback,
@@ -171,6 +182,9 @@ func Run(ctx context.Context, cfg config.Config, opts RunOptions) error {
 			ha = httpLis.Addr()
 		}
 		opts.OnListen(grpcLis.Addr(), ha)
+	}
+	if opts.OnRESTListen != nil && restLis != nil {
+		opts.OnRESTListen(restLis.Addr())
 	}
 	if opts.OnMetricsListen != nil && metricsLis != nil {
 		opts.OnMetricsListen(metricsLis.Addr())
@@ -215,6 +229,12 @@ func Run(ctx context.Context, cfg config.Config, opts RunOptions) error {
 		<-modelsCtx.Done()
 		return nil
 	}, func(error) { cancelModels() })
+
+	// Actor: the REST API, stopped before the gRPC server so that its
+	// calls in flight finish while the models still serve them.
+	if restLis != nil {
+		addHTTPActor(&g, "REST", restLis, srv.RESTHandler(), log, shutdownCtx, &shutdownErr)
+	}
 
 	// Actor: the gRPC server.
 	g.Add(func() error {

@@ -57,6 +57,9 @@ func startFakeRun(t *testing.T, cfg config.Config, repo *modelrepo.Repo) (*fakeR
 	}
 	cfg.Backend = engine.ORTCPU
 	cfg.GRPCAddr, cfg.HTTPAddr = "127.0.0.1:0", "127.0.0.1:0"
+	if cfg.RESTAddr == config.Default().RESTAddr {
+		cfg.RESTAddr = ""
+	}
 	prom := prometheus.NewRegistry()
 	m, err := metrics.New(prom)
 	if err != nil {

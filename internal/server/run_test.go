@@ -36,7 +36,7 @@ func realServer(t testing.TB, repo, backendName string, tweak ...func(*config.Co
 	for _, f := range tweak {
 		f(&cfg)
 	}
-	cfg.GRPCAddr, cfg.HTTPAddr = "127.0.0.1:0", "127.0.0.1:0"
+	cfg.GRPCAddr, cfg.HTTPAddr, cfg.RESTAddr = "127.0.0.1:0", "127.0.0.1:0", ""
 	cfg.GracePeriod = 10 * time.Second
 	stop := make(chan os.Signal, 1)
 	addrs := make(chan net.Addr, 1)

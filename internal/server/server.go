@@ -83,15 +83,19 @@ type Options struct {
 
 // Server is the gRPC server with every service registered.
 type Server struct {
-	grpc     *grpc.Server
-	health   *health.Server
-	reg      *model.Registry
-	admit    *admission
-	streams  *streamSlots
-	shm      *shmRegistry
-	log      *slog.Logger
-	draining chan struct{}
-	drain    sync.Once
+	grpc    *grpc.Server
+	health  *health.Server
+	reg     *model.Registry
+	admit   *admission
+	streams *streamSlots
+	shm     *shmRegistry
+	oip     *oipService
+	vision  *visionService
+	// maxMessageBytes bounds a REST body as it bounds a gRPC message.
+	maxMessageBytes int
+	log             *slog.Logger
+	draining        chan struct{}
+	drain           sync.Once
 }
 
 // New builds the server; it listens once Serve is called. Health checking
@@ -143,11 +147,14 @@ func New(opts Options) (*Server, error) {
 
 	s.streams = &streamSlots{limit: lim.MaxStreams, perClient: lim.MaxStreamsPerClient}
 	ctl := control{ctl: opts.Control, mode: opts.ControlMode}
-	visionv1.RegisterVisionServiceServer(s.grpc, &visionService{
+	s.vision = &visionService{
 		reg: opts.Registry, control: ctl, limits: lim, streams: s.streams, draining: s.draining,
-	})
+	}
+	visionv1.RegisterVisionServiceServer(s.grpc, s.vision)
 	s.shm = newSHMRegistry()
-	inference.RegisterGRPCInferenceServiceServer(s.grpc, &oipService{reg: opts.Registry, control: ctl, shm: s.shm, limits: lim, maxMessageBytes: opts.MaxMessageBytes})
+	s.oip = &oipService{reg: opts.Registry, control: ctl, shm: s.shm, limits: lim, maxMessageBytes: opts.MaxMessageBytes}
+	inference.RegisterGRPCInferenceServiceServer(s.grpc, s.oip)
+	s.maxMessageBytes = opts.MaxMessageBytes
 	healthpb.RegisterHealthServer(s.grpc, s.health)
 	reflection.Register(s.grpc)
 	// One readiness, the registry's, drives health checking; /readyz

@@ -155,6 +155,10 @@ func warmUp(ctx context.Context, m *Model, log *slog.Logger) error {
 	if len(res) != n {
 		return fmt.Errorf("%d results for %d images", len(res), n)
 	}
+	// Statistics count clients' requests, not the warm-up's.
+	if r, ok := m.Runner.(interface{ resetStatistics() }); ok {
+		defer r.resetStatistics()
+	}
 	// Self-tuning (batching.auto_tune, latency_target_p99) measures the
 	// warm engine while the model is not ready yet.
 	if t, ok := m.Runner.(interface {

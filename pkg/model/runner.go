@@ -106,6 +106,8 @@ func (r *PipelineRunner) Backend() string { return r.backend }
 // (Triton's statistics extension).
 func (r *PipelineRunner) Statistics() Statistics { return r.stats.snapshot() }
 
+func (r *PipelineRunner) resetStatistics() { r.stats.reset() }
+
 // Stats is the batcher's queue snapshot, for metrics.
 func (r *PipelineRunner) Stats() batcher.Stats { return r.batcher.Stats() }
 

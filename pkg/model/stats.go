@@ -50,6 +50,13 @@ type stats struct {
 	s  Statistics
 }
 
+// reset forgets everything counted (the warm-up's batch).
+func (st *stats) reset() {
+	st.mu.Lock()
+	st.s = Statistics{}
+	st.mu.Unlock()
+}
+
 func (st *stats) snapshot() Statistics {
 	st.mu.Lock()
 	defer st.mu.Unlock()

@@ -41,11 +41,12 @@ def server(tmp_path_factory):
         with open(os.path.join(src, "config.yaml")) as f:
             cfg = f.read().replace("auto_tune: true", "auto_tune: false")
         (dst / "config.yaml").write_text(cfg)
-    grpc_port, http_port = free_port(), free_port()
+    grpc_port, http_port, rest_port = free_port(), free_port(), free_port()
     log = open(tmp_path_factory.mktemp("log") / "server.log", "w+")
     proc = subprocess.Popen(
         [os.path.join(ROOT, "bin", "infer-server"), "--model-repo", str(repo), "--backend", "ort-cpu",
          "--grpc-addr", f"127.0.0.1:{grpc_port}", "--http-addr", f"127.0.0.1:{http_port}",
+         "--rest-addr", f"127.0.0.1:{rest_port}",
          "--model-control-mode", "explicit", "--load-model", "*"],
         stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     deadline = time.time() + 120
@@ -59,7 +60,7 @@ def server(tmp_path_factory):
             log.seek(0)
             pytest.fail("infer-server did not become ready:\n" + log.read()[-4000:])
         time.sleep(0.2)
-    yield {"grpc": f"127.0.0.1:{grpc_port}", "http": f"127.0.0.1:{http_port}", "repo": str(repo)}
+    yield {"grpc": f"127.0.0.1:{grpc_port}", "http": f"127.0.0.1:{http_port}", "rest": f"127.0.0.1:{rest_port}", "repo": str(repo)}
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0
 

@@ -97,7 +97,7 @@ func TestOperationsOfARealServer(t *testing.T) {
 	cfg := config.Default()
 	cfg.ORTLib = lib
 	cfg.ModelRepo, cfg.Backend = repo, "ort-cpu"
-	cfg.GRPCAddr, cfg.HTTPAddr = "127.0.0.1:0", "127.0.0.1:0"
+	cfg.GRPCAddr, cfg.HTTPAddr, cfg.RESTAddr = "127.0.0.1:0", "127.0.0.1:0", ""
 	cfg.GracePeriod = 10 * time.Second
 	stop := make(chan os.Signal, 1)
 	type addrs struct{ grpc, http net.Addr }
