@@ -58,6 +58,7 @@ func (s *Server) RESTHandler() http.Handler {
 	h("GET /v2/health/live", r.live)
 	h("GET /v2/health/ready", r.ready)
 	h("GET /v2", r.serverMetadata)
+	h("GET /v2/{$}", r.serverMetadata)
 	for _, v := range []string{"", "/versions/{version}"} {
 		h("GET /v2/models/{name}"+v, r.modelMetadata)
 		h("GET /v2/models/{name}"+v+"/ready", r.modelReady)
