@@ -107,6 +107,16 @@ need_clients() {
 		"$venv/bin/python" -m pip install -q --require-hashes --no-deps -r "$req" >&2
 		sha256sum "$req" | cut -d' ' -f1 > "$stamp"
 	fi
+	# The project's own Python client, its stubs generated from proto/ at
+	# build time (nothing generated is committed).
+	local cstamp="$venv/.client.sha256" csum
+	csum=$(cat "$root"/clients/python/pyproject.toml "$root"/clients/python/setup.py "$root"/clients/python/visionserve/*.py "$root"/proto/visionserve/v1/vision.proto | sha256sum | cut -d' ' -f1)
+	if ! [ -f "$cstamp" ] || [ "$(cat "$cstamp")" != "$csum" ]; then
+		rm -rf "$root/clients/python/build"
+		"$venv/bin/python" -m pip install -q --no-deps --no-build-isolation "$root/clients/python" >&2
+		rm -rf "$root/clients/python/build" "$root"/clients/python/*.egg-info
+		echo "$csum" > "$cstamp"
+	fi
 	local pa="$root/.deps/perf-analyzer"
 	if ! [ -x "$pa/perf_analyzer" ] || ! [ -f "$pa/lib/libcudart.so.12" ]; then
 		echo "setup: perf_analyzer from $PERF_ANALYZER_WHEEL" >&2

@@ -17,7 +17,7 @@ import urllib.request
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-MODELS = ("mobilenetv3_large", "resnet50")
+MODELS = ("mobilenetv3_large", "resnet50", "yolov8s")
 PHOTOS = os.path.join(ROOT, "..", "shared", "testdata", "images")
 
 
