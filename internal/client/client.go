@@ -22,6 +22,7 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 
+	"github.com/visionserve/visionserve/proto/inference"
 	visionv1 "github.com/visionserve/visionserve/proto/visionserve/v1"
 )
 
@@ -57,6 +58,8 @@ type Options struct {
 	Concurrency int
 	Duration    time.Duration
 	Requests    int
+	// Tensor makes load send zero FP32 tensors through ModelInfer.
+	Tensor bool
 }
 
 const usage = `usage: infer-client COMMAND [flags] FILE|DIR...
@@ -124,6 +127,7 @@ func newFlags(o *Options, out io.Writer) *flag.FlagSet {
 	fs.IntVar(&o.Concurrency, "concurrency", 4, "load: concurrent clients")
 	fs.DurationVar(&o.Duration, "duration", 0, "load: how long to run")
 	fs.IntVar(&o.Requests, "requests", 0, "load: how many requests in all")
+	fs.BoolVar(&o.Tensor, "tensor", false, "load: send a zero FP32 input tensor through the Open Inference Protocol's ModelInfer (as perf_analyzer does) instead of an image")
 	return fs
 }
 
@@ -143,8 +147,11 @@ func run(ctx context.Context, cmd string, o Options, args []string, stdout, stde
 	case "models":
 		return listModels(ctx, c, o, stdout)
 	case "load":
+		if o.Tensor && o.Model != "" && len(args) == 0 {
+			return runTensorLoad(ctx, inference.NewGRPCInferenceServiceClient(conn), o, stderr, stdout)
+		}
 		if o.Model == "" || len(args) != 1 {
-			return errors.New("load needs --model and one image file")
+			return errors.New("load needs --model and one image file (or --tensor and no file)")
 		}
 		return runLoad(ctx, c, o, args[0], stderr, stdout)
 	}

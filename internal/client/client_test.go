@@ -215,6 +215,15 @@ func TestLoad(t *testing.T) {
 	}
 }
 
+// TestTensorLoad: --tensor sends zero FP32 inputs through ModelInfer.
+func TestTensorLoad(t *testing.T) {
+	addr := startServer(t, 0)
+	out, errOut, code := runClient(t, "load", "--addr", addr, "--model", "classify", "--tensor", "--concurrency", "2", "--requests", "10")
+	if code != 0 || !strings.Contains(out, "ModelInfer, FP32") || !strings.Contains(out, "10 requests, 0 errors") {
+		t.Errorf("exit %d\n%s\n%s", code, out, errOut)
+	}
+}
+
 func TestErrors(t *testing.T) {
 	addr := startServer(t, 0)
 	img := filepath.Join(t.TempDir(), "x.jpg")

@@ -14,6 +14,7 @@ import (
 
 	"google.golang.org/grpc/status"
 
+	"github.com/visionserve/visionserve/proto/inference"
 	visionv1 "github.com/visionserve/visionserve/proto/visionserve/v1"
 )
 
@@ -77,6 +78,49 @@ func runLoad(ctx context.Context, c visionv1.VisionServiceClient, o Options, fil
 	if rep.Late > 0 || rep.Canceled > 0 {
 		fmt.Fprintf(stdout, "%d answered after the window (%d errors), not in throughput; %d canceled\n", rep.Late, rep.LateErrors, rep.Canceled)
 	}
+	fmt.Fprintf(stdout, "throughput %.1f req/s  latency p50 %v  p90 %v  p99 %v\n", rep.Throughput(),
+		rep.P50.Round(10*time.Microsecond), rep.P90.Round(10*time.Microsecond), rep.P99.Round(10*time.Microsecond))
+	if len(rep.ErrorCodes) > 0 {
+		fmt.Fprintf(stdout, "errors by code: %v\n", rep.ErrorCodes)
+	}
+	return nil
+}
+
+// runTensorLoad is runLoad through the Open Inference Protocol: each call
+// is a ModelInfer of one zero FP32 input at the model's input shape, sent
+// raw, the load perf_analyzer --input-data zero makes.
+func runTensorLoad(ctx context.Context, c inference.GRPCInferenceServiceClient, o Options, stderr, stdout io.Writer) error {
+	if o.Duration <= 0 && o.Requests <= 0 {
+		return errors.New("load needs --duration or --requests")
+	}
+	mdCtx, cancel := context.WithTimeout(ctx, o.Timeout)
+	md, err := c.ModelMetadata(mdCtx, &inference.ModelMetadataRequest{Name: o.Model})
+	cancel()
+	if err != nil {
+		return err
+	}
+	if len(md.GetInputs()) != 1 || md.GetInputs()[0].GetDatatype() != "FP32" {
+		return fmt.Errorf("model %s: want one FP32 input, metadata says %v", o.Model, md.GetInputs())
+	}
+	in := md.GetInputs()[0]
+	shape := append([]int64{1}, in.GetShape()[1:]...)
+	n := int64(1)
+	for _, d := range shape {
+		if d < 1 {
+			return fmt.Errorf("model %s: input shape %v is not fixed", o.Model, in.GetShape())
+		}
+		n *= d
+	}
+	req := &inference.ModelInferRequest{
+		ModelName:        o.Model,
+		Inputs:           []*inference.ModelInferRequest_InferInputTensor{{Name: in.GetName(), Datatype: "FP32", Shape: shape}},
+		RawInputContents: [][]byte{make([]byte, 4*n)},
+	}
+	rep := Load(ctx, o, func(ctx context.Context) error {
+		_, err := c.ModelInfer(ctx, req)
+		return err
+	}, stderr)
+	fmt.Fprintf(stdout, "model %s (ModelInfer, FP32 %v zeros): %d requests, %d errors in %v\n", o.Model, shape, rep.Requests, rep.Errors, rep.Elapsed.Round(time.Millisecond))
 	fmt.Fprintf(stdout, "throughput %.1f req/s  latency p50 %v  p90 %v  p99 %v\n", rep.Throughput(),
 		rep.P50.Round(10*time.Microsecond), rep.P90.Round(10*time.Microsecond), rep.P99.Round(10*time.Microsecond))
 	if len(rep.ErrorCodes) > 0 {
