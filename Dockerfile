@@ -97,9 +97,10 @@ ENV VISIONSERVE_ORT_LIB=/opt/onnxruntime/libonnxruntime.so.1 \
     VISIONSERVE_MODEL_REPO=/models \
     VISIONSERVE_LOG_FORMAT=json
 USER 10001:10001
-# 8001 gRPC (vision API, KServe v2, health), 8002 HTTP (/metrics, /healthz,
+# 8000 REST (KServe v2 / Triton HTTP, vision API), 8001 gRPC (vision API,
+# KServe v2 / Triton, health), 8002 HTTP (/metrics, /healthz,
 # /readyz). Kubernetes probes the HTTP port; no HEALTHCHECK is baked in.
-EXPOSE 8001 8002
+EXPOSE 8000 8001 8002
 ENTRYPOINT ["/usr/local/bin/infer-server"]
 CMD ["--backend=ort-cpu"]
 
@@ -125,6 +126,6 @@ ENV VISIONSERVE_ORT_LIB=/opt/onnxruntime/libonnxruntime.so.1 \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 USER 10001:10001
-EXPOSE 8001 8002
+EXPOSE 8000 8001 8002
 ENTRYPOINT ["/usr/local/bin/infer-server"]
 CMD ["--backend=auto"]

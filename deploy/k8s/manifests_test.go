@@ -234,7 +234,7 @@ func portOf(t *testing.T, addr string) int32 {
 
 func TestOverlays(t *testing.T) {
 	def := config.Default()
-	grpcPort, httpPort := portOf(t, def.GRPCAddr), portOf(t, def.HTTPAddr)
+	grpcPort, httpPort, restPort := portOf(t, def.GRPCAddr), portOf(t, def.HTTPAddr), portOf(t, def.RESTAddr)
 	if grpcPort != ops.DefaultGRPCPort || httpPort != ops.DefaultHTTPPort {
 		t.Fatalf("config defaults (%d, %d) and ops constants (%d, %d) disagree", grpcPort, httpPort, ops.DefaultGRPCPort, ops.DefaultHTTPPort)
 	}
@@ -290,8 +290,8 @@ func TestOverlays(t *testing.T) {
 			for _, p := range ctr.Ports {
 				ports[p.Name] = p.ContainerPort
 			}
-			if ports["grpc"] != grpcPort || ports["http"] != httpPort {
-				t.Errorf("container ports %v, want grpc %d and http %d", ports, grpcPort, httpPort)
+			if ports["grpc"] != grpcPort || ports["http"] != httpPort || ports["rest"] != restPort {
+				t.Errorf("container ports %v, want grpc %d, http %d and rest %d", ports, grpcPort, httpPort, restPort)
 			}
 			probe := func(name string, p *corev1.Probe, path string) {
 				if p == nil || p.HTTPGet == nil {
@@ -433,8 +433,8 @@ func checkServices(t *testing.T, o objects, podLabels labels.Set, ports map[stri
 	has := func(s *corev1.Service, name string) bool {
 		return slices.ContainsFunc(s.Spec.Ports, func(p corev1.ServicePort) bool { return p.Name == name })
 	}
-	if !has(clusterIP, "grpc") || !has(clusterIP, "http") || !has(headless, "grpc") {
-		t.Error("the ClusterIP service must carry grpc and http, the headless one grpc")
+	if !has(clusterIP, "grpc") || !has(clusterIP, "http") || !has(clusterIP, "rest") || !has(headless, "grpc") {
+		t.Error("the ClusterIP service must carry grpc, http and rest, the headless one grpc")
 	}
 
 	// The ServiceMonitor scrapes /metrics on the ClusterIP service only,
