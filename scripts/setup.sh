@@ -48,7 +48,14 @@ need_ort() {
 	work=$(mktemp -d)
 	trap 'rm -rf "$work"' RETURN
 	# npm pack downloads the tarball only: no install scripts run.
-	(cd "$work" && npm pack --silent "$ORT_NPM_PACKAGE" >/dev/null)
+	# Its output is kept and shown only when it fails, so that a failed
+	# fetch says why (registry, network, package name).
+	local out
+	if ! out=$(cd "$work" && npm pack "$ORT_NPM_PACKAGE" 2>&1); then
+		echo "setup: npm pack $ORT_NPM_PACKAGE failed:" >&2
+		echo "$out" >&2
+		exit 1
+	fi
 	local tgz
 	tgz=$(ls "$work"/*.tgz)
 	echo "$ORT_NPM_SHA256  $tgz" | sha256sum -c --status - || {

@@ -310,16 +310,14 @@ func (r *rest) repositoryIndex(w http.ResponseWriter, req *http.Request) error {
 	return writeJSON(w, out)
 }
 
+// load and unload serve the repository extension's POST
+// /v2/repository/models/NAME/load and /unload; the body's parameters,
+// when any, are passed on by name (load refuses them all, unload takes
+// unload_dependents).
 func (r *rest) load(w http.ResponseWriter, req *http.Request) error {
-	var body struct {
-		Parameters map[string]any `json:"parameters"`
-	}
-	if err := decodeOptionalJSON(req, &body); err != nil {
+	params, err := repositoryParams(req)
+	if err != nil {
 		return err
-	}
-	params := map[string]*inference.ModelRepositoryParameter{}
-	for k := range body.Parameters {
-		params[k] = &inference.ModelRepositoryParameter{}
 	}
 	if _, err := r.oip.RepositoryModelLoad(req.Context(), &inference.RepositoryModelLoadRequest{ModelName: req.PathValue("name"), Parameters: params}); err != nil {
 		return err
@@ -328,20 +326,28 @@ func (r *rest) load(w http.ResponseWriter, req *http.Request) error {
 }
 
 func (r *rest) unload(w http.ResponseWriter, req *http.Request) error {
-	var body struct {
-		Parameters map[string]any `json:"parameters"`
-	}
-	if err := decodeOptionalJSON(req, &body); err != nil {
+	params, err := repositoryParams(req)
+	if err != nil {
 		return err
-	}
-	params := map[string]*inference.ModelRepositoryParameter{}
-	for k := range body.Parameters {
-		params[k] = &inference.ModelRepositoryParameter{}
 	}
 	if _, err := r.oip.RepositoryModelUnload(req.Context(), &inference.RepositoryModelUnloadRequest{ModelName: req.PathValue("name"), Parameters: params}); err != nil {
 		return err
 	}
 	return writeJSON(w, map[string]any{})
+}
+
+func repositoryParams(req *http.Request) (map[string]*inference.ModelRepositoryParameter, error) {
+	var body struct {
+		Parameters map[string]any `json:"parameters"`
+	}
+	if err := decodeOptionalJSON(req, &body); err != nil {
+		return nil, err
+	}
+	params := map[string]*inference.ModelRepositoryParameter{}
+	for k := range body.Parameters {
+		params[k] = &inference.ModelRepositoryParameter{}
+	}
+	return params, nil
 }
 
 func (r *rest) shmStatus(w http.ResponseWriter, req *http.Request) error {

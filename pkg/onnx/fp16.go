@@ -411,14 +411,25 @@ func ConvertFileFP16(path, cacheDir string) (string, error) {
 	if err != nil {
 		return "", fmt.Errorf("fp16: %w", err)
 	}
-	if err := os.MkdirAll(cacheDir, 0o755); err != nil {
+	if err := WriteAtomic(dst, out); err != nil {
 		return "", fmt.Errorf("fp16: %w", err)
 	}
-	tmp, err := os.CreateTemp(cacheDir, filepath.Base(dst)+".tmp*")
+	return dst, nil
+}
+
+// WriteAtomic writes data to dst through a temporary file in its folder
+// and a rename, so a concurrent reader never sees half a file (the model
+// caches of the OpenCV rewrites and of the fp16 conversion).
+func WriteAtomic(dst string, data []byte) error {
+	dir := filepath.Dir(dst)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return fmt.Errorf("model cache: %w", err)
+	}
+	tmp, err := os.CreateTemp(dir, filepath.Base(dst)+".tmp*")
 	if err != nil {
-		return "", fmt.Errorf("fp16: %w", err)
+		return fmt.Errorf("model cache: %w", err)
 	}
-	_, err = tmp.Write(out)
+	_, err = tmp.Write(data)
 	if cerr := tmp.Close(); err == nil {
 		err = cerr
 	}
@@ -427,7 +438,7 @@ func ConvertFileFP16(path, cacheDir string) (string, error) {
 	}
 	if err != nil {
 		os.Remove(tmp.Name())
-		return "", fmt.Errorf("fp16: writing %s: %w", dst, err)
+		return fmt.Errorf("writing %s: %w", dst, err)
 	}
-	return dst, nil
+	return nil
 }

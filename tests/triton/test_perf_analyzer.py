@@ -18,16 +18,21 @@ def test_perf_analyzer(server, tmp_path, protocol):
     if not os.path.exists(PA):
         pytest.skip("perf_analyzer missing: scripts/setup.sh clients")
     env = dict(os.environ, LD_LIBRARY_PATH=os.path.join(ROOT, ".deps", "perf-analyzer", "lib"))
-    report = tmp_path / "pa.csv"
     window = os.environ.get("PA_WINDOW_MS", "1500")
-    out = subprocess.run(
-        [PA, "-m", "resnet50", "-u", server["grpc" if protocol == "grpc" else "rest"], "-i", protocol, "-b", "1", "--input-data", "zero",
-         "--concurrency-range", "1:16:3", "-p", window, "-r", "4", "-s", "50", "-f", str(report)],
-        capture_output=True, text=True, env=env, timeout=600)
-    print(out.stdout[-3000:])
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    rows = list(csv.DictReader(open(report)))
-    levels = {int(r["Concurrency"]): float(r["Inferences/Second"]) for r in rows}
-    assert {1, 4, 16} <= set(levels), levels
+    levels = {}
+    for c in (1, 4, 16):
+        report = tmp_path / f"pa-{c}.csv"
+        # A short run on a shared CI machine: stability is not the point
+        # (-s 100 takes the first measurement), that the tool runs is.
+        out = subprocess.run(
+            [PA, "-m", "resnet50", "-u", server["grpc" if protocol == "grpc" else "rest"], "-i", protocol, "-b", "1",
+             "--input-data", "zero", "--concurrency-range", f"{c}:{c}", "-p", window, "-r", "3", "-s", "100",
+             "-f", str(report)],
+            capture_output=True, text=True, env=env, timeout=300)
+        print(out.stdout[-1500:])
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        rows = list(csv.DictReader(open(report)))
+        assert len(rows) == 1 and int(rows[0]["Concurrency"]) == c, rows
+        levels[c] = float(rows[0]["Inferences/Second"])
     assert all(v > 0 for v in levels.values()), levels
     print(f"perf_analyzer resnet50 {protocol} inferences/s by concurrency:", levels)

@@ -436,35 +436,10 @@ func rewriteModel(path string, raw []byte, m *onnx.ModelProto, cut, forOpenCV bo
 	if err != nil {
 		return "", nil, fmt.Errorf("encoding model for OpenCV: %w", err)
 	}
-	if err := writeAtomic(dst, out); err != nil {
+	if err := onnx.WriteAtomic(dst, out); err != nil {
 		return "", nil, err
 	}
 	return dst, head, nil
-}
-
-// writeAtomic writes then renames, so a concurrent loader never reads half
-// a file.
-func writeAtomic(dst string, data []byte) error {
-	dir := filepath.Dir(dst)
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return fmt.Errorf("model cache: %w", err)
-	}
-	tmp, err := os.CreateTemp(dir, filepath.Base(dst)+".tmp*")
-	if err != nil {
-		return fmt.Errorf("model cache: %w", err)
-	}
-	_, err = tmp.Write(data)
-	if cerr := tmp.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp.Name(), dst)
-	}
-	if err != nil {
-		os.Remove(tmp.Name())
-		return fmt.Errorf("writing %s: %w", dst, err)
-	}
-	return nil
 }
 
 func trimExt(s string) string {

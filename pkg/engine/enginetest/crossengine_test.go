@@ -86,24 +86,8 @@ func runners(t *testing.T, m *modelrepo.Model) (ort, cv *pipelinetest.Runner, or
 func TestCrossEngineClassifiers(t *testing.T) {
 	for _, name := range []string{"resnet50", "mobilenetv3_large"} {
 		t.Run(name, func(t *testing.T) {
-			m := generated(t, name)
-			ort, cv, _, _ := runners(t, m)
-			imgs := testImages(t)
-			want, err := ort.Infer(context.Background(), imgs, pipeline.Options{TopK: 5})
-			if err != nil {
-				t.Fatal(err)
-			}
-			got, err := cv.Infer(context.Background(), imgs, pipeline.Options{TopK: 5})
-			if err != nil {
-				t.Fatal(err)
-			}
-			for i := range imgs {
-				if got[i].Backend != "opencv" || want[i].Backend != "ort-cpu" {
-					t.Fatalf("backends %q and %q", got[i].Backend, want[i].Backend)
-				}
-				t.Logf("image %d: ort %s %.4f, opencv %s %.4f", i, want[i].Classes[0].Label, want[i].Classes[0].Score, got[i].Classes[0].Label, got[i].Classes[0].Score)
-				compareClasses(t, got[i].Classes, want[i].Classes, 1e-3)
-			}
+			ort, cv, _, _ := runners(t, generated(t, name))
+			crossCheckClasses(t, ort, cv, testImages(t), 1e-3)
 		})
 	}
 }
@@ -201,4 +185,25 @@ func crossCheckDetections(t *testing.T, ort, cv *pipelinetest.Runner, imgs [][]b
 		return
 	}
 	t.Error("no detections even at confidence 0.01; the box comparison tested nothing")
+}
+
+// crossCheckClasses compares the top-5 classes of the two runners on
+// imgs: the same top-1, every shared class's probability within tol.
+func crossCheckClasses(t *testing.T, ort, cv *pipelinetest.Runner, imgs [][]byte, tol float64) {
+	t.Helper()
+	want, err := ort.Infer(context.Background(), imgs, pipeline.Options{TopK: 5})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := cv.Infer(context.Background(), imgs, pipeline.Options{TopK: 5})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range imgs {
+		if got[i].Backend != "opencv" || want[i].Backend != "ort-cpu" {
+			t.Fatalf("backends %q and %q", got[i].Backend, want[i].Backend)
+		}
+		t.Logf("image %d: ort %s %.5f, opencv %s %.5f", i, want[i].Classes[0].Label, want[i].Classes[0].Score, got[i].Classes[0].Label, got[i].Classes[0].Score)
+		compareClasses(t, got[i].Classes, want[i].Classes, tol)
+	}
 }

@@ -1,7 +1,6 @@
 package enginetest
 
 import (
-	"context"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -10,7 +9,6 @@ import (
 
 	"github.com/visionserve/visionserve/internal/testenv"
 	"github.com/visionserve/visionserve/pkg/modelrepo"
-	"github.com/visionserve/visionserve/pkg/pipeline"
 )
 
 // torchExports returns the folder of the torch exports that
@@ -76,22 +74,7 @@ func TestTorchExportsOnOpenCV(t *testing.T) {
 				t.Fatalf("%s not configured by the preset: %s", name, m.SettingSources())
 			}
 			ort, cv, _, _ := runners(t, m)
-			imgs := testImages(t)
-			want, err := ort.Infer(context.Background(), imgs, pipeline.Options{TopK: 5})
-			if err != nil {
-				t.Fatal(err)
-			}
-			got, err := cv.Infer(context.Background(), imgs, pipeline.Options{TopK: 5})
-			if err != nil {
-				t.Fatal(err)
-			}
-			for i := range imgs {
-				if got[i].Backend != "opencv" {
-					t.Fatalf("served on %q", got[i].Backend)
-				}
-				t.Logf("image %d: ort %s %.5f, opencv %s %.5f", i, want[i].Classes[0].Label, want[i].Classes[0].Score, got[i].Classes[0].Label, got[i].Classes[0].Score)
-				compareClasses(t, got[i].Classes, want[i].Classes, 1e-4)
-			}
+			crossCheckClasses(t, ort, cv, testImages(t), 1e-4)
 		})
 	}
 }
