@@ -77,7 +77,7 @@ need_ort() {
 
 need_torch() {
 	local py=/usr/bin/python3 out="$root/.deps/torch-exports"
-	if [ -f "$out/resnet50.onnx" ] && [ -f "$out/mobilenetv3_large.onnx" ] && [ -f "$out/yolov8s.onnx" ]; then
+	if [ -f "$out/resnet50.onnx" ] && [ -f "$out/mobilenetv3_large.onnx" ] && [ -f "$out/yolov8s.onnx" ] && [ -f "$out/yolov8s_chunk.onnx" ]; then
 		return 0
 	fi
 	if ! "$py" -c 'import torch, torchvision' 2>/dev/null; then

@@ -45,10 +45,16 @@ class C2f(nn.Module):
         self.cv2 = Conv((2 + n) * self.c, c2)
         self.m = nn.ModuleList(Bottleneck(self.c, shortcut) for _ in range(n))
 
+    chunk = False  # C2f.forward as Ultralytics trains with it
+
     def forward(self, x):
         # forward_split, which Ultralytics' exporter swaps in for ONNX: a
-        # static Split where chunk would export shape arithmetic.
-        y = list(self.cv1(x).split((self.c, self.c), 1))
+        # static Split. C2f.chunk = True exports chunk, that is, shape
+        # arithmetic (Shape, Gather, Add, Div, Mul, Slice).
+        if C2f.chunk:
+            y = list(self.cv1(x).chunk(2, 1))
+        else:
+            y = list(self.cv1(x).split((self.c, self.c), 1))
         y.extend(m(y[-1]) for m in self.m)
         return self.cv2(torch.cat(y, 1))
 
@@ -180,17 +186,19 @@ for name, build in [("resnet50", torchvision.models.resnet50), ("mobilenetv3_lar
     os.replace(path + ".tmp", path)
     print(path, "torch", torch.__version__, "torchvision", torchvision.__version__)
 
-path = os.path.join(out, "yolov8s.onnx")
-if not os.path.exists(path):
-    torch.manual_seed(0)
-    net = YOLOv8s().eval()
-    for mod in net.modules():  # BatchNorm statistics that keep activations in range
-        if isinstance(mod, nn.BatchNorm2d):
-            mod.running_var.fill_(4.0)
-    with torch.no_grad():
-        torch.onnx.export(net, torch.zeros(1, 3, 640, 640), path + ".tmp", input_names=["images"], output_names=["output0"], opset_version=13)
-    names = "{" + ", ".join(f"{i}: '{n}'" for i, n in enumerate(COCO80)) + "}"
-    add_metadata(path + ".tmp", {"description": "YOLOv8s layout written for visionserve tests (random weights)", "author": "visionserve",
-                                 "stride": "32", "task": "detect", "batch": "1", "imgsz": "[640, 640]", "names": names, "end2end": "False"})
-    os.replace(path + ".tmp", path)
-    print(path, "torch", torch.__version__)
+for name, chunk in [("yolov8s.onnx", False), ("yolov8s_chunk.onnx", True)]:
+  path = os.path.join(out, name)
+  C2f.chunk = chunk
+  if not os.path.exists(path):
+      torch.manual_seed(0)
+      net = YOLOv8s().eval()
+      for mod in net.modules():  # BatchNorm statistics that keep activations in range
+          if isinstance(mod, nn.BatchNorm2d):
+              mod.running_var.fill_(4.0)
+      with torch.no_grad():
+          torch.onnx.export(net, torch.zeros(1, 3, 640, 640), path + ".tmp", input_names=["images"], output_names=["output0"], opset_version=13)
+      names = "{" + ", ".join(f"{i}: '{n}'" for i, n in enumerate(COCO80)) + "}"
+      add_metadata(path + ".tmp", {"description": "YOLOv8s layout written for visionserve tests (random weights)", "author": "visionserve",
+                                   "stride": "32", "task": "detect", "batch": "1", "imgsz": "[640, 640]", "names": names, "end2end": "False"})
+      os.replace(path + ".tmp", path)
+      print(path, "torch", torch.__version__)

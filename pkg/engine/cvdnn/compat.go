@@ -1,6 +1,8 @@
 package cvdnn
 
 import (
+	"slices"
+
 	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
 
@@ -191,4 +193,155 @@ func foldIdentityInitializers(g *onnx.GraphProto) int {
 		}
 	}
 	return folded
+}
+
+// foldChannelArithmetic computes, at rewrite time, the shape arithmetic
+// torch.onnx.export writes for Tensor.chunk and split by size along the
+// channels: Shape(x) → Gather(1) → Add/Sub/Mul/Div with constants →
+// (Unsqueeze, Concat) → the starts and ends of Slice. A convolution's
+// channel count is fixed by its weights whatever the input size, so the
+// values are constants; OpenCV 4.6 cannot import the arithmetic itself
+// (it folds Shape into a constant of another rank and aborts in Add). The
+// folded values become INT64 initializers and the nodes that made them
+// are removed. It returns how many nodes it folded.
+func foldChannelArithmetic(g *onnx.GraphProto) int {
+	ix := newGraphIndex(g)
+	type value struct {
+		v      []int64
+		scalar bool
+	}
+	known := map[string]value{}
+	constOf := func(name string) (value, bool) {
+		if v, ok := known[name]; ok {
+			return v, true
+		}
+		t, ok := ix.inits[name]
+		if !ok || t.GetDataType() != int32(onnx.TensorProto_INT64) || onnx.NumElements(t) > 8 {
+			return value{}, false
+		}
+		v, err := onnx.Int64s(t)
+		if err != nil {
+			return value{}, false
+		}
+		return value{v, len(t.GetDims()) == 0}, true
+	}
+	shapeOf := map[string]string{} // Shape output → its input
+	folded := map[*onnx.NodeProto]bool{}
+	for _, n := range g.GetNode() {
+		if n.GetDomain() != "" || len(n.GetOutput()) != 1 {
+			continue
+		}
+		in, out := n.GetInput(), n.GetOutput()[0]
+		switch op := n.GetOpType(); op {
+		case "Shape":
+			if len(in) == 1 && onnx.Attr(n, "start") == nil && onnx.Attr(n, "end") == nil {
+				shapeOf[out] = in[0]
+			}
+		case "Gather":
+			x, isShape := shapeOf[in[0]]
+			idx, ok := constOf(in[len(in)-1])
+			if !isShape || !ok || len(in) != 2 || len(idx.v) != 1 || idx.v[0] != 1 {
+				continue
+			}
+			if c := ix.channelsOf(x); c > 0 {
+				known[out] = value{[]int64{int64(c)}, idx.scalar}
+				folded[n] = true
+			}
+		case "Add", "Sub", "Mul", "Div":
+			a, okA := constOf(in[0])
+			b, okB := constOf(in[1])
+			if !okA || !okB || (len(a.v) != len(b.v) && len(a.v) != 1 && len(b.v) != 1) {
+				continue
+			}
+			if _, ka := known[in[0]]; !ka {
+				if _, kb := known[in[1]]; !kb {
+					continue // constants only: not ours to fold
+				}
+			}
+			r := value{make([]int64, max(len(a.v), len(b.v))), a.scalar && b.scalar}
+			ok := true
+			for i := range r.v {
+				x, y := a.v[min(i, len(a.v)-1)], b.v[min(i, len(b.v)-1)]
+				switch op {
+				case "Add":
+					r.v[i] = x + y
+				case "Sub":
+					r.v[i] = x - y
+				case "Mul":
+					r.v[i] = x * y
+				case "Div":
+					if y == 0 {
+						ok = false
+					} else {
+						r.v[i] = x / y // ONNX integer Div truncates, as Go's
+					}
+				}
+			}
+			if ok {
+				known[out], folded[n] = r, true
+			}
+		case "Unsqueeze":
+			a, ok := known[in[0]]
+			if ok && a.scalar {
+				known[out], folded[n] = value{a.v, false}, true
+			}
+		case "Concat":
+			var all []int64
+			ok := true
+			for _, x := range in {
+				v, isKnown := known[x]
+				c, isConst := constOf(x)
+				switch {
+				case isKnown && !v.scalar:
+					all = append(all, v.v...)
+				case !isKnown && isConst && !c.scalar:
+					all = append(all, c.v...)
+				default:
+					ok = false
+				}
+			}
+			if ok && len(all) > 0 && slices.ContainsFunc(in, func(x string) bool { _, k := known[x]; return k }) {
+				known[out], folded[n] = value{all, false}, true
+			}
+		}
+	}
+	if len(folded) == 0 {
+		return 0
+	}
+	// Folded values still read by a node that stays become initializers;
+	// the folded nodes, and the Shape nodes no one reads any more, go.
+	keep := g.Node[:0]
+	reads := map[string]bool{}
+	for _, n := range g.GetNode() {
+		if !folded[n] {
+			for _, x := range n.GetInput() {
+				reads[x] = true
+			}
+		}
+	}
+	for _, o := range g.GetOutput() {
+		reads[o.GetName()] = true
+	}
+	for name, v := range known {
+		if !reads[name] {
+			continue
+		}
+		t := &onnx.TensorProto{Name: name, DataType: int32(onnx.TensorProto_INT64), Int64Data: v.v}
+		if !v.scalar {
+			t.Dims = []int64{int64(len(v.v))}
+		}
+		g.Initializer = append(g.Initializer, t)
+	}
+	count := 0
+	for _, n := range g.GetNode() {
+		switch {
+		case folded[n]:
+			count++
+		case n.GetOpType() == "Shape" && !reads[n.GetOutput()[0]]:
+		default:
+			keep = append(keep, n)
+		}
+	}
+	g.Node = keep
+	return count
 }

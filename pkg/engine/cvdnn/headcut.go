@@ -384,13 +384,15 @@ func CutModelFile(path, output, cacheDir string) (string, *DetectHead, error) {
 
 // rewriteVersion names the rewrite rules below; it is part of the cache
 // file's hash, so a changed rule never reuses a file the old one wrote.
-const rewriteVersion = "cvdnn-rewrite-3"
+const rewriteVersion = "cvdnn-rewrite-4"
 
 // prepareForOpenCV returns the file OpenCV should load for the model at
 // path (raw its bytes, m parsed from them; m is modified): the model cut
 // at its detect head when cut is set, with zero-valued attributes made
-// explicit (explicitZeroAttributes), SiLU products fused (fuseSiLU) and
-// Identity nodes on initializers folded (foldIdentityInitializers).
+// explicit (explicitZeroAttributes), Identity nodes on initializers
+// folded (foldIdentityInitializers), the channel arithmetic of chunk and
+// split computed (foldChannelArithmetic) and SiLU products fused
+// (fuseSiLU).
 // It returns path itself when nothing needs changing.
 func prepareForOpenCV(path string, raw []byte, m *onnx.ModelProto, cut bool, output, cacheDir string) (string, *DetectHead, error) {
 	return rewriteModel(path, raw, m, cut, true, output, cacheDir)
@@ -420,7 +422,7 @@ func rewriteModel(path string, raw []byte, m *onnx.ModelProto, cut, forOpenCV bo
 	zeros := explicitZeroAttributes(m.GetGraph())
 	fused := 0
 	if forOpenCV {
-		fused = fuseSiLU(m.GetGraph()) + foldIdentityInitializers(m.GetGraph())
+		fused = foldIdentityInitializers(m.GetGraph()) + foldChannelArithmetic(m.GetGraph()) + fuseSiLU(m.GetGraph())
 	}
 	if !zeros && fused == 0 && head == nil {
 		return path, nil, nil

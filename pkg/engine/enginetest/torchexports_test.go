@@ -26,7 +26,7 @@ func torchExports(t *testing.T) string {
 	if d := os.Getenv("VISIONSERVE_TORCH_EXPORTS"); d != "" {
 		dir = d
 	}
-	want := []string{"resnet50.onnx", "mobilenetv3_large.onnx", "yolov8s.onnx"}
+	want := []string{"resnet50.onnx", "mobilenetv3_large.onnx", "yolov8s.onnx", "yolov8s_chunk.onnx"}
 	have := func() bool {
 		for _, f := range want {
 			if _, err := os.Stat(filepath.Join(dir, f)); err != nil {
@@ -79,22 +79,28 @@ func TestTorchExportsOnOpenCV(t *testing.T) {
 	}
 }
 
-// TestTorchYOLOv8sOnOpenCV: the torch export of a YOLOv8s in Ultralytics'
-// layout, configured by its Ultralytics metadata alone, is cut at its
-// detect head and served on OpenCV with no fallback, and its boxes agree
-// with ONNX Runtime's on the photos (IoU ≥ 0.99).
+// TestTorchYOLOv8sOnOpenCV: the torch exports of a YOLOv8s in Ultralytics'
+// layout, configured by their Ultralytics metadata alone, are cut at their
+// detect head and served on OpenCV with no fallback, and their boxes agree
+// with ONNX Runtime's on the photos (IoU ≥ 0.99): as Ultralytics' exporter
+// writes it (C2f with a static Split), and with C2f's chunk, whose shape
+// arithmetic the rewrite computes (foldChannelArithmetic).
 func TestTorchYOLOv8sOnOpenCV(t *testing.T) {
 	dir := torchExports(t)
-	m, err := modelrepo.LoadFile(filepath.Join(dir, "yolov8s.onnx"))
-	if err != nil {
-		t.Fatal(err)
+	for _, name := range []string{"yolov8s", "yolov8s_chunk"} {
+		t.Run(name, func(t *testing.T) {
+			m, err := modelrepo.LoadFile(filepath.Join(dir, name+".onnx"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if m.Task != modelrepo.TaskDetect || m.Sources["labels"] != modelrepo.SourceMetadata || m.NumClasses != 80 {
+				t.Fatalf("not configured from its metadata: %s %d classes (%s)", m.Task, m.NumClasses, m.SettingSources())
+			}
+			ort, cv, _, cvE := runners(t, m)
+			if cvE.Head() == nil {
+				t.Error("OpenCV runs the full graph; want it cut at the detect head")
+			}
+			crossCheckDetections(t, ort, cv, testImages(t))
+		})
 	}
-	if m.Task != modelrepo.TaskDetect || m.Sources["labels"] != modelrepo.SourceMetadata || m.NumClasses != 80 {
-		t.Fatalf("not configured from its metadata: %s %d classes (%s)", m.Task, m.NumClasses, m.SettingSources())
-	}
-	ort, cv, _, cvE := runners(t, m)
-	if cvE.Head() == nil {
-		t.Error("OpenCV runs the full graph; want it cut at the detect head")
-	}
-	crossCheckDetections(t, ort, cv, testImages(t))
 }
