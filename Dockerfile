@@ -40,7 +40,7 @@ RUN scripts/setup.sh ort \
 FROM ort AS ort-gpu
 RUN set -eu; . scripts/versions.env; \
     work=$(mktemp -d); cd "$work"; \
-    npm pack --silent "$ORT_GPU_NPM_PACKAGE" >/dev/null; \
+    npm pack "$ORT_GPU_NPM_PACKAGE" > npm.log 2>&1 || { cat npm.log >&2; exit 1; }; \
     tgz=$(ls ./*.tgz); \
     echo "$ORT_GPU_NPM_SHA256  $tgz" | sha256sum -c -; \
     tar -xzf "$tgz" --wildcards 'package/Plugins/Linux/x64/*.so'; \
@@ -53,12 +53,12 @@ RUN set -eu; . scripts/versions.env; \
 FROM ${GO_IMAGE} AS build
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends libopencv-dev pkg-config \
- && rm -rf /var/lib/apt/lists/*
+ && apt-get clean && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY go.mod go.sum ./
-RUN --mount=type=cache,target=/root/go/pkg/mod go mod download
+RUN --mount=type=cache,target=/go/pkg/mod go mod download
 COPY . .
-RUN --mount=type=cache,target=/root/go/pkg/mod --mount=type=cache,target=/root/.cache/go-build \
+RUN --mount=type=cache,target=/go/pkg/mod --mount=type=cache,target=/root/.cache/go-build \
     set -eu; . scripts/versions.env; \
     case "$(pkg-config --modversion opencv4)" in "$OPENCV_VERSION") ;; \
       *) echo "OpenCV $(pkg-config --modversion opencv4), want $OPENCV_VERSION" >&2; exit 1 ;; esac; \
@@ -87,9 +87,9 @@ RUN apt-get update \
       libopencv-core406 libopencv-imgproc406 libopencv-imgcodecs406 libopencv-dnn406 \
       libopencv-videoio406 libopencv-video406 libopencv-photo406 libopencv-features2d406 \
       libopencv-calib3d406 libopencv-objdetect406 libopencv-highgui406 \
- && rm -rf /var/lib/apt/lists/* \
- && groupadd --system --gid 10001 visionserve \
- && useradd --system --uid 10001 --gid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin visionserve
+ && apt-get clean && rm -rf /var/lib/apt/lists/* \
+ && groupadd --gid 10001 visionserve \
+ && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin visionserve
 COPY --from=ort /opt/onnxruntime/ /opt/onnxruntime/
 COPY --from=build /out/bin/ /usr/local/bin/
 COPY --from=models --chown=10001:10001 /out/models/ /models/
@@ -114,9 +114,9 @@ RUN apt-get update \
       libopencv-core406t64 libopencv-imgproc406t64 libopencv-imgcodecs406t64 libopencv-dnn406t64 \
       libopencv-videoio406t64 libopencv-video406t64 libopencv-photo406t64 libopencv-features2d406t64 \
       libopencv-calib3d406t64 libopencv-objdetect406t64 libopencv-highgui406t64 \
- && rm -rf /var/lib/apt/lists/* \
- && groupadd --system --gid 10001 visionserve \
- && useradd --system --uid 10001 --gid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin visionserve
+ && apt-get clean && rm -rf /var/lib/apt/lists/* \
+ && groupadd --gid 10001 visionserve \
+ && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin visionserve
 COPY --from=ort-gpu /opt/onnxruntime/ /opt/onnxruntime/
 COPY --from=build /out/bin/ /usr/local/bin/
 COPY --from=models --chown=10001:10001 /out/models/ /models/

@@ -14,7 +14,7 @@ ARGS        ?=
 
 export VISIONSERVE_ORT_LIB ?= $(ORT_LIB)
 
-.PHONY: all setup deps models torch-exports run build test test-race test-triton vet bench fuzz clean proto
+.PHONY: all setup deps models torch-exports run build test test-race test-triton test-container vet bench fuzz clean proto
 
 all: build
 
@@ -58,6 +58,10 @@ test: setup models torch-exports
 test-triton: build models
 	@scripts/setup.sh clients
 	cd tests/triton && ../../.deps/pyenv/bin/python -m pytest -q -p no:cacheprovider
+
+## test-container: build the cpu image with podman (local base images) and test it
+test-container: build models
+	scripts/container.sh all
 
 ## test-race: the packages that run goroutines, under the race detector
 test-race: setup models

@@ -4,8 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
-	"path/filepath"
 	"slices"
 	"sync"
 
@@ -239,11 +237,7 @@ func (r *Backends) load(ctx context.Context, name string, m *modelrepo.Model, de
 	if r.o.Precision == "fp16" {
 		dir := r.o.CacheDir
 		if dir == "" {
-			base, err := os.UserCacheDir()
-			if err != nil {
-				base = os.TempDir()
-			}
-			dir = filepath.Join(base, "visionserve", "fp16")
+			dir = onnx.CacheDir("fp16")
 		}
 		if path, err = onnx.ConvertFileFP16(m.Path, dir); err != nil {
 			return nil, fmt.Errorf("loading model %q: %w", m.Name, err)

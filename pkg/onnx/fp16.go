@@ -442,3 +442,18 @@ func WriteAtomic(dst string, data []byte) error {
 	}
 	return nil
 }
+
+// CacheDir is the folder for the rewritten models of kind sub: the
+// user's cache folder when it can be created (~/.cache/visionserve/sub),
+// else the temporary folder. A container user often has no home (the
+// image's uid 10001 has /nonexistent) and a read-only root, where only
+// the temporary folder is writable.
+func CacheDir(sub string) string {
+	if d, err := os.UserCacheDir(); err == nil {
+		dir := filepath.Join(d, "visionserve", sub)
+		if os.MkdirAll(dir, 0o755) == nil {
+			return dir
+		}
+	}
+	return filepath.Join(os.TempDir(), "visionserve-"+sub)
+}

@@ -147,3 +147,23 @@ func TestConvertFileFP16(t *testing.T) {
 		t.Error("a missing file converted")
 	}
 }
+
+func TestCacheDirWithoutAHome(t *testing.T) {
+	t.Setenv("XDG_CACHE_HOME", "")
+	tmp := t.TempDir()
+	// A home no folder can be made under, even by root: a file.
+	notDir := filepath.Join(tmp, "file")
+	if err := os.WriteFile(notDir, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("HOME", notDir)
+	t.Setenv("TMPDIR", tmp)
+	if got := CacheDir("x"); got != filepath.Join(tmp, "visionserve-x") {
+		t.Errorf("CacheDir with an unwritable home = %q, want the temporary folder", got)
+	}
+	home := t.TempDir()
+	t.Setenv("HOME", home)
+	if got := CacheDir("x"); got != filepath.Join(home, ".cache", "visionserve", "x") {
+		t.Errorf("CacheDir = %q, want under the home's cache", got)
+	}
+}

@@ -31,7 +31,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 	"slices"
 	"sync"
 	"time"
@@ -283,12 +282,7 @@ func (e *Engine) probe(ctx context.Context, maxBatch int) error {
 // size.
 func (e *Engine) PerImage() bool { return e.perImage }
 
-func defaultCacheDir() string {
-	if d, err := os.UserCacheDir(); err == nil {
-		return filepath.Join(d, "visionserve", "cvdnn")
-	}
-	return filepath.Join(os.TempDir(), "visionserve-cvdnn")
-}
+func defaultCacheDir() string { return onnx.CacheDir("cvdnn") }
 
 // Backend reports "opencv".
 func (e *Engine) Backend() string { return Backend }
