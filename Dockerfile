@@ -3,7 +3,12 @@
 # visionserve images. Two targets share one build stage:
 #
 #   docker build --target cpu -t visionserve:cpu .     # Debian 12, ONNX Runtime CPU + OpenCV DNN
-#   docker build --target gpu -t visionserve:gpu .     # CUDA 13 + cuDNN 9, ONNX Runtime CUDA/TensorRT
+#   docker build --target gpu -t visionserve:gpu .     # CUDA 13 + cuDNN 9, ONNX Runtime CUDA
+#
+# The gpu image serves the CUDA provider. It also carries ONNX Runtime's
+# TensorRT provider, but cudnn-runtime base images do not contain TensorRT
+# (libnvinfer.so.10), so there `--backend auto` takes CUDA and its log
+# says why TensorRT was not taken; TensorRT needs a base image that has it.
 #
 # Pinned native versions and sha256 sums are NOT repeated here: the build
 # runs scripts/setup.sh (which reads scripts/versions.env) for the ONNX

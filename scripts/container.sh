@@ -11,7 +11,9 @@
 #                                 golang:1.26-bookworm (that plus build tools from
 #                                 apt and this machine's Go). The stand-ins trust
 #                                 this machine's CA store.
-#   scripts/container.sh build    podman build --target cpu -t localhost/visionserve:cpu
+#   scripts/container.sh build    podman build --target cpu -t localhost/visionserve:cpu, and
+#                                 the gpu target's ort-gpu stage (its CUDA base image
+#                                 cannot be pulled here)
 #   scripts/container.sh test     runs the image with the generated models mounted
 #                                 read-only and checks: non-root, /readyz, a classify
 #                                 (REST) and a detect (gRPC) request, the models on
@@ -117,6 +119,13 @@ build() {
 	podman build --network=host --pull=never --target cpu -t "$image" . > "$dir/build.log" 2>&1 ||
 		{ tail -40 "$dir/build.log" >&2; exit 1; }
 	echo "container: built $image in $((SECONDS - start)) s" >&2
+	# The gpu target needs NVIDIA's CUDA base image, which no registry
+	# here serves; its ONNX Runtime GPU stage (the CUDA and TensorRT
+	# provider libraries from npm, sha256-checked) is built, so far as it
+	# can be.
+	podman build --network=host --pull=never --target ort-gpu -t localhost/visionserve:ort-gpu . > "$dir/build-ort-gpu.log" 2>&1 ||
+		{ tail -20 "$dir/build-ort-gpu.log" >&2; exit 1; }
+	echo "container: the gpu target's ort-gpu stage builds" >&2
 }
 
 test_image() {
