@@ -14,7 +14,7 @@ ARGS        ?=
 
 export VISIONSERVE_ORT_LIB ?= $(ORT_LIB)
 
-.PHONY: all setup deps models torch-exports run build test test-race test-triton test-container vet bench fuzz clean proto
+.PHONY: all setup deps models torch-exports run build test test-race test-triton test-container test-k8s vet bench fuzz clean proto
 
 all: build
 
@@ -62,6 +62,10 @@ test-triton: build models
 ## test-container: build the cpu image with podman (local base images) and test it
 test-container: build models
 	scripts/container.sh all
+
+## test-k8s: a real control plane on loopback (etcd, kube-apiserver, controller manager, scheduler, kwok) and the manifests applied to it
+test-k8s:
+	scripts/k8s.sh all
 
 ## test-race: the packages that run goroutines, under the race detector
 test-race: setup models
