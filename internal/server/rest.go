@@ -21,6 +21,7 @@ import (
 	"google.golang.org/protobuf/reflect/protoreflect"
 
 	"github.com/visionserve/visionserve/internal/visionjson"
+	"github.com/visionserve/visionserve/pkg/model"
 	"github.com/visionserve/visionserve/proto/inference"
 	visionv1 "github.com/visionserve/visionserve/proto/visionserve/v1"
 )
@@ -50,6 +51,9 @@ func (s *Server) RESTHandler() http.Handler {
 			}
 			defer release()
 			req.Body = http.MaxBytesReader(w, req.Body, r.maxBytes)
+			// The connection is the client the batchers share their
+			// queues fairly between, as for a gRPC call.
+			req = req.WithContext(model.WithClient(req.Context(), req.RemoteAddr))
 			if err := fn(w, req); err != nil {
 				writeError(w, err)
 			}
