@@ -952,8 +952,10 @@ func TestBatcherEngineFailureIsolation(t *testing.T) {
 			poisoned, poisonFakes := batchTestItems(1)
 			eng := &batchTestEngine{name: "fake-backend", poison: poisonFakes[0].val, err: tt.err}
 			obs := &batchTestObserver{}
+			// Room for all nine requests at once: this is about a failing
+			// batch, not a full queue (the default, 8, made it flaky).
 			b := newTestBatcher(t, batcher.Config{
-				Model: "yolo", MaxBatchSize: 1, Observer: obs, Engines: []engine.Engine{eng},
+				Model: "yolo", MaxBatchSize: 1, QueueSize: 16, Observer: obs, Engines: []engine.Engine{eng},
 			})
 			var wg sync.WaitGroup
 			for range 8 {
