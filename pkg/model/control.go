@@ -240,19 +240,15 @@ func (c *Controller) loadLocked(ctx context.Context, f modelrepo.Found) error {
 	}
 	entry := New(cfg, nil)
 	if !serving {
-		// Nothing answers for the name yet: show it loading.
+		// Nothing answers for the name yet: show it loading. A failure
+		// from here on turns this entry Unavailable.
 		if err := c.reg.Replace(ctx, entry); err != nil {
 			return err
 		}
+		old, had = entry, true
 	}
 	r, choice, err := loadModel(ctx, cfg, c.opts)
 	if err != nil {
-		if !serving {
-			entry.SetState(Unavailable, fmt.Errorf("loading model %q: %w", f.Name, err))
-			c.failed[f.Name] = failure{fp, err}
-			c.log.Error("model not served", "model", f.Name, "err", err)
-			return fmt.Errorf("loading model %q: %w", f.Name, err)
-		}
 		return fail(err)
 	}
 	entry.Runner, entry.LoadTime = r, time.Since(start)
@@ -260,13 +256,7 @@ func (c *Controller) loadLocked(ctx context.Context, f modelrepo.Found) error {
 	if err := warmUp(ctx, entry, c.log); err != nil {
 		_ = r.Close(context.WithoutCancel(ctx))
 		entry.Runner = nil
-		err = fmt.Errorf("warming up: %w", err)
-		if !serving {
-			entry.SetState(Unavailable, fmt.Errorf("loading model %q: %w", f.Name, err))
-			c.failed[f.Name] = failure{fp, err}
-			return fmt.Errorf("loading model %q: %w", f.Name, err)
-		}
-		return fail(err)
+		return fail(fmt.Errorf("warming up: %w", err))
 	}
 	entry.WarmupTime = time.Since(warm)
 	entry.SetState(Ready, nil)
