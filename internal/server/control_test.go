@@ -22,6 +22,25 @@ import (
 	visionv1 "github.com/visionserve/visionserve/proto/visionserve/v1"
 )
 
+// startControlRun runs the server of cfg over startFakeRun's backend until
+// the test ends, waits until it is ready and dials it.
+func startControlRun(t *testing.T, cfg config.Config) (visionv1.VisionServiceClient, inference.GRPCInferenceServiceClient) {
+	t.Helper()
+	r, err := startFakeRun(t, cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := r.stop(); err != nil {
+			t.Error(err)
+		}
+	})
+	if code, body := waitReady(t, r.http); code != 200 {
+		t.Fatalf("readyz %d %s", code, body)
+	}
+	return dialRun(t, r)
+}
+
 func dialRun(t *testing.T, r *fakeRun) (visionv1.VisionServiceClient, inference.GRPCInferenceServiceClient) {
 	t.Helper()
 	conn, err := grpc.NewClient(r.grpc, grpc.WithTransportCredentials(insecure.NewCredentials()))
@@ -80,19 +99,7 @@ func TestExplicitModelControl(t *testing.T) {
 	modeltest.WriteDir(t, root, "other", 3, "")
 	cfg := config.Default()
 	cfg.ModelRepo, cfg.ModelControlMode, cfg.LoadModels = root, modelrepo.ControlExplicit, []string{"cls"}
-	r, err := startFakeRun(t, cfg, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		if err := r.stop(); err != nil {
-			t.Error(err)
-		}
-	}()
-	if code, body := waitReady(t, r.http); code != 200 {
-		t.Fatalf("readyz %d %s", code, body)
-	}
-	vc, oc := dialRun(t, r)
+	vc, oc := startControlRun(t, cfg)
 	ctx := context.Background()
 	idx := indexOf(t, oc)
 	if idx["cls"].GetState() != "READY" || idx["other"].GetState() != "UNAVAILABLE" || idx["other"].GetReason() != "not loaded" {
@@ -195,19 +202,7 @@ func TestPollModelControl(t *testing.T) {
 	dir := modeltest.WriteDir(t, root, "cls", 10, "")
 	cfg := config.Default()
 	cfg.ModelRepo, cfg.ModelControlMode, cfg.RepositoryPollInterval = root, modelrepo.ControlPoll, 100*time.Millisecond
-	r, err := startFakeRun(t, cfg, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		if err := r.stop(); err != nil {
-			t.Error(err)
-		}
-	}()
-	if code, body := waitReady(t, r.http); code != 200 {
-		t.Fatalf("readyz %d %s", code, body)
-	}
-	vc, oc := dialRun(t, r)
+	vc, oc := startControlRun(t, cfg)
 	ctx := context.Background()
 	if _, err := oc.RepositoryModelLoad(ctx, &inference.RepositoryModelLoadRequest{ModelName: "cls"}); status.Code(err) != codes.FailedPrecondition {
 		t.Errorf("load in poll mode: %v, want FailedPrecondition", err)

@@ -337,22 +337,7 @@ func TestSiLUFusion(t *testing.T) {
 	}
 
 	path := writeModel(t, siluNet(), "tiny_silu.onnx")
-	e, err := New(context.Background(), path, Options{CacheDir: t.TempDir(), MaxBatch: 2})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer e.Close()
-	b := engine.NewBatch(2, 3, 16, 16)
-	b.N = 2
-	fillPattern(b.Data, 9)
-	got, err := e.Run(context.Background(), b)
-	if err != nil {
-		t.Fatal(err)
-	}
-	want := ortReference(t, path, nil, b)
-	if d := maxDiff(got[0].Data, want[0]); d > 1e-4 {
-		t.Errorf("fused graph on OpenCV and original on ONNX Runtime differ by %g", d)
-	}
+	checkAgainstORT(t, path, 9, "fused graph on OpenCV and original on ONNX Runtime")
 }
 
 // identityNet is a small net as torch.onnx.export writes a shared weight:
@@ -405,22 +390,7 @@ func TestIdentityFolding(t *testing.T) {
 	}
 
 	path := writeModel(t, identityNet(), "tiny_identity.onnx")
-	e, err := New(context.Background(), path, Options{CacheDir: t.TempDir(), MaxBatch: 2})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer e.Close()
-	batch := engine.NewBatch(2, 3, 16, 16)
-	batch.N = 2
-	fillPattern(batch.Data, 5)
-	got, err := e.Run(context.Background(), batch)
-	if err != nil {
-		t.Fatal(err)
-	}
-	want := ortReference(t, path, nil, batch)
-	if d := maxDiff(got[0].Data, want[0]); d > 1e-4 {
-		t.Errorf("folded graph on OpenCV and original on ONNX Runtime differ by %g", d)
-	}
+	checkAgainstORT(t, path, 5, "folded graph on OpenCV and original on ONNX Runtime")
 }
 
 // chunkNet splits a convolution's 4 channels in two halves the way
@@ -478,20 +448,29 @@ func TestChannelArithmeticFolding(t *testing.T) {
 	if err := Probe(context.Background(), path); err == nil {
 		t.Error("OpenCV imports the chunk arithmetic as written; the rewrite this test is about is not needed")
 	}
+	checkAgainstORT(t, path, 11, "folded graph on OpenCV and original on ONNX Runtime")
+}
+
+// checkAgainstORT runs the model at path (a [N,3,16,16] input) on OpenCV,
+// after its rewrites, and on ONNX Runtime as written, on a batch of two
+// patterned images, and fails when the outputs differ by more than 1e-4;
+// what names the comparison in the failure.
+func checkAgainstORT(t *testing.T, path string, seed uint32, what string) {
+	t.Helper()
 	e, err := New(context.Background(), path, Options{CacheDir: t.TempDir(), MaxBatch: 2})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer e.Close()
-	batch := engine.NewBatch(2, 3, 16, 16)
-	batch.N = 2
-	fillPattern(batch.Data, 11)
-	got, err := e.Run(context.Background(), batch)
+	b := engine.NewBatch(2, 3, 16, 16)
+	b.N = 2
+	fillPattern(b.Data, seed)
+	got, err := e.Run(context.Background(), b)
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := ortReference(t, path, nil, batch)
+	want := ortReference(t, path, nil, b)
 	if d := maxDiff(got[0].Data, want[0]); d > 1e-4 {
-		t.Errorf("folded graph on OpenCV and original on ONNX Runtime differ by %g", d)
+		t.Errorf("%s differ by %g", what, d)
 	}
 }
