@@ -96,6 +96,7 @@ func ToFP16(m *ModelProto, keep []string) (*ModelProto, error) {
 		}
 		half := fresh(in.GetName() + "_fp16")
 		rename[in.GetName()] = half
+		types[half] = f32 // the type it had; the keep-op casts read it
 		nodes = append(nodes, cast(in.GetName(), half, f16))
 	}
 	// Outputs: the producer writes a float16 value that a cast turns back.
@@ -108,6 +109,7 @@ func ToFP16(m *ModelProto, keep []string) (*ModelProto, error) {
 	outRename := map[string]string{}
 	for name := range outputs {
 		outRename[name] = fresh(name + "_fp16")
+		types[outRename[name]] = types[name]
 	}
 	keepOp := map[string]bool{}
 	for _, op := range keep {
@@ -148,7 +150,7 @@ func ToFP16(m *ModelProto, keep []string) (*ModelProto, error) {
 		}
 		// A float32 island: float inputs cast up, float outputs cast down.
 		for i, in := range n.GetInput() {
-			if in == "" || types[originalName(in, rename, outRename)] != f32 {
+			if in == "" || types[in] != f32 {
 				continue
 			}
 			up := fresh(in + "_fp32")
@@ -180,17 +182,6 @@ func ToFP16(m *ModelProto, keep []string) (*ModelProto, error) {
 	// Intermediate types changed; ONNX Runtime infers them again.
 	g.ValueInfo = nil
 	return out, nil
-}
-
-func originalName(name string, maps ...map[string]string) string {
-	for _, m := range maps {
-		for from, to := range m {
-			if to == name {
-				return from
-			}
-		}
-	}
-	return name
 }
 
 func isInitializer(g *GraphProto, name string) bool {
