@@ -225,6 +225,12 @@ func (m *Metrics) ModelLoaded(model, backend string, load, warmup time.Duration)
 		m.warmupSeconds.DeleteLabelValues(model, old.backend)
 	}
 	m.backendInfo.WithLabelValues(model, backend).Set(1)
+	// The autoscaling series exists, at 0, from the moment the model
+	// serves: an idle pod reports 0 in-flight requests rather than no
+	// series, which prometheus-adapter would answer with "metric not found"
+	// and the HPA would hold as an invalid metric (no scale-down). It is
+	// not deleted on unload: requests still in flight decrement it.
+	m.inflight.WithLabelValues(model)
 	m.loadSeconds.WithLabelValues(model, backend).Set(load.Seconds())
 	m.warmupSeconds.WithLabelValues(model, backend).Set(warmup.Seconds())
 }

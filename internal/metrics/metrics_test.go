@@ -329,6 +329,24 @@ func TestBatchesAndQueue(t *testing.T) {
 	}
 }
 
+// TestIdleModelReportsZeroInflight: the HPA's metric must be there, at
+// 0, before the first request (found missing by make test-k8s: the
+// adapter answered "metric not found" for idle pods).
+func TestIdleModelReportsZeroInflight(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	m, err := metrics.New(reg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if find(scrape(t, reg), metrics.InflightRequests, map[string]string{"model": "resnet50"}) != nil {
+		t.Fatal("in-flight series before the model loaded")
+	}
+	m.ModelLoaded("resnet50", "ort-cpu", time.Second, time.Second)
+	if v := value(t, scrape(t, reg), metrics.InflightRequests, map[string]string{"model": "resnet50"}); v != 0 {
+		t.Fatalf("idle model: %g in flight, want 0", v)
+	}
+}
+
 func TestModelMovingBackendKeepsOneInfoSeries(t *testing.T) {
 	reg := prometheus.NewRegistry()
 	m, err := metrics.New(reg)
