@@ -10,6 +10,12 @@
 # (libnvinfer.so.10), so there `--backend auto` takes CUDA and its log
 # says why TensorRT was not taken; TensorRT needs a base image that has it.
 #
+# Both carry their own OpenCV 4.6 (stage opencv: Debian 12's source, built
+# with only what the server uses), not the distribution's packages, whose
+# runtime closure (GDAL, ffmpeg, Qt, Mesa) made the cpu image 842 MB. A
+# cold build compiles it once (about 7 minutes on 2 cores); later builds
+# reuse the layer.
+#
 # Pinned native versions and sha256 sums are NOT repeated here: the build
 # runs scripts/setup.sh (which reads scripts/versions.env) for the ONNX
 # Runtime core library and sources scripts/versions.env for the GPU
@@ -54,11 +60,32 @@ RUN set -eu; . scripts/versions.env; \
     ls /opt/onnxruntime/libonnxruntime_providers_cuda.so /opt/onnxruntime/libonnxruntime_providers_shared.so
 
 # ---------------------------------------------------------------------------
-# Go build: gocv needs the OpenCV 4.6 headers (Debian 12's libopencv-dev).
-FROM ${GO_IMAGE} AS build
+# OpenCV 4.6 as Debian 12 builds it (its source package, its patches), with
+# only what infer-server uses: no GDAL, ffmpeg, Qt or OpenCL, so 23 MB of
+# libraries instead of Debian's 320 MB runtime closure. scripts/opencv.sh
+# says what is in and out, and checks the source against versions.env.
+FROM ${GO_IMAGE} AS opencv
 RUN apt-get update \
- && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends libopencv-dev pkg-config \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+      cmake ninja-build dpkg-dev curl ca-certificates \
+      libjpeg62-turbo-dev libpng-dev libwebp-dev libprotobuf-dev protobuf-compiler zlib1g-dev \
  && apt-get clean && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY scripts/opencv.sh scripts/versions.env scripts/
+RUN scripts/opencv.sh /opt/opencv \
+ && mkdir -p /out/opencv/lib /out/opencv/deps \
+ && cp -a /opt/opencv/lib/libopencv_*.so.* /out/opencv/lib/ \
+ && for l in libjpeg.so.62 libpng16.so.16 libwebp.so.7 libprotobuf.so.32; do \
+      cp -L "/usr/lib/x86_64-linux-gnu/$l" /out/opencv/deps/; done
+
+# ---------------------------------------------------------------------------
+# Go build: gocv compiles against that OpenCV (pkg-config, /opt/opencv).
+FROM opencv AS build
+# Go's build cache does not key cgo packages on pkg-config's output, so a
+# cache mount that once held gocv built against Debian's OpenCV would link
+# Debian's module list; CGO_LDFLAGS is part of the key, and names the
+# folder anyway.
+ENV PKG_CONFIG_PATH=/opt/opencv/lib/pkgconfig LD_LIBRARY_PATH=/opt/opencv/lib CGO_LDFLAGS=-L/opt/opencv/lib
 WORKDIR /src
 COPY go.mod go.sum ./
 RUN --mount=type=cache,target=/go/pkg/mod go mod download
@@ -82,17 +109,15 @@ RUN set -eu; mkdir -p /out/models; \
     if [ "$GENERATE_MODELS" = 1 ]; then /out/bin/modelgen -out /out/models; fi
 
 # ---------------------------------------------------------------------------
-# CPU runtime: only the OpenCV 4.6 libraries infer-server links
-# (readelf -d: core, imgproc, imgcodecs, dnn, videoio, video, photo,
-# features2d, calib3d, objdetect, highgui) and the ONNX Runtime core.
+# CPU runtime: that OpenCV, the four libraries it needs from Debian, and
+# the ONNX Runtime core.
 FROM ${CPU_BASE} AS cpu
+COPY --from=opencv /out/opencv/lib/ /opt/opencv/lib/
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-      ca-certificates \
-      libopencv-core406 libopencv-imgproc406 libopencv-imgcodecs406 libopencv-dnn406 \
-      libopencv-videoio406 libopencv-video406 libopencv-photo406 libopencv-features2d406 \
-      libopencv-calib3d406 libopencv-objdetect406 libopencv-highgui406 \
+      ca-certificates libjpeg62-turbo libpng16-16 libwebp7 libprotobuf32 \
  && apt-get clean && rm -rf /var/lib/apt/lists/* \
+ && echo /opt/opencv/lib > /etc/ld.so.conf.d/opencv.conf && ldconfig \
  && groupadd --gid 10001 visionserve \
  && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin visionserve
 COPY --from=ort /opt/onnxruntime/ /opt/onnxruntime/
@@ -110,16 +135,15 @@ ENTRYPOINT ["/usr/local/bin/infer-server"]
 CMD ["--backend=ort-cpu"]
 
 # ---------------------------------------------------------------------------
-# GPU runtime: CUDA 13 + cuDNN 9 (Ubuntu 24.04), whose OpenCV 4.6 packages
-# carry the t64 suffix (same sonames, libopencv_*.so.406, as Debian 12's).
+# GPU runtime: CUDA 13 + cuDNN 9 (Ubuntu 24.04), with the same OpenCV and
+# the four Debian 12 libraries it was built against (Ubuntu's libjpeg has
+# another soname), in /opt/opencv.
 FROM ${GPU_BASE} AS gpu
+COPY --from=opencv /out/opencv/lib/ /out/opencv/deps/ /opt/opencv/lib/
 RUN apt-get update \
- && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-      ca-certificates \
-      libopencv-core406t64 libopencv-imgproc406t64 libopencv-imgcodecs406t64 libopencv-dnn406t64 \
-      libopencv-videoio406t64 libopencv-video406t64 libopencv-photo406t64 libopencv-features2d406t64 \
-      libopencv-calib3d406t64 libopencv-objdetect406t64 libopencv-highgui406t64 \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ca-certificates \
  && apt-get clean && rm -rf /var/lib/apt/lists/* \
+ && echo /opt/opencv/lib > /etc/ld.so.conf.d/opencv.conf && ldconfig \
  && groupadd --gid 10001 visionserve \
  && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin visionserve
 COPY --from=ort-gpu /opt/onnxruntime/ /opt/onnxruntime/

@@ -165,27 +165,22 @@ func TestDockerfileUsesPinnedVersions(t *testing.T) {
 		t.Error("the build stage must check the OpenCV headers against $OPENCV_VERSION")
 	}
 
-	// OpenCV runtime packages carry the soname version of OPENCV_VERSION
-	// (4.6.0 -> 406), on Debian 12 and with Ubuntu's t64 suffix.
-	parts := strings.Split(versions["OPENCV_VERSION"], ".")
-	soVersion := parts[0] + parts[1] + "0"
-	if len(parts[1]) == 1 {
-		soVersion = parts[0] + "0" + parts[1]
+	// OpenCV is built in stage opencv by scripts/opencv.sh (which reads
+	// versions.env and checks the source), and both targets take their
+	// libraries from it. Debian's or Ubuntu's libopencv packages would bring
+	// their runtime closure back (GDAL, ffmpeg, Qt: 320 MB).
+	if !hasInstruction(stages["opencv"], "COPY", "scripts/versions.env") || !hasInstruction(stages["opencv"], "RUN", "scripts/opencv.sh /opt/opencv") {
+		t.Error("stage opencv must copy scripts/versions.env and run scripts/opencv.sh /opt/opencv")
 	}
-	pkg := regexp.MustCompile(`libopencv-([a-z0-9]+?)(\d{3})(t64)?\b`)
-	for _, target := range []string{"cpu", "gpu"} {
-		var found int
+	pkg := regexp.MustCompile(`\blibopencv-[a-z0-9-]+`)
+	for _, target := range []string{"build", "cpu", "gpu"} {
 		for _, in := range stages[target] {
-			for _, m := range pkg.FindAllStringSubmatch(in.args, -1) {
-				found++
-				if m[2] != soVersion {
-					t.Errorf("stage %s installs %s, want OpenCV %s (%s)", target, m[0], versions["OPENCV_VERSION"], soVersion)
-				}
+			if m := pkg.FindString(in.args); m != "" {
+				t.Errorf("stage %s installs %s; the images use the OpenCV of stage opencv", target, m)
 			}
 		}
-		// infer-server links these (readelf -d); missing one fails at start.
-		if found < 11 {
-			t.Errorf("stage %s installs %d OpenCV runtime packages, want the 11 infer-server links", target, found)
+		if target != "build" && !hasInstruction(stages[target], "COPY", "--from=opencv /out/opencv/lib/") {
+			t.Errorf("stage %s does not copy the OpenCV libraries of stage opencv", target)
 		}
 	}
 }

@@ -18,8 +18,9 @@
 #                                 read-only and checks: non-root, /readyz, a classify
 #                                 (REST) and a detect (gRPC) request, the models on
 #                                 the backends they get outside a container, SIGTERM
-#                                 ending in exit 0 within the grace period; prints
-#                                 the image size
+#                                 ending in exit 0 within the grace period; then
+#                                 --backend=opencv (the cpu overlay's) serving both
+#                                 models; prints the image size
 #   scripts/container.sh all      the three
 #
 # podman runs as root with runc and cgroupfs (the sandbox has no
@@ -169,9 +170,30 @@ sys.stdout.buffer.write(b"BM"+struct.pack("<IHHI",54+len(d),0,0,54)+struct.pack(
 	local t0=$SECONDS
 	podman stop -t 30 "$cid" >/dev/null
 	check "SIGTERM ends in exit 0 within the grace period ($((SECONDS - t0)) s)" [ "$(podman inspect -f '{{.State.ExitCode}}' "$cid")" = 0 ]
-	echo "container: image $image is $(podman image inspect -f '{{.Size}}' "$image" | awk '{printf "%.0f MB", $1/1e6}')" >&2
 	if [ "$fail" != 0 ]; then
 		podman logs "$cid" 2>&1 | tail -20 >&2
+		exit 1
+	fi
+	# The cpu overlay runs --backend=opencv: the image's own OpenCV build
+	# (scripts/opencv.sh) must import and run both models with its DNN.
+	local cv
+	cv=$(podman run -d --network=host --read-only --tmpfs /tmp -v "$repo:/models:ro" "$image" \
+		--backend=opencv --grpc-addr=$g --http-addr=$h --rest-addr=$r --grace-period=5s)
+	trap 'podman rm -f "$cid" "$cv" >/dev/null 2>&1 || true' RETURN
+	ready=0
+	for _ in $(seq 120); do
+		if curl -sf "http://$h/readyz" >/dev/null; then ready=1; break; fi
+		[ "$(podman inspect -f '{{.State.Running}}' "$cv")" = true ] || break
+		sleep 1
+	done
+	check "--backend=opencv: /readyz answers 200" [ "$ready" = 1 ]
+	check "--backend=opencv: both models on OpenCV DNN" bash -c "[ \$(podman logs '$cv' 2>&1 | grep '\"model loaded\"' | grep -c '\"backend\":\"opencv\"') = 2 ]"
+	check "--backend=opencv: classify over REST" bash -c "curl -sf --data-binary @'$photo' 'http://$r/v1/models/mobilenetv3_large/classify?top_k=1' | grep -q '\"classes\"'"
+	check "--backend=opencv: detect over gRPC" bash -c "bin/infer-client detect --addr $g --model yolov8s --json '$bus' | grep -q '\"model\":\"yolov8s\"'"
+	podman stop -t 10 "$cv" >/dev/null
+	echo "container: image $image is $(podman image inspect -f '{{.Size}}' "$image" | awk '{printf "%.0f MB", $1/1e6}')" >&2
+	if [ "$fail" != 0 ]; then
+		podman logs "$cv" 2>&1 | tail -20 >&2
 		exit 1
 	fi
 }
