@@ -63,8 +63,8 @@ test-triton: build models
 test-container: build models
 	scripts/container.sh all
 
-## test-k8s: a real control plane on loopback (etcd, kube-apiserver, controller manager, scheduler, kwok) and the manifests applied to it
-test-k8s:
+## test-k8s: a real control plane on loopback (etcd, kube-apiserver, controller manager, scheduler, kwok), the manifests applied to it, and the HPA scaling on real servers through Prometheus and prometheus-adapter
+test-k8s: build models
 	scripts/k8s.sh all
 
 ## test-race: the packages that run goroutines, under the race detector
