@@ -147,13 +147,16 @@ test_image() {
 	check() { # check WHAT COMMAND...: runs it, reports
 		if "${@:2}"; then echo "container: ok: $1" >&2; else echo "container: FAILED: $1" >&2; fail=1; fi
 	}
-	local ready=0
-	for _ in $(seq 120); do
-		if curl -sf "http://$h/readyz" >/dev/null; then ready=1; break; fi
-		[ "$(podman inspect -f '{{.State.Running}}' "$cid")" = true ] || break
-		sleep 1
-	done
-	check "/readyz answers 200" [ "$ready" = 1 ]
+	# ready CONTAINER: /readyz answers within 2 minutes, while it runs.
+	ready() {
+		for _ in $(seq 120); do
+			curl -sf "http://$h/readyz" >/dev/null && return 0
+			[ "$(podman inspect -f '{{.State.Running}}' "$1")" = true ] || return 1
+			sleep 1
+		done
+		return 1
+	}
+	check "/readyz answers 200" ready "$cid"
 	check "runs as uid 10001, not root" [ "$(podman exec "$cid" id -u)" = 10001 ]
 	local photo=../shared/testdata/images/dog.jpg bus=../shared/testdata/images/bus.jpg
 	if [ ! -f "$photo" ] || [ ! -f "$bus" ]; then
@@ -180,13 +183,7 @@ sys.stdout.buffer.write(b"BM"+struct.pack("<IHHI",54+len(d),0,0,54)+struct.pack(
 	cv=$(podman run -d --network=host --read-only --tmpfs /tmp -v "$repo:/models:ro" "$image" \
 		--backend=opencv --grpc-addr=$g --http-addr=$h --rest-addr=$r --grace-period=5s)
 	trap 'podman rm -f "$cid" "$cv" >/dev/null 2>&1 || true' RETURN
-	ready=0
-	for _ in $(seq 120); do
-		if curl -sf "http://$h/readyz" >/dev/null; then ready=1; break; fi
-		[ "$(podman inspect -f '{{.State.Running}}' "$cv")" = true ] || break
-		sleep 1
-	done
-	check "--backend=opencv: /readyz answers 200" [ "$ready" = 1 ]
+	check "--backend=opencv: /readyz answers 200" ready "$cv"
 	check "--backend=opencv: both models on OpenCV DNN" bash -c "[ \$(podman logs '$cv' 2>&1 | grep '\"model loaded\"' | grep -c '\"backend\":\"opencv\"') = 2 ]"
 	check "--backend=opencv: classify over REST" bash -c "curl -sf --data-binary @'$photo' 'http://$r/v1/models/mobilenetv3_large/classify?top_k=1' | grep -q '\"classes\"'"
 	check "--backend=opencv: detect over gRPC" bash -c "bin/infer-client detect --addr $g --model yolov8s --json '$bus' | grep -q '\"model\":\"yolov8s\"'"

@@ -311,20 +311,13 @@ resourceRules:
   cpu:
     containerQuery: sum(rate(process_cpu_seconds_total{<<.LabelMatchers>>}[20s])) by (<<.GroupBy>>)
     nodeQuery: sum(rate(process_cpu_seconds_total{<<.LabelMatchers>>}[20s])) by (<<.GroupBy>>)
-    resources:
-      overrides:
-        namespace: {resource: namespace}
-        pod: {resource: pod}
-        node: {resource: node}
+    resources: &labels
+      overrides: {namespace: {resource: namespace}, pod: {resource: pod}, node: {resource: node}}
     containerLabel: container
   memory:
     containerQuery: sum(process_resident_memory_bytes{<<.LabelMatchers>>}) by (<<.GroupBy>>)
     nodeQuery: sum(process_resident_memory_bytes{<<.LabelMatchers>>}) by (<<.GroupBy>>)
-    resources:
-      overrides:
-        namespace: {resource: namespace}
-        pod: {resource: pod}
-        node: {resource: node}
+    resources: *labels
     containerLabel: container
   window: 20s
 YAML
@@ -335,7 +328,8 @@ YAML
 		> "$d/adapter.log" 2>&1 &
 	pids+=($!)
 	# The API server reaches the adapter through an ExternalName Service
-	# (loopback Endpoints are refused by validation).
+	# (loopback Endpoints are refused by validation), with an APIService
+	# for each GROUP/VERSION:PRIORITY the adapter serves.
 	local ca
 	ca=$(base64 -w0 "$d/ca.crt")
 	"${k[@]}" apply -f - >>"$d/checks.log" 2>&1 <<YAML
@@ -347,39 +341,11 @@ apiVersion: v1
 kind: Service
 metadata: {name: prometheus-adapter, namespace: monitoring}
 spec: {type: ExternalName, externalName: localhost}
----
-apiVersion: apiregistration.k8s.io/v1
-kind: APIService
-metadata: {name: v1beta2.custom.metrics.k8s.io}
-spec:
-  group: custom.metrics.k8s.io
-  version: v1beta2
-  groupPriorityMinimum: 100
-  versionPriority: 200
-  caBundle: $ca
-  service: {namespace: monitoring, name: prometheus-adapter, port: $adapter_port}
----
-apiVersion: apiregistration.k8s.io/v1
-kind: APIService
-metadata: {name: v1beta1.custom.metrics.k8s.io}
-spec:
-  group: custom.metrics.k8s.io
-  version: v1beta1
-  groupPriorityMinimum: 100
-  versionPriority: 100
-  caBundle: $ca
-  service: {namespace: monitoring, name: prometheus-adapter, port: $adapter_port}
----
-apiVersion: apiregistration.k8s.io/v1
-kind: APIService
-metadata: {name: v1beta1.metrics.k8s.io}
-spec:
-  group: metrics.k8s.io
-  version: v1beta1
-  groupPriorityMinimum: 100
-  versionPriority: 100
-  caBundle: $ca
-  service: {namespace: monitoring, name: prometheus-adapter, port: $adapter_port}
+$(for gv in custom.metrics.k8s.io/v1beta2:200 custom.metrics.k8s.io/v1beta1:100 metrics.k8s.io/v1beta1:100; do
+	g=${gv%/*} v=${gv#*/}
+	printf -- '---\napiVersion: apiregistration.k8s.io/v1\nkind: APIService\nmetadata: {name: %s.%s}\nspec:\n  group: %s\n  version: %s\n  groupPriorityMinimum: 100\n  versionPriority: %s\n  caBundle: %s\n  service: {namespace: monitoring, name: prometheus-adapter, port: %s}\n' \
+		"${v%:*}" "$g" "$g" "${v%:*}" "${v#*:}" "$ca" "$adapter_port"
+done)
 YAML
 	check "the custom and resource metrics APIs are available through the aggregator" \
 		"${k[@]}" wait --for condition=Available --timeout 120s apiservice/v1beta2.custom.metrics.k8s.io apiservice/v1beta1.metrics.k8s.io
