@@ -16,7 +16,9 @@
 #
 # The source: the .dsc named by OPENCV_DEBIAN_SOURCE in versions.env,
 # sha256-checked against OPENCV_DSC_SHA256; dpkg-source checks the
-# tarballs against the .dsc. Build dependencies (the Dockerfile's opencv
+# tarballs against the .dsc. They come from Debian's pool, which keeps a
+# version while a bookworm suite ships it: when a point release replaces
+# it, set both values to the new .dsc (DEBIAN_POOL may name a mirror). Build dependencies (the Dockerfile's opencv
 # stage installs them): cmake, ninja-build, dpkg-dev, curl, g++,
 # libjpeg62-turbo-dev, libpng-dev, libwebp-dev, libprotobuf-dev,
 # protobuf-compiler, zlib1g-dev.
