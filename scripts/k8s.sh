@@ -16,8 +16,9 @@
 #   prometheus-adapter        built from the Go module proxy (deploy/k8s/adapter)
 #
 # It applies both overlays with strict field validation (the namespace
-# first), shows the API server refusing broken manifests, and checks the
-# Deployment's rollout on kwok's node. Then the HPA chain (hpa_chain
+# first; the gpu overlay's pods must stay Pending on a node without GPUs,
+# then the cpu overlay replaces it), shows the API server refusing broken
+# manifests, and checks the Deployment's rollout on kwok's node. Then the HPA chain (hpa_chain
 # below): real infer-server processes stand in for the kwok pods,
 # Prometheus scrapes them with the pods' names as labels,
 # prometheus-adapter serves the project's rule through the custom metrics
@@ -180,6 +181,13 @@ test_manifests() {
 	for o in cpu gpu; do
 		check "overlay $o passes server-side dry run, strict fields" "${k[@]}" apply --dry-run=server --validate=strict -k "deploy/k8s/overlays/$o"
 	done
+	# The gpu overlay applied first: on a node without nvidia.com/gpu its
+	# pods must wait, unscheduled, rather than run without a GPU. The cpu
+	# overlay then replaces it (same objects).
+	check "overlay gpu applies" "${k[@]}" apply --validate=strict -k deploy/k8s/overlays/gpu
+	check "the gpu overlay's pods stay Pending on a node without GPUs" bash -c "for _ in \$(seq 60); do
+		'${k[0]}' --kubeconfig '$d/kubeconfig' -n visionserve get pods -o jsonpath='{.items[*].status.conditions[?(@.type==\"PodScheduled\")].message}' | grep -q 'Insufficient nvidia.com/gpu' && exit 0
+		sleep 1; done; exit 1"
 	check "overlay cpu applies" "${k[@]}" apply --validate=strict -k deploy/k8s/overlays/cpu
 	# Broken on purpose: the API server refuses each.
 	local broken=$d/broken
