@@ -191,7 +191,9 @@ func TestRESTVision(t *testing.T) {
 	code, _, body = do(t, "POST", ts.URL+"/v1/models/det/detect", w.FormDataContentType(), mp.Bytes())
 	var many []struct {
 		Image      string
-		Detections []struct{ Box struct{ X1, Y1, X2, Y2 float32 } }
+		Detections []struct {
+			Box struct{ X1, Y1, X2, Y2 float32 }
+		}
 	}
 	if err := json.Unmarshal(body, &many); code != 200 || err != nil || len(many) != 2 || many[1].Image != "b.jpg" {
 		t.Fatalf("%d %s", code, body)
