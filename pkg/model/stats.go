@@ -41,7 +41,7 @@ type Statistics struct {
 	// Queue, ComputeInput, ComputeInfer and ComputeOutput are summed over
 	// successful requests, each the mean of its images.
 	Queue, ComputeInput, ComputeInfer, ComputeOutput Duration
-	Batches                                         map[int]BatchStatistics
+	Batches                                          map[int]BatchStatistics
 }
 
 // stats accumulates a runner's Statistics.
