@@ -158,15 +158,14 @@ test_image() {
 	}
 	check "/readyz answers 200" ready "$cid"
 	check "runs as uid 10001, not root" [ "$(podman exec "$cid" id -u)" = 10001 ]
-	local photo=../shared/testdata/images/dog.jpg bus=../shared/testdata/images/bus.jpg
-	if [ ! -f "$photo" ] || [ ! -f "$bus" ]; then
-		# No shared photos here: a 64×48 gradient BMP will do.
-		photo=$dir/gradient.bmp bus=$dir/gradient.bmp
-		python3 -c 'import struct,sys; w,h=64,48; row=bytes(v for x in range(w) for v in (x*4,128,255-x*4)); d=row*h
-sys.stdout.buffer.write(b"BM"+struct.pack("<IHHI",54+len(d),0,0,54)+struct.pack("<IiiHHIIiiII",40,w,h,1,24,0,len(d),2835,2835,0,0)+d)' > "$photo"
-	fi
-	check "classify over REST" bash -c "curl -sf --data-binary @'$photo' 'http://$r/v1/models/mobilenetv3_large/classify?top_k=1' | grep -q '\"classes\"'"
-	check "detect over gRPC" bash -c "bin/infer-client detect --addr $g --model yolov8s --json '$bus' | grep -q '\"model\":\"yolov8s\"'"
+	local photo bus
+	photo=$(scripts/testimage.sh dog "$dir") bus=$(scripts/testimage.sh bus "$dir")
+	# serves PREFIX: a classify over REST and a detect over gRPC answer.
+	serves() {
+		check "${1}classify over REST" bash -c "curl -sf --data-binary @'$photo' 'http://$r/v1/models/mobilenetv3_large/classify?top_k=1' | grep -q '\"classes\"'"
+		check "${1}detect over gRPC" bash -c "bin/infer-client detect --addr $g --model yolov8s --json '$bus' | grep -q '\"model\":\"yolov8s\"'"
+	}
+	serves ""
 	# The image serves the models where this machine does: no fallback
 	# caused by the container (a read-only root, a user without a home).
 	check "no model fell back to another backend" bash -c "! podman logs '$cid' 2>&1 | grep -q 'falling back'"
@@ -185,8 +184,7 @@ sys.stdout.buffer.write(b"BM"+struct.pack("<IHHI",54+len(d),0,0,54)+struct.pack(
 	trap 'podman rm -f "$cid" "$cv" >/dev/null 2>&1 || true' RETURN
 	check "--backend=opencv: /readyz answers 200" ready "$cv"
 	check "--backend=opencv: both models on OpenCV DNN" bash -c "[ \$(podman logs '$cv' 2>&1 | grep '\"model loaded\"' | grep -c '\"backend\":\"opencv\"') = 2 ]"
-	check "--backend=opencv: classify over REST" bash -c "curl -sf --data-binary @'$photo' 'http://$r/v1/models/mobilenetv3_large/classify?top_k=1' | grep -q '\"classes\"'"
-	check "--backend=opencv: detect over gRPC" bash -c "bin/infer-client detect --addr $g --model yolov8s --json '$bus' | grep -q '\"model\":\"yolov8s\"'"
+	serves "--backend=opencv: "
 	podman stop -t 10 "$cv" >/dev/null
 	echo "container: image $image is $(podman image inspect -f '{{.Size}}' "$image" | awk '{printf "%.0f MB", $1/1e6}')" >&2
 	if [ "$fail" != 0 ]; then

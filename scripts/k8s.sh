@@ -18,9 +18,9 @@
 # It applies both overlays with strict field validation (the namespace
 # first; the gpu overlay's pods must stay Pending on a node without GPUs,
 # then the cpu overlay replaces it), shows the API server refusing broken
-# manifests, and checks the Deployment's rollout on kwok's node. Then the HPA chain (hpa_chain
-# below): real infer-server processes stand in for the kwok pods,
-# Prometheus scrapes them with the pods' names as labels,
+# manifests, and checks the Deployment's rollout on kwok's node. Then the
+# HPA chain (hpa_chain below): real infer-server processes stand in for
+# the kwok pods, Prometheus scrapes them with the pods' names as labels,
 # prometheus-adapter serves the project's rule through the custom metrics
 # API, load on the servers raises visionserve_inflight_requests and the
 # HPA scales the Deployment up and back down. The replica history goes to
@@ -217,7 +217,7 @@ test_manifests() {
 # node) and to load_driver (its gRPC address) once /readyz answers. A pod
 # that is deleted gets its server stopped with SIGTERM, as the kubelet does.
 pod_runner() {
-	local d=$1 i=0 line pod phase gone
+	local d=$1 i=0 pod phase gone
 	declare -A srv=() http=() grpc=()
 	trap 'kill "${srv[@]}" 2>/dev/null; wait; exit 0' TERM
 	while :; do
@@ -290,12 +290,8 @@ hpa_chain() {
 	cp "$m/model.onnx" "$m/labels.txt" "$d/repo/mobilenetv3_large/"
 	# Self-tuning measures for seconds on each start; not what this tests.
 	sed 's/auto_tune: true/auto_tune: false/' "$m/config.yaml" > "$d/repo/mobilenetv3_large/config.yaml"
-	local photo=../shared/testdata/images/dog.jpg
-	if [ ! -f "$photo" ]; then
-		photo=$d/gradient.bmp
-		python3 -c 'import struct,sys; w,h=64,48; row=bytes(v for x in range(w) for v in (x*4,128,255-x*4)); d=row*h
-sys.stdout.buffer.write(b"BM"+struct.pack("<IHHI",54+len(d),0,0,54)+struct.pack("<IiiHHIIiiII",40,w,h,1,24,0,len(d),2835,2835,0,0)+d)' > "$photo"
-	fi
+	local photo
+	photo=$(scripts/testimage.sh dog "$d")
 
 	cat > "$d/prometheus.yml" <<YAML
 global: {scrape_interval: 2s, evaluation_interval: 2s}
@@ -373,9 +369,11 @@ YAML
 
 	local history=${K8S_HISTORY:-$dir/hpa-history.md} t0=$SECONDS
 	printf '| t (s) | load (concurrent requests) | visionserve_inflight_requests, per-pod average | CPU (%% of request) | desired | replicas |\n|---|---|---|---|---|---|\n' > "$history"
-	record() { # one row of the history
+	record() { # one row of the history; sets des and cur, the HPA's desired and current replicas
 		local row
 		row=$("${k[@]}" -n visionserve get hpa visionserve -o jsonpath='{.status.currentMetrics[?(@.type=="Pods")].pods.current.averageValue}|{.status.currentMetrics[?(@.type=="Resource")].resource.current.averageUtilization}|{.status.desiredReplicas}|{.status.currentReplicas}' 2>/dev/null) || return 0
+		IFS='|' read -r _ _ des cur <<<"$row"
+		des=${des:-0} cur=${cur:-0}
 		# Quantities such as 57500m are written as 57.5.
 		printf '| %d | %s | %s |\n' $((SECONDS - t0)) "$(cat "$d/load" 2>/dev/null || echo 0)" \
 			"$(awk -F'|' '{ if ($1 ~ /m$/) $1 = substr($1, 1, length($1) - 1) / 1000; print $1 " | " $2 " | " $3 " | " $4 }' <<<"$row")" >> "$history"
@@ -385,8 +383,6 @@ YAML
 		local what=$1 timeout=$2 cond=$3 end=$((SECONDS + $2)) cur=0 des=0 ready=0
 		while [ $SECONDS -lt $end ]; do
 			record
-			cur=$("${k[@]}" -n visionserve get hpa visionserve -o jsonpath='{.status.currentReplicas}' 2>/dev/null || echo 0)
-			des=$("${k[@]}" -n visionserve get hpa visionserve -o jsonpath='{.status.desiredReplicas}' 2>/dev/null || echo 0)
 			ready=$(ls "$d/grpc" | wc -l)
 			if (eval "$cond"); then
 				echo "k8s: ok: $what ($((SECONDS - t0)) s: $cur replicas, $ready servers ready)" >&2
